@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of the repository: set-up (packages, control plane), format, lints, the
+# workspace's unit and integration tests (node with real mail peers, operator against a real
+# kube-apiserver), and a check that no test process is left behind.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+MAILCLUSTER_CONTROLPLANE_BIN=$(tests/setup.sh | tail -n 1)
+export MAILCLUSTER_CONTROLPLANE_BIN
+# Build caches outside the clone so that a second run is warm.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/mailcluster/cargo-target}
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "shellcheck"
+mapfile -t scripts < <(git ls-files '*.sh' .ci/run)
+shellcheck "${scripts[@]}"
+
+step "cargo test --workspace"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${MAILCLUSTER_TEST_THREADS:-4}"
+
+step "no test process left behind"
+left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode " || true)
+if [ -n "$left" ]; then
+  printf 'processes left running after the tests:\n%s\n' "$left" >&2
+  exit 1
+fi
+echo "none"
