@@ -1,0 +1,502 @@
+//! Node configuration: one YAML file, rendered by the operator from a `MailCluster`.
+//!
+//! Every struct denies unknown keys, so a typo is an error that names the full key path
+//! (for example `listeners[1].relay.allowedSourcs`). All types implement [`Default`] and
+//! serialize back to YAML that [`Config::from_yaml`] accepts, so the operator can build a
+//! config in Rust and render it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Errors while loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema; `path` is the key path, e.g. `listeners[1].relay.allowedSourcs`.
+    #[error("invalid config at `{path}`: {message}")]
+    Parse {
+        /// Key path of the error.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The YAML is well-formed but a value breaks a rule.
+    #[error("invalid config at `{path}`: {message}")]
+    Invalid {
+        /// Key path of the bad value.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Config {
+    /// The cluster hostname: used in the banner, the EHLO reply and Received headers.
+    /// Every member presents the same name.
+    pub hostname: String,
+    /// SMTP listeners; each has its own relay policy.
+    pub listeners: Vec<Listener>,
+    /// The durable queue on the pod's volume.
+    pub queue: QueueConfig,
+    /// Session and protocol limits shared by all listeners.
+    pub limits: Limits,
+    /// TLS certificate and key files (PEM) for STARTTLS. Reloaded when the files change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// Users for SMTP AUTH (PLAIN and LOGIN, only after STARTTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthConfig>,
+    /// Health, readiness and metrics HTTP endpoint.
+    pub admin: AdminConfig,
+    /// Cluster peers (used by a later part: queue hand-over, config sync).
+    pub peers: PeersConfig,
+    /// Outbound delivery (used by the delivery engine, a later part).
+    pub delivery: DeliveryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".to_owned(),
+            listeners: Vec::new(),
+            queue: QueueConfig::default(),
+            limits: Limits::default(),
+            tls: None,
+            auth: None,
+            admin: AdminConfig::default(),
+            peers: PeersConfig::default(),
+            delivery: DeliveryConfig::default(),
+        }
+    }
+}
+
+/// One SMTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Listener {
+    /// Name, shown in logs, metrics and the Received header.
+    pub name: String,
+    /// Address and port to bind, e.g. `0.0.0.0:25` or `[::]:587`.
+    pub address: SocketAddr,
+    /// Expect a PROXY protocol (v1 or v2) header from connections whose address is in
+    /// `trustedProxies`; the client address is then the one in the header.
+    pub proxy_protocol: bool,
+    /// Proxies whose PROXY header is believed (CIDRs). A header from any other address,
+    /// or on a listener without `proxyProtocol`, is a protocol error.
+    pub trusted_proxies: Vec<IpNet>,
+    /// STARTTLS settings of this listener.
+    pub tls: ListenerTls,
+    /// Who may relay through this listener. Default: nobody.
+    pub relay: RelayPolicy,
+    /// Domains this listener accepts mail for from anyone (inbound, as an MX does).
+    pub accept_domains: Vec<String>,
+    /// Maximum message size in bytes on this listener; defaults to `limits.maxMessageSize`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_size: Option<u64>,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self {
+            name: "smtp".to_owned(),
+            address: SocketAddr::from(([0, 0, 0, 0], 25)),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+            tls: ListenerTls::default(),
+            relay: RelayPolicy::default(),
+            accept_domains: Vec::new(),
+            max_message_size: None,
+        }
+    }
+}
+
+impl Listener {
+    /// A listener with a name and bind address, nothing allowed.
+    pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            address,
+            ..Self::default()
+        }
+    }
+
+    /// Builder: set the relay policy.
+    #[must_use]
+    pub fn with_relay(mut self, relay: RelayPolicy) -> Self {
+        self.relay = relay;
+        self
+    }
+
+    /// Builder: set the inbound accepted domains.
+    #[must_use]
+    pub fn with_accept_domains<I, S>(mut self, domains: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.accept_domains = domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Builder: enable the PROXY protocol from these proxies.
+    #[must_use]
+    pub fn with_proxy_protocol(mut self, trusted: Vec<IpNet>) -> Self {
+        self.proxy_protocol = true;
+        self.trusted_proxies = trusted;
+        self
+    }
+
+    /// Builder: set the TLS settings.
+    #[must_use]
+    pub fn with_tls(mut self, tls: ListenerTls) -> Self {
+        self.tls = tls;
+        self
+    }
+}
+
+/// STARTTLS settings of a listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct ListenerTls {
+    /// `none` (no STARTTLS offered) or `starttls` (offered when the node has `tls` files).
+    pub mode: TlsMode,
+    /// Refuse MAIL until the client has used STARTTLS.
+    pub required: bool,
+}
+
+/// TLS mode of a listener.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TlsMode {
+    /// No TLS on this listener.
+    None,
+    /// STARTTLS is offered (the default when the node has TLS files).
+    #[default]
+    Starttls,
+}
+
+/// Relay permission of a listener. Relaying is allowed only when the client address is in
+/// `allowedSources` (or, with `requireAuth` and an empty `allowedSources`, from any address),
+/// the client authenticated if `requireAuth` is set, and the recipient domain is in
+/// `recipientDomains` (when that list is not empty). The default allows nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RelayPolicy {
+    /// Client networks (IPv4/IPv6 CIDRs) that may relay.
+    pub allowed_sources: Vec<IpNet>,
+    /// Relaying needs SMTP AUTH (which is only offered after STARTTLS).
+    pub require_auth: bool,
+    /// Relay only to these recipient domains (exact match, case-insensitive). Empty: any domain.
+    pub recipient_domains: Vec<String>,
+}
+
+impl RelayPolicy {
+    /// A policy allowing relay from these sources to any domain.
+    pub fn from_sources(sources: Vec<IpNet>) -> Self {
+        Self {
+            allowed_sources: sources,
+            ..Self::default()
+        }
+    }
+}
+
+/// The durable queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct QueueConfig {
+    /// Directory of the queue (the pod's volume).
+    pub path: PathBuf,
+    /// fsync message files and directories before answering 250. Turn off only for tests.
+    pub fsync: bool,
+    /// Share fsyncs among concurrent sessions: a syncer thread syncs a batch of messages
+    /// together (parallel fdatasync, one directory fsync).
+    pub group_commit: bool,
+    /// Not ready, and new mail refused with 452, when less than this many bytes are free.
+    pub min_free_bytes: u64,
+    /// Not ready, and new mail refused with 452, when less than this percentage is free.
+    pub min_free_percent: u8,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("/var/spool/mailnode"),
+            fsync: true,
+            group_commit: true,
+            min_free_bytes: 256 * 1024 * 1024,
+            min_free_percent: 5,
+        }
+    }
+}
+
+/// Limits shared by all listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Limits {
+    /// Maximum concurrent SMTP sessions; more get `421` and are closed.
+    pub max_sessions: usize,
+    /// Maximum recipients per message.
+    pub max_recipients: usize,
+    /// Maximum message size in bytes (announced with SIZE).
+    pub max_message_size: u64,
+    /// Maximum command line length in bytes, including CRLF (RFC 5321 minimum: 512).
+    pub max_command_line: usize,
+    /// Bad commands tolerated before the session is closed with `421`.
+    pub max_errors: u32,
+    /// Idle time waiting for a command or data, in seconds.
+    pub command_timeout_seconds: u64,
+    /// Total session time, in seconds.
+    pub session_timeout_seconds: u64,
+    /// Grace period on shutdown for sessions in DATA, in seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1000,
+            max_recipients: 100,
+            max_message_size: 25 * 1024 * 1024,
+            max_command_line: 2048,
+            max_errors: 10,
+            command_timeout_seconds: 300,
+            session_timeout_seconds: 1800,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+/// TLS files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TlsFiles {
+    /// PEM certificate chain for the cluster hostname.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// How often to check the files for changes, in seconds.
+    pub reload_interval_seconds: u64,
+}
+
+/// SMTP AUTH users.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AuthConfig {
+    /// File of `user:hash` lines; hashes are argon2 (`$argon2id$...`) or bcrypt (`$2b$...`).
+    /// Reloaded when it changes.
+    pub users_file: PathBuf,
+}
+
+/// Admin HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AdminConfig {
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// Cluster peers (for a later part).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct PeersConfig {
+    /// Address of the peer channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// Peer names or addresses (`host:port`).
+    pub members: Vec<String>,
+    /// File holding the cluster secret that authenticates peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Addresses that are "self" (this cluster); never a next hop.
+    pub self_addresses: Vec<IpAddr>,
+}
+
+/// Outbound delivery (for a later part).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DeliveryConfig {
+    /// Smarthosts, tried by ascending priority.
+    pub smarthosts: Vec<Smarthost>,
+    /// Retry schedule.
+    pub retry: RetryConfig,
+    /// Maximum Received headers before a message is treated as looping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_hops: Option<u32>,
+}
+
+/// A smarthost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Smarthost {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Lower is preferred.
+    pub priority: u32,
+}
+
+/// Retry schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct RetryConfig {
+    /// First retry delay, seconds.
+    pub first_seconds: u64,
+    /// Maximum retry delay, seconds.
+    pub max_seconds: u64,
+    /// Give up (bounce) after this many seconds in the queue.
+    pub lifetime_seconds: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            first_seconds: 60,
+            max_seconds: 3600,
+            lifetime_seconds: 5 * 24 * 3600,
+        }
+    }
+}
+
+impl Config {
+    /// Parse and validate YAML. Errors name the key path.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Parse {
+                path,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Render as YAML (accepted by [`Config::from_yaml`]).
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
+    }
+
+    /// Rules beyond the schema.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |path: String, message: &str| ConfigError::Invalid {
+            path,
+            message: message.to_owned(),
+        };
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err(invalid(
+                "hostname".into(),
+                "must be a host name without spaces",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() {
+                return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(l.name.as_str()) {
+                return Err(invalid(format!("listeners[{i}].name"), "duplicate name"));
+            }
+            if !l.trusted_proxies.is_empty() && !l.proxy_protocol {
+                return Err(invalid(
+                    format!("listeners[{i}].trustedProxies"),
+                    "set only with proxyProtocol: true",
+                ));
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(invalid(
+                    format!("listeners[{i}].trustedProxies"),
+                    "proxyProtocol needs at least one trusted proxy",
+                ));
+            }
+            if l.relay.require_auth && (self.auth.is_none() || self.tls.is_none()) {
+                return Err(invalid(
+                    format!("listeners[{i}].relay.requireAuth"),
+                    "needs top-level `auth` and `tls` (AUTH is only offered after STARTTLS)",
+                ));
+            }
+            if l.tls.required && (self.tls.is_none() || l.tls.mode == TlsMode::None) {
+                return Err(invalid(
+                    format!("listeners[{i}].tls.required"),
+                    "needs top-level `tls` files and mode starttls",
+                ));
+            }
+            for (j, d) in l
+                .relay
+                .recipient_domains
+                .iter()
+                .chain(l.accept_domains.iter())
+                .enumerate()
+            {
+                if d.is_empty() || d.contains(['@', ' ', '%', '!', ':']) {
+                    return Err(invalid(
+                        format!("listeners[{i}] domain #{j} `{d}`"),
+                        "not a domain name",
+                    ));
+                }
+            }
+        }
+        if self.limits.max_command_line < 512 {
+            return Err(invalid(
+                "limits.maxCommandLine".into(),
+                "must be at least 512 (RFC 5321)",
+            ));
+        }
+        if self.limits.max_recipients == 0 {
+            return Err(invalid("limits.maxRecipients".into(), "must be at least 1"));
+        }
+        if self.queue.min_free_percent > 100 {
+            return Err(invalid("queue.minFreePercent".into(), "must be 0..=100"));
+        }
+        if let Some(tls) = &self.tls
+            && tls.reload_interval_seconds == 0
+        {
+            return Err(invalid(
+                "tls.reloadIntervalSeconds".into(),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            reload_interval_seconds: 10,
+        }
+    }
+}

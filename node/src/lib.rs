@@ -1,0 +1,17 @@
+//! `mailnode`: the relay node of a mailcluster.
+//!
+//! The protocol ([`smtp`]), relay policy ([`policy`]) and PROXY header parser
+//! ([`proxy_protocol`]) are pure; [`server`] drives them from sockets; [`queue`] is the
+//! durable queue; [`config`] is the configuration the operator renders.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod policy;
+pub mod proxy_protocol;
+pub mod queue;
+pub mod serve;
+pub mod server;
+pub mod smtp;
+pub mod tls;

@@ -1,0 +1,145 @@
+//! Prometheus metrics of the node.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// All metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Sessions started, by listener.
+    pub sessions: Family<Labels, Counter>,
+    /// Sessions open now.
+    pub sessions_active: Gauge,
+    /// Connections refused with 421 (overload, shutdown), by reason.
+    pub connections_refused: Family<Labels, Counter>,
+    /// Messages accepted (queued), by listener.
+    pub accepted: Family<Labels, Counter>,
+    /// Refusals, by reason (relay_source_denied, message_too_big, ...).
+    pub refused: Family<Labels, Counter>,
+    /// Messages in the queue.
+    pub queue_depth: Gauge,
+    /// Bytes in the queue.
+    pub queue_bytes: Gauge,
+    /// Bytes accepted.
+    pub accepted_bytes: Counter<u64, AtomicU64>,
+    /// Time of one durability step (fsync pair, or one group-commit batch).
+    pub fsync_seconds: Histogram,
+    /// Messages made durable per group commit.
+    pub commit_batch: Histogram,
+    /// Draining (1) or not (0).
+    pub draining: Gauge,
+}
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_owned(), v.to_owned())]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mailnode");
+        let m = Self {
+            sessions: Family::default(),
+            sessions_active: Gauge::default(),
+            connections_refused: Family::default(),
+            accepted: Family::default(),
+            refused: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_bytes: Gauge::default(),
+            accepted_bytes: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            draining: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "SMTP sessions started", m.sessions.clone());
+        registry.register(
+            "sessions_active",
+            "SMTP sessions open",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections answered 421 and closed",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "messages_accepted",
+            "Messages queued (250)",
+            m.accepted.clone(),
+        );
+        registry.register("refused", "Refusals by reason", m.refused.clone());
+        registry.register(
+            "queue_depth",
+            "Messages in the queue",
+            m.queue_depth.clone(),
+        );
+        registry.register("queue_bytes", "Bytes in the queue", m.queue_bytes.clone());
+        registry.register(
+            "accepted_bytes",
+            "Bytes of accepted messages",
+            m.accepted_bytes.clone(),
+        );
+        registry.register(
+            "fsync_seconds",
+            "Duration of a durability step",
+            m.fsync_seconds.clone(),
+        );
+        registry.register(
+            "commit_batch_messages",
+            "Messages per group commit",
+            m.commit_batch.clone(),
+        );
+        registry.register("draining", "1 while shutting down", m.draining.clone());
+        Self { registry, ..m }
+    }
+
+    /// Count a session on a listener.
+    pub fn session(&self, listener: &str) {
+        self.sessions
+            .get_or_create(&label("listener", listener))
+            .inc();
+    }
+
+    /// Count an accepted message.
+    pub fn accepted(&self, listener: &str, bytes: u64) {
+        self.accepted
+            .get_or_create(&label("listener", listener))
+            .inc();
+        self.accepted_bytes.inc_by(bytes);
+    }
+
+    /// Count a refusal.
+    pub fn refused(&self, reason: &str) {
+        self.refused.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// Count a refused connection.
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}

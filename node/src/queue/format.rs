@@ -1,0 +1,233 @@
+//! On-disk format of a queued message: one file holding the message, the envelope and a
+//! footer with lengths and a SHA-256 over both, so recovery can tell a complete file from a
+//! partial one without trusting the file system's ordering.
+//!
+//! ```text
+//! [message bytes: Received header + content]
+//! [envelope JSON]
+//! "\nMNQ1 " <message length, 16 hex> " " <envelope length, 8 hex> " " <sha256 hex> "\n"
+//! ```
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Footer length in bytes.
+pub const FOOTER_LEN: usize = 97;
+
+/// Immutable facts about a queued message. Mutable delivery progress (attempts, next retry,
+/// per-recipient status) lives in a separate [`DeliveryState`] file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// Format version.
+    pub version: u32,
+    /// Queue id.
+    pub id: String,
+    /// Sender; empty for the null reverse-path.
+    pub sender: String,
+    /// Recipients as accepted.
+    pub recipients: Vec<String>,
+    /// Client address (after PROXY resolution).
+    pub client: SocketAddr,
+    /// Proxy the client came through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<SocketAddr>,
+    /// HELO/EHLO name.
+    pub helo: String,
+    /// Authenticated user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    /// Listener name.
+    pub listener: String,
+    /// TLS was used.
+    pub tls: bool,
+    /// SMTPUTF8 requested.
+    pub smtputf8: bool,
+    /// BODY=8BITMIME.
+    pub eight_bit: bool,
+    /// Receive time, Unix seconds.
+    pub received_at: i64,
+    /// Message size in bytes (Received header included).
+    pub size: u64,
+    /// Delivery attempts when the message was queued (0; see [`DeliveryState`]).
+    pub attempts: u32,
+}
+
+/// Status of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RecipientStatus {
+    /// Not yet delivered.
+    Pending,
+    /// Temporarily failed; will be retried.
+    Deferred,
+    /// Delivered.
+    Delivered,
+    /// Permanently failed (bounced).
+    Failed,
+}
+
+/// Per-recipient delivery progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecipientState {
+    /// Recipient.
+    pub address: String,
+    /// Status.
+    pub status: RecipientStatus,
+    /// Last reply from the next hop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+}
+
+/// Mutable delivery progress of a message (written by the delivery engine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryState {
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Next attempt, Unix seconds.
+    pub next_attempt_at: i64,
+    /// Recipients.
+    pub recipients: Vec<RecipientState>,
+}
+
+impl DeliveryState {
+    /// The state of a freshly queued message.
+    pub fn initial(env: &Envelope) -> Self {
+        Self {
+            attempts: env.attempts,
+            next_attempt_at: env.received_at,
+            recipients: env
+                .recipients
+                .iter()
+                .map(|r| RecipientState {
+                    address: r.clone(),
+                    status: RecipientStatus::Pending,
+                    last_reply: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why a file is not a valid queued message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Shorter than the footer, or lengths do not add up (partial write).
+    #[error("truncated or partial file")]
+    Truncated,
+    /// Footer not recognized.
+    #[error("bad footer")]
+    BadFooter,
+    /// Hash mismatch (partial or corrupted content).
+    #[error("checksum mismatch")]
+    Checksum,
+    /// Envelope JSON invalid.
+    #[error("bad envelope: {0}")]
+    Envelope(String),
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Encode a message file from the message parts (written in order) and the envelope.
+pub fn encode(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
+    let env_json = serde_json::to_vec(env)?;
+    let msg_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(msg_len + env_json.len() + FOOTER_LEN);
+    let mut h = Sha256::new();
+    for p in parts {
+        out.extend_from_slice(p);
+        h.update(p);
+    }
+    out.extend_from_slice(&env_json);
+    h.update(&env_json);
+    let footer = format!(
+        "\nMNQ1 {:016x} {:08x} {}\n",
+        msg_len,
+        env_json.len(),
+        hex(&h.finalize())
+    );
+    out.extend_from_slice(footer.as_bytes());
+    Ok(out)
+}
+
+/// Decode and verify a message file. Returns the envelope and the message byte range.
+pub fn decode(file: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), FormatError> {
+    if file.len() < FOOTER_LEN {
+        return Err(FormatError::Truncated);
+    }
+    let footer = &file[file.len() - FOOTER_LEN..];
+    let text = std::str::from_utf8(footer).map_err(|_| FormatError::BadFooter)?;
+    let text = text.strip_prefix("\nMNQ1 ").ok_or(FormatError::BadFooter)?;
+    let text = text.strip_suffix('\n').ok_or(FormatError::BadFooter)?;
+    let mut it = text.split(' ');
+    let (Some(m), Some(e), Some(sum), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        return Err(FormatError::BadFooter);
+    };
+    let msg_len = usize::from_str_radix(m, 16).map_err(|_| FormatError::BadFooter)?;
+    let env_len = usize::from_str_radix(e, 16).map_err(|_| FormatError::BadFooter)?;
+    if msg_len
+        .checked_add(env_len)
+        .and_then(|x| x.checked_add(FOOTER_LEN))
+        != Some(file.len())
+    {
+        return Err(FormatError::Truncated);
+    }
+    let content = &file[..msg_len + env_len];
+    if hex(&Sha256::digest(content)) != sum {
+        return Err(FormatError::Checksum);
+    }
+    let env: Envelope = serde_json::from_slice(&content[msg_len..])
+        .map_err(|e| FormatError::Envelope(e.to_string()))?;
+    Ok((env, 0..msg_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Envelope {
+        Envelope {
+            version: 1,
+            id: "ABC".into(),
+            sender: "a@b.example".into(),
+            recipients: vec!["c@d.example".into()],
+            client: "127.0.0.2:1234".parse().unwrap(),
+            proxy: None,
+            helo: "client".into(),
+            auth_user: None,
+            listener: "l".into(),
+            tls: false,
+            smtputf8: false,
+            eight_bit: false,
+            received_at: 1,
+            size: 5,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_every_truncation_fails() {
+        let env = sample();
+        let file = encode(&env, &[b"Rec\r\n", b"hello\r\n"]).unwrap();
+        let (e, r) = decode(&file).unwrap();
+        assert_eq!(e, env);
+        assert_eq!(&file[r], b"Rec\r\nhello\r\n");
+        for n in 0..file.len() {
+            assert!(decode(&file[..n]).is_err(), "prefix {n} accepted");
+        }
+        let mut bad = file.clone();
+        bad[2] ^= 1;
+        assert_eq!(decode(&bad).unwrap_err(), FormatError::Checksum);
+    }
+}

@@ -1,0 +1,561 @@
+//! The durable queue on a directory (the pod's volume).
+//!
+//! Layout under the queue path:
+//! - `tmp/`: files being written; emptied at start-up.
+//! - `active/ID`: complete messages waiting for delivery ([`format`]).
+//! - `hold/ID`: messages put on hold by an operator.
+//! - `state/ID.json`: delivery progress ([`DeliveryState`]), written by the delivery engine.
+//!
+//! A message is written to `tmp/`, renamed into `active/`, and made durable before the 250:
+//! either `fdatasync` of the file and `fsync` of `active/` per message, or (group commit) one
+//! batch of parallel `fdatasync`s plus one directory `fsync`, shared by every
+//! message written meanwhile ([`commit`]). Each file carries lengths and a
+//! SHA-256, so start-up recovery keeps complete files and removes partial ones (which can only
+//! be messages that never got their 250).
+
+pub mod commit;
+pub mod format;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use prometheus_client::metrics::histogram::Histogram;
+
+pub use format::{DeliveryState, Envelope, RecipientState, RecipientStatus};
+
+use commit::GroupCommit;
+
+/// Queue errors, with the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// File system error.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No such message.
+    #[error("no message {0} in the queue")]
+    NotFound(String),
+    /// Invalid file.
+    #[error("message {id}: {source}")]
+    Format {
+        /// Id.
+        id: String,
+        /// Cause.
+        source: format::FormatError,
+    },
+    /// Envelope could not be encoded.
+    #[error("encoding envelope: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// The durability step failed.
+    #[error("commit failed: {0}")]
+    Commit(String),
+    /// A blocking task failed.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QueueError + 'a {
+    move |source| QueueError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where a message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// Waiting for delivery.
+    Active,
+    /// On hold.
+    Hold,
+}
+
+impl Location {
+    fn dir(self) -> &'static str {
+        match self {
+            Location::Active => "active",
+            Location::Hold => "hold",
+        }
+    }
+
+    /// Name for listings.
+    pub fn as_str(self) -> &'static str {
+        self.dir()
+    }
+}
+
+/// One row of `queue list`.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Id.
+    pub id: String,
+    /// Location.
+    pub location: Location,
+    /// File size.
+    pub file_size: u64,
+}
+
+/// Result of start-up recovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Complete messages kept.
+    pub kept: u64,
+    /// Partial or corrupt messages removed.
+    pub removed: u64,
+    /// Leftover temporary files removed.
+    pub tmp_removed: u64,
+    /// Bytes of kept messages.
+    pub bytes: u64,
+}
+
+/// How the queue makes messages durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// No fsync (tests only).
+    None,
+    /// fdatasync the file and fsync the directory for each message.
+    PerMessage,
+    /// One syncer batch (parallel fdatasync, one directory fsync) for concurrent messages.
+    Group,
+}
+
+/// The queue.
+#[derive(Debug)]
+pub struct Queue {
+    root: PathBuf,
+    mode: SyncMode,
+    group: Option<GroupCommit>,
+    fsync_seconds: Histogram,
+    seq: AtomicU64,
+    depth: AtomicI64,
+    bytes: AtomicI64,
+}
+
+fn fsync_dir(path: &Path) -> Result<(), QueueError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", path))
+}
+
+fn is_id(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+impl Queue {
+    /// Open (creating directories) without recovery or a syncer: for the CLI.
+    pub fn open_dir(root: &Path) -> Result<Self, QueueError> {
+        for d in ["tmp", "active", "hold", "state"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io("create directory", &p))?;
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            mode: SyncMode::PerMessage,
+            group: None,
+            fsync_seconds: Histogram::new([0.001]),
+            seq: AtomicU64::new(0),
+            depth: AtomicI64::new(0),
+            bytes: AtomicI64::new(0),
+        })
+    }
+
+    /// Open for serving: recover, then start the syncer if `mode` is [`SyncMode::Group`].
+    pub fn open(
+        root: &Path,
+        mode: SyncMode,
+        fsync_seconds: Histogram,
+        batch_size: Histogram,
+    ) -> Result<(Self, Recovery), QueueError> {
+        let mut q = Self::open_dir(root)?;
+        q.mode = mode;
+        q.fsync_seconds = fsync_seconds.clone();
+        let rec = q.recover()?;
+        q.depth.store(
+            i64::try_from(rec.kept).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        q.bytes.store(
+            i64::try_from(rec.bytes).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        if mode == SyncMode::Group {
+            let active = root.join("active");
+            let dir = File::open(&active).map_err(io("open", &active))?;
+            q.group = Some(
+                GroupCommit::start(dir, fsync_seconds, batch_size)
+                    .map_err(io("start syncer", root))?,
+            );
+        }
+        Ok((q, rec))
+    }
+
+    /// Queue root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Messages in the queue (as counted by this process).
+    pub fn depth(&self) -> i64 {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    /// Bytes in the queue (as counted by this process).
+    pub fn bytes(&self) -> i64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A new, unique, time-ordered id.
+    pub fn new_id(&self) -> String {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF;
+        format!("{micros:014X}{seq:05X}")
+    }
+
+    /// Remove temporary files and invalid messages; count the rest.
+    pub fn recover(&self) -> Result<Recovery, QueueError> {
+        let mut rec = Recovery::default();
+        let tmp = self.root.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io("read directory", &tmp))? {
+            let e = e.map_err(io("read directory", &tmp))?;
+            fs::remove_file(e.path()).map_err(io("remove", &e.path()))?;
+            rec.tmp_removed += 1;
+        }
+        for loc in [Location::Active, Location::Hold] {
+            let dir = self.root.join(loc.dir());
+            let mut changed = false;
+            for e in fs::read_dir(&dir).map_err(io("read directory", &dir))? {
+                let e = e.map_err(io("read directory", &dir))?;
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let valid = is_id(&name)
+                    && match fs::read(&path) {
+                        Ok(bytes) => match format::decode(&bytes) {
+                            Ok(_) => {
+                                rec.bytes += bytes.len() as u64;
+                                true
+                            }
+                            Err(err) => {
+                                tracing::warn!(id = %name, error = %err, "removing partial message from queue");
+                                false
+                            }
+                        },
+                        Err(err) => {
+                            tracing::warn!(id = %name, error = %err, "removing unreadable queue file");
+                            false
+                        }
+                    };
+                if valid {
+                    rec.kept += 1;
+                } else {
+                    fs::remove_file(&path).map_err(io("remove", &path))?;
+                    let _ = fs::remove_file(self.state_path(&name));
+                    rec.removed += 1;
+                    changed = true;
+                }
+            }
+            if changed {
+                fsync_dir(&dir)?;
+            }
+        }
+        if rec.tmp_removed > 0 {
+            fsync_dir(&tmp)?;
+        }
+        Ok(rec)
+    }
+
+    fn state_path(&self, id: &str) -> PathBuf {
+        self.root.join("state").join(format!("{id}.json"))
+    }
+
+    /// Write a message durably. Returns when it is safe to answer 250.
+    pub async fn enqueue(
+        self: &Arc<Self>,
+        env: Envelope,
+        header: Vec<u8>,
+        body: Vec<u8>,
+    ) -> Result<(), QueueError> {
+        let me = Arc::clone(self);
+        let (size, file) =
+            tokio::task::spawn_blocking(move || me.write_message(&env, &header, &body))
+                .await
+                .map_err(|e| QueueError::Task(e.to_string()))??;
+        if let (Some(g), Some(file)) = (&self.group, file) {
+            g.commit(file).await.map_err(QueueError::Commit)?;
+        }
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(i64::try_from(size).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Write tmp file and rename into `active/`; returns the size and, in group mode, the open
+    /// file for the syncer.
+    fn write_message(
+        &self,
+        env: &Envelope,
+        header: &[u8],
+        body: &[u8],
+    ) -> Result<(u64, Option<File>), QueueError> {
+        let data = format::encode(env, &[header, body])?;
+        let tmp = self.root.join("tmp").join(&env.id);
+        let dst = self.root.join("active").join(&env.id);
+        let res = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io("create", &tmp))?;
+            f.write_all(&data).map_err(io("write", &tmp))?;
+            if self.mode == SyncMode::PerMessage {
+                let t = Instant::now();
+                f.sync_data().map_err(io("fdatasync", &tmp))?;
+                drop(f);
+                fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+                fsync_dir(&self.root.join("active"))?;
+                self.fsync_seconds.observe(t.elapsed().as_secs_f64());
+                Ok((data.len() as u64, None))
+            } else {
+                fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+                let keep = (self.mode == SyncMode::Group).then_some(f);
+                Ok((data.len() as u64, keep))
+            }
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Forget a message whose commit failed (best effort).
+    pub fn discard(&self, id: &str) {
+        let _ = fs::remove_file(self.root.join("active").join(id));
+    }
+
+    /// List messages.
+    pub fn list(&self) -> Result<Vec<Entry>, QueueError> {
+        let mut out = Vec::new();
+        for loc in [Location::Active, Location::Hold] {
+            let dir = self.root.join(loc.dir());
+            for e in fs::read_dir(&dir).map_err(io("read directory", &dir))? {
+                let e = e.map_err(io("read directory", &dir))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !is_id(&name) {
+                    continue;
+                }
+                let file_size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push(Entry {
+                    id: name,
+                    location: loc,
+                    file_size,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn locate(&self, id: &str) -> Result<(Location, PathBuf), QueueError> {
+        if !is_id(id) {
+            return Err(QueueError::NotFound(id.to_owned()));
+        }
+        for loc in [Location::Active, Location::Hold] {
+            let p = self.root.join(loc.dir()).join(id);
+            if p.exists() {
+                return Ok((loc, p));
+            }
+        }
+        Err(QueueError::NotFound(id.to_owned()))
+    }
+
+    /// Read and verify a message: envelope, delivery state, message bytes, location.
+    pub fn read(
+        &self,
+        id: &str,
+    ) -> Result<(Envelope, DeliveryState, Vec<u8>, Location), QueueError> {
+        let (loc, path) = self.locate(id)?;
+        let bytes = fs::read(&path).map_err(io("read", &path))?;
+        let (env, range) = format::decode(&bytes).map_err(|source| QueueError::Format {
+            id: id.to_owned(),
+            source,
+        })?;
+        let state = self.read_state(&env)?;
+        Ok((env, state, bytes[range].to_vec(), loc))
+    }
+
+    /// Delivery state (initial if none was written yet).
+    pub fn read_state(&self, env: &Envelope) -> Result<DeliveryState, QueueError> {
+        let p = self.state_path(&env.id);
+        match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(QueueError::Encode),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeliveryState::initial(env)),
+            Err(e) => Err(io("read", &p)(e)),
+        }
+    }
+
+    /// Write the delivery state atomically and durably.
+    pub fn write_state(&self, id: &str, state: &DeliveryState) -> Result<(), QueueError> {
+        let p = self.state_path(id);
+        let tmp = self.root.join("tmp").join(format!("{id}.state"));
+        let data = serde_json::to_vec_pretty(state)?;
+        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&data).map_err(io("write", &tmp))?;
+        f.sync_data().map_err(io("fdatasync", &tmp))?;
+        fs::rename(&tmp, &p).map_err(io("rename", &p))?;
+        fsync_dir(&self.root.join("state"))
+    }
+
+    /// Delete a message and its state.
+    pub fn delete(&self, id: &str) -> Result<(), QueueError> {
+        let (loc, path) = self.locate(id)?;
+        let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        fs::remove_file(&path).map_err(io("remove", &path))?;
+        let _ = fs::remove_file(self.state_path(id));
+        fsync_dir(&self.root.join(loc.dir()))?;
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_sub(i64::try_from(size).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn move_to(&self, id: &str, to: Location) -> Result<bool, QueueError> {
+        let (loc, path) = self.locate(id)?;
+        if loc == to {
+            return Ok(false);
+        }
+        let dst = self.root.join(to.dir()).join(id);
+        fs::rename(&path, &dst).map_err(io("rename", &dst))?;
+        fsync_dir(&self.root.join(to.dir()))?;
+        fsync_dir(&self.root.join(loc.dir()))?;
+        Ok(true)
+    }
+
+    /// Put a message on hold. Returns false if it already was.
+    pub fn hold(&self, id: &str) -> Result<bool, QueueError> {
+        self.move_to(id, Location::Hold)
+    }
+
+    /// Release a held message. Returns false if it was not held.
+    pub fn release(&self, id: &str) -> Result<bool, QueueError> {
+        self.move_to(id, Location::Active)
+    }
+
+    /// Rescan the directories to correct depth and bytes (other processes may change them).
+    pub fn rescan(&self) -> Result<(), QueueError> {
+        let list = self.list()?;
+        self.depth.store(list.len() as i64, Ordering::Relaxed);
+        self.bytes.store(
+            list.iter().map(|e| e.file_size as i64).sum(),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Free space of the queue's file system: (available bytes, percent available).
+    pub fn free_space(&self) -> Result<(u64, f64), QueueError> {
+        let st = rustix::fs::statvfs(&self.root).map_err(|e| QueueError::Io {
+            op: "statvfs",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        let avail = st.f_bavail.saturating_mul(st.f_frsize);
+        let total = st.f_blocks.saturating_mul(st.f_frsize).max(1);
+        Ok((avail, avail as f64 * 100.0 / total as f64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: &str) -> Envelope {
+        let mut e = format::Envelope {
+            version: 1,
+            id: id.into(),
+            sender: "a@b.example".into(),
+            recipients: vec!["c@d.example".into(), "e@d.example".into()],
+            client: "127.0.0.2:1".parse().unwrap(),
+            proxy: None,
+            helo: "h".into(),
+            auth_user: None,
+            listener: "l".into(),
+            tls: false,
+            smtputf8: false,
+            eight_bit: false,
+            received_at: 0,
+            size: 0,
+            attempts: 0,
+        };
+        e.size = 10;
+        e
+    }
+
+    #[tokio::test]
+    async fn enqueue_list_hold_release_delete_and_recover() {
+        for mode in [SyncMode::PerMessage, SyncMode::Group, SyncMode::None] {
+            let dir = tempfile::tempdir().unwrap();
+            let (q, rec) = Queue::open(
+                dir.path(),
+                mode,
+                Histogram::new([0.1]),
+                Histogram::new([1.0]),
+            )
+            .unwrap();
+            assert_eq!(rec, Recovery::default());
+            let q = Arc::new(q);
+            let id = q.new_id();
+            q.enqueue(env(&id), b"Received: x\r\n".to_vec(), b"body\r\n".to_vec())
+                .await
+                .unwrap();
+            assert_eq!(q.depth(), 1);
+            let (e, st, msg, loc) = q.read(&id).unwrap();
+            assert_eq!(e.id, id);
+            assert_eq!(st.recipients.len(), 2);
+            assert_eq!(msg, b"Received: x\r\nbody\r\n");
+            assert_eq!(loc, Location::Active);
+            assert!(q.hold(&id).unwrap());
+            assert_eq!(q.read(&id).unwrap().3, Location::Hold);
+            assert!(q.release(&id).unwrap());
+            let mut st2 = st.clone();
+            st2.attempts = 3;
+            q.write_state(&id, &st2).unwrap();
+            assert_eq!(q.read(&id).unwrap().1.attempts, 3);
+
+            // A partial file in active/ and a leftover in tmp/ are removed on recovery.
+            let full = fs::read(dir.path().join("active").join(&id)).unwrap();
+            fs::write(
+                dir.path().join("active").join("PARTIAL1"),
+                &full[..full.len() - 10],
+            )
+            .unwrap();
+            fs::write(dir.path().join("tmp").join("X"), b"junk").unwrap();
+            let (q2, rec) = Queue::open(
+                dir.path(),
+                SyncMode::PerMessage,
+                Histogram::new([0.1]),
+                Histogram::new([1.0]),
+            )
+            .unwrap();
+            assert_eq!(rec.kept, 1);
+            assert_eq!(rec.removed, 1);
+            assert_eq!(rec.tmp_removed, 1);
+            q2.delete(&id).unwrap();
+            assert!(q2.list().unwrap().is_empty());
+            assert!(matches!(q2.delete(&id), Err(QueueError::NotFound(_))));
+            assert!(matches!(q2.read("../etc"), Err(QueueError::NotFound(_))));
+        }
+    }
+}

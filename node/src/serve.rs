@@ -1,0 +1,215 @@
+//! `mailnode serve`: open the queue (recovering it), bind listeners and the admin port, run
+//! the background tasks, and shut down gracefully on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{AuthError, UsersFile};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::queue::{Queue, QueueError, SyncMode};
+use crate::server::{ListenerCtx, Node, run_listener};
+use crate::tls::{ReloadingCert, TlsError, server_config};
+
+/// Start-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Queue.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// TLS.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// Users file.
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
+    /// Bind failed.
+    #[error("cannot listen on {address} ({name}): {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        address: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Signal handler.
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+fn storage_ok(node: &Node) -> bool {
+    match node.queue.free_space() {
+        Ok((avail, pct)) => {
+            avail >= node.config.queue.min_free_bytes
+                && pct >= f64::from(node.config.queue.min_free_percent)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check queue disk space");
+            true
+        }
+    }
+}
+
+/// Run the node until SIGTERM/SIGINT, then drain and return.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let mode = match (config.queue.fsync, config.queue.group_commit) {
+        (false, _) => SyncMode::None,
+        (true, false) => SyncMode::PerMessage,
+        (true, true) => SyncMode::Group,
+    };
+    let (queue, rec) = Queue::open(
+        &config.queue.path,
+        mode,
+        metrics.fsync_seconds.clone(),
+        metrics.commit_batch.clone(),
+    )?;
+    tracing::info!(path = %config.queue.path.display(), kept = rec.kept, removed_partial = rec.removed, removed_tmp = rec.tmp_removed, mode = ?mode, "queue recovered");
+
+    let (cert, tls) = match &config.tls {
+        Some(files) => {
+            let cert = Arc::new(ReloadingCert::load(&files.cert_file, &files.key_file)?);
+            let acceptor = server_config(Arc::clone(&cert))?;
+            (Some(cert), Some(acceptor))
+        }
+        None => (None, None),
+    };
+    let users = match &config.auth {
+        Some(a) => {
+            let u = UsersFile::load(&a.users_file)?;
+            tracing::info!(users = u.users().len(), "auth users loaded");
+            Some(Arc::new(u))
+        }
+        None => None,
+    };
+    let (shutdown, _) = watch::channel(false);
+    let node = Arc::new(Node {
+        config: config.clone(),
+        queue: Arc::new(queue),
+        metrics,
+        cert,
+        tls,
+        users,
+        draining: AtomicBool::new(false),
+        storage_ok: AtomicBool::new(true),
+        active: AtomicUsize::new(0),
+        shutdown,
+    });
+    node.storage_ok.store(storage_ok(&node), Ordering::Relaxed);
+
+    for l in &config.listeners {
+        let sock = TcpListener::bind(l.address)
+            .await
+            .map_err(|source| ServeError::Bind {
+                name: l.name.clone(),
+                address: l.address,
+                source,
+            })?;
+        tracing::info!(listener = %l.name, address = %sock.local_addr().unwrap_or(l.address), "listening");
+        let ctx = Arc::new(ListenerCtx::new(&config, l, node.tls.is_some()));
+        tokio::spawn(run_listener(Arc::clone(&node), ctx, sock));
+    }
+    let admin = TcpListener::bind(config.admin.address)
+        .await
+        .map_err(|source| ServeError::Bind {
+            name: "admin".into(),
+            address: config.admin.address,
+            source,
+        })?;
+    tracing::info!(address = %admin.local_addr().unwrap_or(config.admin.address), "admin listening");
+    {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(node, admin).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    // Background: disk space, queue rescan, TLS and users reload.
+    {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                let ok = storage_ok(&node);
+                if ok != node.storage_ok.swap(ok, Ordering::Relaxed) {
+                    tracing::warn!(storage_ok = ok, "queue disk space state changed");
+                }
+                if n.is_multiple_of(30)
+                    && let Err(e) = node.queue.rescan()
+                {
+                    tracing::warn!(error = %e, "queue rescan failed");
+                }
+            }
+        });
+    }
+    if node.cert.is_some() || node.users.is_some() {
+        let node = Arc::clone(&node);
+        let secs = config
+            .tls
+            .as_ref()
+            .map_or(10, |t| t.reload_interval_seconds.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(secs));
+            loop {
+                tick.tick().await;
+                if let Some(c) = &node.cert {
+                    match c.refresh() {
+                        Ok(true) => tracing::info!("TLS certificate reloaded"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "TLS certificate reload failed; keeping the old one")
+                        }
+                    }
+                }
+                if let Some(u) = &node.users {
+                    match u.refresh() {
+                        Ok(true) => tracing::info!(users = u.users().len(), "auth users reloaded"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "users file reload failed; keeping the old one")
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(hostname = %config.hostname, "mailnode ready");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!(
+        sessions = node.active.load(Ordering::SeqCst),
+        "shutdown requested: draining"
+    );
+    node.draining.store(true, Ordering::SeqCst);
+    node.metrics.draining.set(1);
+    let _ = node.shutdown.send(true);
+    let grace = Duration::from_secs(config.limits.shutdown_grace_seconds);
+    let until = tokio::time::Instant::now() + grace;
+    while node.active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = node.active.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!(
+            sessions = left,
+            "grace period over, closing remaining sessions"
+        );
+    }
+    tracing::info!("mailnode stopped");
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Message content: the DATA decoder (dot-unstuffing, end-of-data detection) and the checks
+//! shared with BDAT (size, line length, line endings).
+//!
+//! # Bare CR and bare LF
+//! Only `CRLF . CRLF` ends DATA. A bare LF or a bare CR (one not part of a CRLF pair) anywhere
+//! in the content makes the message invalid: the decoder keeps reading until the real end of
+//! data and the session then refuses the whole message with `554 5.6.0`, queueing nothing.
+//! This closes SMTP smuggling (a second message hidden behind `LF . LF` or `CR . CR`, which
+//! another MTA might treat as end of data) instead of guessing what the client meant; it is the
+//! behaviour Postfix adopted (`smtpd_forbid_bare_newline`). Lines longer than 998 octets plus
+//! CRLF (RFC 5321 section 4.5.3.1.6) are refused the same way.
+
+/// Longest allowed line without its CRLF.
+pub const MAX_LINE: usize = 998;
+
+/// What was wrong with a body, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BodyFlaws {
+    /// Larger than the limit.
+    pub too_big: bool,
+    /// A bare CR or LF was seen.
+    pub bare_newline: bool,
+    /// A line was longer than [`MAX_LINE`].
+    pub long_line: bool,
+}
+
+impl BodyFlaws {
+    /// No flaw.
+    pub fn is_clean(&self) -> bool {
+        !self.too_big && !self.bare_newline && !self.long_line
+    }
+}
+
+/// Collects body bytes, enforcing size and checking line endings and lengths.
+#[derive(Debug)]
+pub struct BodyCheck {
+    body: Vec<u8>,
+    size: u64,
+    max: u64,
+    prev_cr: bool,
+    line_len: usize,
+    flaws: BodyFlaws,
+}
+
+impl BodyCheck {
+    /// A collector for at most `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Self {
+            body: Vec::with_capacity(16 * 1024),
+            size: 0,
+            max,
+            prev_cr: false,
+            line_len: 0,
+            flaws: BodyFlaws::default(),
+        }
+    }
+
+    /// Add content bytes.
+    pub fn push(&mut self, data: &[u8]) {
+        for &b in data {
+            if self.prev_cr && b != b'\n' {
+                self.flaws.bare_newline = true;
+            }
+            if b == b'\n' {
+                if !self.prev_cr {
+                    self.flaws.bare_newline = true;
+                }
+                self.line_len = 0;
+            } else if b != b'\r' {
+                self.line_len += 1;
+                if self.line_len > MAX_LINE {
+                    self.flaws.long_line = true;
+                }
+            }
+            self.prev_cr = b == b'\r';
+        }
+        self.size = self.size.saturating_add(data.len() as u64);
+        if self.size > self.max {
+            self.flaws.too_big = true;
+            self.body = Vec::new();
+        } else {
+            self.body.extend_from_slice(data);
+        }
+    }
+
+    /// Bytes seen so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Finish: the body and its flaws. A trailing lone CR counts as bare.
+    pub fn finish(mut self) -> (Vec<u8>, BodyFlaws) {
+        if self.prev_cr {
+            self.flaws.bare_newline = true;
+        }
+        (self.body, self.flaws)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Bol,
+    Text,
+    Cr,
+    Dot,
+    DotCr,
+}
+
+/// Streaming DATA decoder: feed raw bytes after the 354 reply; it removes dot-stuffing and finds
+/// `CRLF . CRLF`.
+#[derive(Debug)]
+pub struct DataDecoder {
+    st: St,
+    out: Vec<u8>,
+    check: BodyCheck,
+}
+
+impl DataDecoder {
+    /// A decoder for a message of at most `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Self {
+            st: St::Bol,
+            out: Vec::with_capacity(8192),
+            check: BodyCheck::new(max),
+        }
+    }
+
+    /// Feed bytes. Returns `Some(n)` when the end of data was found after `n` bytes of `input`
+    /// (the rest belongs to the next command); `None` when all of `input` was consumed.
+    pub fn feed(&mut self, input: &[u8]) -> Option<usize> {
+        let mut end = None;
+        for (i, &b) in input.iter().enumerate() {
+            let mut st = self.st;
+            if st == St::Bol {
+                if b == b'.' {
+                    self.st = St::Dot;
+                    continue;
+                }
+                st = St::Text;
+            }
+            if st == St::Dot {
+                if b == b'\r' {
+                    self.st = St::DotCr;
+                    continue;
+                }
+                st = St::Text; // stuffed dot dropped
+            }
+            if st == St::DotCr {
+                if b == b'\n' {
+                    end = Some(i + 1);
+                    break;
+                }
+                st = St::Cr;
+            }
+            if st == St::Cr {
+                if b == b'\n' {
+                    self.out.extend_from_slice(b"\r\n");
+                    self.st = St::Bol;
+                    continue;
+                }
+                self.out.push(b'\r');
+                if b == b'\r' {
+                    self.st = St::Cr;
+                    continue;
+                }
+                st = St::Text;
+            }
+            // Text
+            debug_assert_eq!(st, St::Text);
+            if b == b'\r' {
+                self.st = St::Cr;
+            } else {
+                self.out.push(b);
+                self.st = St::Text;
+            }
+        }
+        if !self.out.is_empty() {
+            self.check.push(&self.out);
+            self.out.clear();
+        }
+        end
+    }
+
+    /// Bytes of content so far.
+    pub fn size(&self) -> u64 {
+        self.check.size()
+    }
+
+    /// The decoded body and its flaws (call after `feed` returned `Some`).
+    pub fn finish(self) -> (Vec<u8>, BodyFlaws) {
+        self.check.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(input: &[u8], max: u64) -> (Vec<u8>, BodyFlaws, Option<usize>) {
+        let mut d = DataDecoder::new(max);
+        let end = d.feed(input);
+        let (b, f) = d.finish();
+        (b, f, end)
+    }
+
+    #[test]
+    fn end_and_unstuffing() {
+        let (b, f, end) = decode(b"Subject: x\r\n\r\n..hi\r\n.\r\nQUIT\r\n", 1000);
+        assert_eq!(b, b"Subject: x\r\n\r\n.hi\r\n");
+        assert!(f.is_clean());
+        assert_eq!(end, Some(23));
+        let (b, _, end) = decode(b".\r\n", 1000);
+        assert!(b.is_empty());
+        assert_eq!(end, Some(3));
+    }
+
+    #[test]
+    fn byte_by_byte_same_result() {
+        let input = b"a\r\n..b\r\n.c\r\n\r\n.\r\nrest";
+        let mut d = DataDecoder::new(1000);
+        let mut end = None;
+        for (i, b) in input.iter().enumerate() {
+            if let Some(n) = d.feed(std::slice::from_ref(b)) {
+                end = Some(i + n);
+                break;
+            }
+        }
+        let (b, f) = d.finish();
+        assert_eq!(b, b"a\r\n.b\r\nc\r\n\r\n");
+        assert!(f.is_clean());
+        assert_eq!(end, Some(input.len() - 4));
+    }
+
+    #[test]
+    fn smuggling_is_not_end() {
+        // LF.LF and CR.CR never end the data; they make it flawed.
+        let (_, f, end) = decode(b"a\n.\nMAIL FROM:<x@y>\r\n", 1000);
+        assert_eq!(end, None);
+        assert!(f.bare_newline);
+        let (_, f, end) = decode(b"a\r\n.\nb\r\n.\r\n", 1000);
+        assert!(end.is_some());
+        assert!(f.bare_newline);
+        let (_, f, end) = decode(b"a\r.\rb\r\n.\r\n", 1000);
+        assert!(end.is_some());
+        assert!(f.bare_newline);
+    }
+
+    #[test]
+    fn limits() {
+        let (b, f, _) = decode(b"0123456789\r\n.\r\n", 5);
+        assert!(f.too_big);
+        assert!(b.is_empty());
+        let long = [b"x".repeat(999), b"\r\n.\r\n".to_vec()].concat();
+        assert!(decode(&long, 10_000).1.long_line);
+        let ok = [b"x".repeat(998), b"\r\n.\r\n".to_vec()].concat();
+        assert!(decode(&ok, 10_000).1.is_clean());
+    }
+}

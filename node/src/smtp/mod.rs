@@ -1,0 +1,8 @@
+//! The SMTP protocol, free of I/O: command parser, addresses, DATA decoder, replies and the
+//! session state machine. [`crate::server`] drives it from a socket.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;

@@ -1,0 +1,1012 @@
+//! The SMTP session as a state machine: command lines and results in, replies and actions out.
+//! No I/O and no clock: [`crate::server`] owns the socket, the queue and the time.
+//!
+//! Flow: the server sends [`Session::greeting`], then passes every line to
+//! [`Session::line`]; the returned [`Step`] holds the reply (if any) and what to do next
+//! (read DATA, read a BDAT chunk, start TLS, check a password, queue the message, close).
+//! The results of those actions come back through [`Session::data_done`],
+//! [`Session::chunk_done`], [`Session::tls_started`], [`Session::auth_done`] and
+//! [`Session::queued`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use super::address::{Address, Path};
+use super::command::{self, BodyType, Command, CommandError, MailParams};
+use super::data::{BodyCheck, BodyFlaws};
+use super::reply::Reply;
+use crate::policy::{Policy, Refusal};
+
+/// Per-listener settings of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Cluster hostname (banner, EHLO).
+    pub hostname: String,
+    /// Listener name.
+    pub listener: String,
+    /// Maximum message size.
+    pub max_message_size: u64,
+    /// Maximum recipients per message.
+    pub max_recipients: usize,
+    /// Errors before the session is closed.
+    pub max_errors: u32,
+    /// Offer STARTTLS.
+    pub starttls: bool,
+    /// Refuse MAIL before STARTTLS.
+    pub tls_required: bool,
+    /// Offer AUTH (only once TLS is active).
+    pub auth: bool,
+    /// Relay policy.
+    pub policy: Arc<Policy>,
+}
+
+/// Who is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The client (after PROXY protocol resolution).
+    pub addr: SocketAddr,
+    /// The proxy the connection came through, if any.
+    pub proxy: Option<SocketAddr>,
+}
+
+/// Credentials to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A message ready to be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    /// Sender (`""` for the null path).
+    pub sender: String,
+    /// Accepted recipients.
+    pub recipients: Vec<String>,
+    /// HELO/EHLO name.
+    pub helo: String,
+    /// Client.
+    pub client: ClientInfo,
+    /// Authenticated user.
+    pub auth_user: Option<String>,
+    /// Listener name.
+    pub listener: String,
+    /// TLS was active.
+    pub tls: bool,
+    /// ESMTP was used.
+    pub esmtp: bool,
+    /// SMTPUTF8 was requested.
+    pub smtputf8: bool,
+    /// BODY=8BITMIME.
+    pub eight_bit: bool,
+    /// The body as received (no Received header yet).
+    pub body: Vec<u8>,
+}
+
+impl Draft {
+    /// The Received header (RFC 5321 section 4.4) for this message, with CRLF.
+    pub fn received_header(&self, hostname: &str, id: &str, date: &str) -> String {
+        let proto = match (
+            self.smtputf8,
+            self.esmtp,
+            self.tls,
+            self.auth_user.is_some(),
+        ) {
+            (true, _, true, true) => "UTF8SMTPSA",
+            (true, _, true, false) => "UTF8SMTPS",
+            (true, _, false, true) => "UTF8SMTPA",
+            (true, _, false, false) => "UTF8SMTP",
+            (false, false, _, _) => "SMTP",
+            (false, true, true, true) => "ESMTPSA",
+            (false, true, true, false) => "ESMTPS",
+            (false, true, false, true) => "ESMTPA",
+            (false, true, false, false) => "ESMTP",
+        };
+        let helo: String = self
+            .helo
+            .chars()
+            .filter(|c| !c.is_control() && *c != '(' && *c != ')')
+            .take(255)
+            .collect();
+        let via = match self.client.proxy {
+            Some(p) => format!(" via proxy {}", p.ip()),
+            None => String::new(),
+        };
+        let rcpt = if self.recipients.len() == 1 {
+            format!("\r\n\tfor <{}>", self.recipients[0])
+        } else {
+            String::new()
+        };
+        format!(
+            "Received: from {helo} ([{ip}]:{port})\r\n\tby {hostname} (mailnode) with {proto} id {id}\r\n\t(listener {listener}{via}){rcpt};\r\n\t{date}\r\n",
+            ip = self.client.addr.ip(),
+            port = self.client.addr.port(),
+            listener = self.listener,
+        )
+    }
+}
+
+/// What the server does after sending the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Read the next command.
+    Continue,
+    /// Start the TLS handshake (after flushing the reply), then call [`Session::tls_started`].
+    StartTls,
+    /// Read DATA content (after flushing the 354), then call [`Session::data_done`].
+    Data,
+    /// Read exactly `size` octets of BDAT content; when `accept`, pass them to
+    /// [`Session::chunk_done`], otherwise discard them and send the step's reply.
+    Chunk {
+        /// Octets to read.
+        size: u64,
+        /// Pass them to the session.
+        accept: bool,
+    },
+    /// Check credentials, then call [`Session::auth_done`].
+    Authenticate(Credentials),
+    /// Queue the message durably, then call [`Session::queued`].
+    Queue(Box<Draft>),
+    /// Close the connection after the reply.
+    Close,
+}
+
+/// Something worth logging or counting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A recipient or message was refused; `reason` is a metrics label.
+    Refused {
+        /// Metrics label.
+        reason: &'static str,
+        /// Human detail.
+        detail: String,
+    },
+    /// Authentication failed for this user.
+    AuthFailed(String),
+    /// Authentication succeeded.
+    AuthOk(String),
+}
+
+/// Result of one input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Reply to send (if any).
+    pub reply: Option<Reply>,
+    /// What to do next.
+    pub next: Next,
+}
+
+impl Step {
+    fn reply(r: Reply) -> Self {
+        Self {
+            reply: Some(r),
+            next: Next::Continue,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum AuthState {
+    None,
+    PlainWait,
+    LoginUser,
+    LoginPass(String),
+    Checking(String),
+}
+
+#[derive(Debug)]
+struct Transaction {
+    from: Path,
+    params: MailParams,
+    rcpts: Vec<Address>,
+    chunks: Option<BodyCheck>,
+}
+
+/// One SMTP session.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    client: ClientInfo,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    auth_user: Option<String>,
+    auth: AuthState,
+    tx: Option<Transaction>,
+    errors: u32,
+    storage_ok: bool,
+    events: Vec<Event>,
+    closed: bool,
+    pending_last: bool,
+}
+
+fn err_reply(e: &CommandError) -> Reply {
+    match e {
+        CommandError::Unknown => Reply::new(500, "5.5.1", "Command not recognized"),
+        CommandError::Syntax(m) => Reply::new(501, "5.5.4", format!("Syntax error: {m}")),
+        CommandError::Address(a) => Reply::new(553, "5.1.3", format!("Bad address syntax: {a}")),
+        CommandError::Param(p) => Reply::new(555, "5.5.4", format!("Parameter not supported: {p}")),
+        CommandError::Encoding => Reply::new(500, "5.5.2", "Invalid characters in command"),
+    }
+}
+
+impl Session {
+    /// A new session.
+    pub fn new(cfg: SessionConfig, client: ClientInfo) -> Self {
+        Self {
+            cfg,
+            client,
+            tls: false,
+            helo: None,
+            esmtp: false,
+            auth_user: None,
+            auth: AuthState::None,
+            tx: None,
+            errors: 0,
+            storage_ok: true,
+            events: Vec::new(),
+            closed: false,
+            pending_last: false,
+        }
+    }
+
+    /// The banner.
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, "", format!("{} ESMTP mailnode", self.cfg.hostname))
+    }
+
+    /// The client.
+    pub fn client(&self) -> ClientInfo {
+        self.client
+    }
+
+    /// TLS is active.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Authenticated user.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    /// Listener settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Whether a DATA/BDAT transfer or AUTH exchange is in progress (shutdown waits for it).
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Tell the session whether the queue has room (checked at MAIL).
+    pub fn set_storage_ok(&mut self, ok: bool) {
+        self.storage_ok = ok;
+    }
+
+    /// Take the events produced since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// A refusal: logged and counted by reason. Relay refusals (550) also count as errors
+    /// (address harvesting); content and size refusals do not.
+    fn refuse(&mut self, reason: &'static str, detail: String, reply: Reply) -> Step {
+        self.events.push(Event::Refused { reason, detail });
+        if reply.code == 550 {
+            self.finish_reply(reply)
+        } else {
+            Step::reply(reply)
+        }
+    }
+
+    /// Count errors, and close after too many.
+    fn finish_reply(&mut self, reply: Reply) -> Step {
+        if reply.code >= 500 {
+            self.errors += 1;
+            if self.errors > self.cfg.max_errors {
+                self.closed = true;
+                self.events.push(Event::Refused {
+                    reason: "too_many_errors",
+                    detail: format!("{} errors", self.errors),
+                });
+                return Step {
+                    reply: Some(Reply::new(
+                        421,
+                        "4.7.0",
+                        format!("{} Too many errors, closing connection", self.cfg.hostname),
+                    )),
+                    next: Next::Close,
+                };
+            }
+        }
+        Step::reply(reply)
+    }
+
+    /// A command line longer than the limit was received (and discarded).
+    pub fn line_too_long(&mut self) -> Step {
+        self.finish_reply(Reply::new(500, "5.5.2", "Line too long"))
+    }
+
+    /// Handle one input line (without CRLF): a command, or an AUTH continuation.
+    pub fn line(&mut self, line: &[u8]) -> Step {
+        if self.closed {
+            return Step {
+                reply: None,
+                next: Next::Close,
+            };
+        }
+        match std::mem::replace(&mut self.auth, AuthState::None) {
+            AuthState::None => {}
+            AuthState::Checking(u) => {
+                self.auth = AuthState::Checking(u);
+                return Step::reply(Reply::new(503, "5.5.1", "Authentication in progress"));
+            }
+            state => return self.auth_continue(state, line),
+        }
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(e) => {
+                let reply = err_reply(&e);
+                return self.finish_reply(reply);
+            }
+        };
+        self.command(cmd)
+    }
+
+    fn ehlo_reply(&self) -> Reply {
+        let mut lines = vec![
+            self.cfg.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.cfg.max_message_size),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+        ];
+        if self.cfg.starttls && !self.tls {
+            lines.push("STARTTLS".into());
+        }
+        if self.cfg.auth && self.tls && self.auth_user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        Reply::multi(250, lines)
+    }
+
+    fn command(&mut self, cmd: Command) -> Step {
+        match cmd {
+            Command::Ehlo(name) => {
+                self.helo = Some(name);
+                self.esmtp = true;
+                self.tx = None;
+                Step::reply(self.ehlo_reply())
+            }
+            Command::Helo(name) => {
+                self.helo = Some(name);
+                self.esmtp = false;
+                self.tx = None;
+                Step::reply(Reply::new(250, "", self.cfg.hostname.clone()))
+            }
+            Command::Quit => {
+                self.closed = true;
+                Step {
+                    reply: Some(Reply::new(
+                        221,
+                        "2.0.0",
+                        format!("{} closing connection", self.cfg.hostname),
+                    )),
+                    next: Next::Close,
+                }
+            }
+            Command::Noop => Step::reply(Reply::new(250, "2.0.0", "OK")),
+            Command::Rset => {
+                self.tx = None;
+                Step::reply(Reply::new(250, "2.0.0", "OK"))
+            }
+            Command::Help => Step::reply(Reply::new(214, "2.0.0", "See RFC 5321; this is a relay")),
+            Command::Vrfy => Step::reply(Reply::new(
+                252,
+                "2.5.0",
+                "Cannot VRFY user; send mail and it will be tried",
+            )),
+            Command::Expn => self.finish_reply(Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::Proxy => {
+                self.closed = true;
+                self.events.push(Event::Refused {
+                    reason: "proxy_header_not_trusted",
+                    detail: "PROXY header on a connection not from a trusted proxy".into(),
+                });
+                Step {
+                    reply: Some(Reply::new(554, "5.7.0", "PROXY header not accepted here")),
+                    next: Next::Close,
+                }
+            }
+            Command::StartTls => {
+                if !self.cfg.starttls {
+                    return self.finish_reply(Reply::new(502, "5.5.1", "STARTTLS not available"));
+                }
+                if self.tls {
+                    return self.finish_reply(Reply::new(503, "5.5.1", "TLS already active"));
+                }
+                Step {
+                    reply: Some(Reply::new(220, "2.0.0", "Ready to start TLS")),
+                    next: Next::StartTls,
+                }
+            }
+            Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial),
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to),
+            Command::Data => match &self.tx {
+                None => self.finish_reply(Reply::new(503, "5.5.1", "Need MAIL first")),
+                Some(tx) if tx.rcpts.is_empty() => {
+                    self.finish_reply(Reply::new(554, "5.5.1", "No valid recipients"))
+                }
+                Some(tx) if tx.chunks.is_some() => {
+                    self.finish_reply(Reply::new(503, "5.5.1", "DATA not allowed after BDAT"))
+                }
+                Some(_) => Step {
+                    reply: Some(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
+                    next: Next::Data,
+                },
+            },
+            Command::Bdat { size, last } => self.bdat(size, last),
+        }
+    }
+
+    fn auth_start(&mut self, mechanism: &str, initial: Option<String>) -> Step {
+        if !self.cfg.auth {
+            return self.finish_reply(Reply::new(502, "5.5.1", "AUTH not available"));
+        }
+        if !self.tls {
+            return self.finish_reply(Reply::new(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        if self.helo.is_none() || !self.esmtp {
+            return self.finish_reply(Reply::new(503, "5.5.1", "Send EHLO first"));
+        }
+        if self.auth_user.is_some() {
+            return self.finish_reply(Reply::new(503, "5.5.1", "Already authenticated"));
+        }
+        if self.tx.is_some() {
+            return self.finish_reply(Reply::new(
+                503,
+                "5.5.1",
+                "AUTH not allowed during a mail transaction",
+            ));
+        }
+        match mechanism {
+            "PLAIN" => match initial {
+                None => {
+                    self.auth = AuthState::PlainWait;
+                    Step::reply(Reply::new(334, "", ""))
+                }
+                Some(resp) => self.auth_plain(resp.as_bytes()),
+            },
+            "LOGIN" => match initial {
+                None => {
+                    self.auth = AuthState::LoginUser;
+                    Step::reply(Reply::new(334, "", "VXNlcm5hbWU6"))
+                }
+                Some(resp) => self.auth_continue(AuthState::LoginUser, resp.as_bytes()),
+            },
+            _ => self.finish_reply(Reply::new(
+                504,
+                "5.5.4",
+                "Unrecognized authentication mechanism",
+            )),
+        }
+    }
+
+    fn decode_b64(line: &[u8]) -> Option<Vec<u8>> {
+        if line == b"=" {
+            return Some(Vec::new());
+        }
+        B64.decode(line).ok()
+    }
+
+    fn auth_plain(&mut self, resp: &[u8]) -> Step {
+        let Some(raw) = Self::decode_b64(resp) else {
+            return self.finish_reply(Reply::new(501, "5.5.2", "Invalid base64"));
+        };
+        let parts: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        let [authz, user, pass] = parts.as_slice() else {
+            return self.finish_reply(Reply::new(501, "5.5.2", "Invalid PLAIN response"));
+        };
+        let (Ok(authz), Ok(user), Ok(pass)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(pass),
+        ) else {
+            return self.finish_reply(Reply::new(501, "5.5.2", "Invalid PLAIN response"));
+        };
+        if !authz.is_empty() && authz != user {
+            self.events.push(Event::AuthFailed(user.to_owned()));
+            return self.finish_reply(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            ));
+        }
+        self.auth = AuthState::Checking(user.to_owned());
+        Step {
+            reply: None,
+            next: Next::Authenticate(Credentials {
+                user: user.to_owned(),
+                password: pass.to_owned(),
+            }),
+        }
+    }
+
+    fn auth_continue(&mut self, state: AuthState, line: &[u8]) -> Step {
+        if line == b"*" {
+            return self.finish_reply(Reply::new(501, "5.0.0", "Authentication cancelled"));
+        }
+        match state {
+            AuthState::PlainWait => self.auth_plain(line),
+            AuthState::LoginUser => {
+                let Some(user) = Self::decode_b64(line).and_then(|u| String::from_utf8(u).ok())
+                else {
+                    return self.finish_reply(Reply::new(501, "5.5.2", "Invalid base64"));
+                };
+                self.auth = AuthState::LoginPass(user);
+                Step::reply(Reply::new(334, "", "UGFzc3dvcmQ6"))
+            }
+            AuthState::LoginPass(user) => {
+                let Some(pass) = Self::decode_b64(line).and_then(|u| String::from_utf8(u).ok())
+                else {
+                    return self.finish_reply(Reply::new(501, "5.5.2", "Invalid base64"));
+                };
+                self.auth = AuthState::Checking(user.clone());
+                Step {
+                    reply: None,
+                    next: Next::Authenticate(Credentials {
+                        user,
+                        password: pass,
+                    }),
+                }
+            }
+            AuthState::None | AuthState::Checking(_) => {
+                Step::reply(Reply::new(503, "5.5.1", "Bad sequence"))
+            }
+        }
+    }
+
+    /// The result of a credentials check.
+    pub fn auth_done(&mut self, ok: bool) -> Step {
+        let AuthState::Checking(user) = std::mem::replace(&mut self.auth, AuthState::None) else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
+        if ok {
+            self.events.push(Event::AuthOk(user.clone()));
+            self.auth_user = Some(user);
+            Step::reply(Reply::new(235, "2.7.0", "Authentication successful"))
+        } else {
+            self.events.push(Event::AuthFailed(user));
+            self.finish_reply(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            ))
+        }
+    }
+
+    /// TLS handshake done: forget the plaintext state (RFC 3207 section 4.2).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.auth = AuthState::None;
+    }
+
+    fn mail(&mut self, from: Path, params: MailParams) -> Step {
+        if self.helo.is_none() {
+            return self.finish_reply(Reply::new(503, "5.5.1", "Send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.finish_reply(Reply::new(503, "5.5.1", "Nested MAIL command"));
+        }
+        if self.cfg.tls_required && !self.tls {
+            return self.finish_reply(Reply::new(
+                530,
+                "5.7.0",
+                "Must issue a STARTTLS command first",
+            ));
+        }
+        if !self.esmtp && (params != MailParams::default()) {
+            return self.finish_reply(Reply::new(555, "5.5.4", "Parameters need EHLO"));
+        }
+        if let Path::Mailbox(a) = &from
+            && !a.is_ascii()
+            && !params.smtputf8
+        {
+            return self.finish_reply(Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"));
+        }
+        if matches!(from, Path::Postmaster) {
+            return self.finish_reply(Reply::new(553, "5.1.7", "Sender address needs a domain"));
+        }
+        if let Some(size) = params.size
+            && size > self.cfg.max_message_size
+        {
+            return self.refuse(
+                "message_too_big",
+                format!("SIZE={size} declared"),
+                Reply::new(
+                    552,
+                    "5.3.4",
+                    format!(
+                        "Message size exceeds fixed limit of {} bytes",
+                        self.cfg.max_message_size
+                    ),
+                ),
+            );
+        }
+        if !self.storage_ok {
+            self.events.push(Event::Refused {
+                reason: "storage_low",
+                detail: "queue disk nearly full".into(),
+            });
+            return Step::reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
+        }
+        self.tx = Some(Transaction {
+            from,
+            params,
+            rcpts: Vec::new(),
+            chunks: None,
+        });
+        Step::reply(Reply::new(250, "2.1.0", "Sender OK"))
+    }
+
+    fn rcpt(&mut self, to: Path) -> Step {
+        let Some(tx) = &self.tx else {
+            return self.finish_reply(Reply::new(503, "5.5.1", "Need MAIL first"));
+        };
+        if tx.chunks.is_some() {
+            return self.finish_reply(Reply::new(503, "5.5.1", "RCPT not allowed after BDAT"));
+        }
+        if tx.rcpts.len() >= self.cfg.max_recipients {
+            self.events.push(Event::Refused {
+                reason: "too_many_recipients",
+                detail: format!("more than {}", self.cfg.max_recipients),
+            });
+            return Step::reply(Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        if let Path::Mailbox(a) = &to
+            && !a.is_ascii()
+            && !tx.params.smtputf8
+        {
+            return self.finish_reply(Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"));
+        }
+        let authenticated = self.auth_user.is_some();
+        match self
+            .cfg
+            .policy
+            .check_rcpt(self.client.addr.ip(), authenticated, &to)
+        {
+            Ok(_) => {
+                let Path::Mailbox(addr) = to else {
+                    return self.finish_reply(Refusal::NoLocalMailbox.reply());
+                };
+                if let Some(tx) = &mut self.tx {
+                    tx.rcpts.push(addr);
+                }
+                Step::reply(Reply::new(250, "2.1.5", "Recipient OK"))
+            }
+            Err(refusal) => {
+                let detail = format!(
+                    "client {} listener {} auth {} rcpt <{}>",
+                    self.client.addr.ip(),
+                    self.cfg.listener,
+                    self.auth_user.as_deref().unwrap_or("-"),
+                    to
+                );
+                self.refuse(refusal.as_str(), detail, refusal.reply())
+            }
+        }
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) -> Step {
+        let discard = |s: &mut Self, r: Reply| {
+            let step = s.finish_reply(r);
+            Step {
+                reply: step.reply,
+                next: if step.next == Next::Close {
+                    Next::Close
+                } else {
+                    Next::Chunk {
+                        size,
+                        accept: false,
+                    }
+                },
+            }
+        };
+        let max = self.cfg.max_message_size;
+        match &mut self.tx {
+            None => discard(self, Reply::new(503, "5.5.1", "Need MAIL first")),
+            Some(tx) if tx.rcpts.is_empty() => {
+                self.tx = None;
+                discard(self, Reply::new(554, "5.5.1", "No valid recipients"))
+            }
+            Some(tx) => {
+                let check = tx.chunks.get_or_insert_with(|| BodyCheck::new(max));
+                if check.size().saturating_add(size) > max {
+                    self.tx = None;
+                    self.events.push(Event::Refused {
+                        reason: "message_too_big",
+                        detail: "BDAT over the limit".into(),
+                    });
+                    return Step {
+                        reply: Some(Reply::new(552, "5.3.4", "Message too big")),
+                        next: Next::Chunk {
+                            size,
+                            accept: false,
+                        },
+                    };
+                }
+                self.pending_last = last;
+                Step {
+                    reply: None,
+                    next: Next::Chunk { size, accept: true },
+                }
+            }
+        }
+    }
+
+    /// A BDAT chunk has been read.
+    pub fn chunk_done(&mut self, data: &[u8]) -> Step {
+        let last = std::mem::take(&mut self.pending_last);
+        let Some(tx) = &mut self.tx else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
+        let Some(check) = &mut tx.chunks else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
+        check.push(data);
+        if !last {
+            return Step::reply(Reply::new(
+                250,
+                "2.0.0",
+                format!("{} octets received", data.len()),
+            ));
+        }
+        let Some(check) = tx.chunks.take() else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
+        let (body, flaws) = check.finish();
+        self.data_done(body, flaws)
+    }
+
+    /// DATA content has been read and decoded.
+    pub fn data_done(&mut self, body: Vec<u8>, flaws: BodyFlaws) -> Step {
+        let Some(tx) = self.tx.take() else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
+        if flaws.too_big {
+            return self.refuse(
+                "message_too_big",
+                format!("over {} bytes", self.cfg.max_message_size),
+                Reply::new(
+                    552,
+                    "5.3.4",
+                    format!(
+                        "Message size exceeds fixed limit of {} bytes",
+                        self.cfg.max_message_size
+                    ),
+                ),
+            );
+        }
+        if flaws.bare_newline {
+            return self.refuse(
+                "bare_newline",
+                "bare CR or LF in content".into(),
+                Reply::new(
+                    554,
+                    "5.6.0",
+                    "Message refused: bare CR or LF; lines must end with CRLF",
+                ),
+            );
+        }
+        if flaws.long_line {
+            return self.refuse(
+                "line_too_long",
+                "content line over 998 octets".into(),
+                Reply::new(554, "5.6.0", "Message refused: line longer than 998 octets"),
+            );
+        }
+        let draft = Draft {
+            sender: tx.from.to_string(),
+            recipients: tx.rcpts.iter().map(ToString::to_string).collect(),
+            helo: self.helo.clone().unwrap_or_default(),
+            client: self.client,
+            auth_user: self.auth_user.clone(),
+            listener: self.cfg.listener.clone(),
+            tls: self.tls,
+            esmtp: self.esmtp,
+            smtputf8: tx.params.smtputf8,
+            eight_bit: tx.params.body == BodyType::EightBitMime,
+            body,
+        };
+        Step {
+            reply: None,
+            next: Next::Queue(Box::new(draft)),
+        }
+    }
+
+    /// The queue's answer for the message of the last [`Next::Queue`].
+    pub fn queued(&mut self, result: Result<&str, &str>) -> Reply {
+        match result {
+            Ok(id) => Reply::new(250, "2.0.0", format!("OK queued as {id}")),
+            Err(e) => {
+                self.events.push(Event::Refused {
+                    reason: "queue_error",
+                    detail: e.to_owned(),
+                });
+                Reply::new(451, "4.3.0", "Local error in processing; try again later")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Listener, RelayPolicy};
+
+    fn session(tls_required: bool) -> Session {
+        let l = Listener::default()
+            .with_relay(RelayPolicy::from_sources(vec![
+                "127.0.0.2/32".parse().unwrap(),
+            ]))
+            .with_accept_domains(["in.example"]);
+        let cfg = SessionConfig {
+            hostname: "mx.example".into(),
+            listener: "l".into(),
+            max_message_size: 100,
+            max_recipients: 2,
+            max_errors: 3,
+            starttls: true,
+            tls_required,
+            auth: true,
+            policy: Arc::new(Policy::from_listener(&l)),
+        };
+        Session::new(
+            cfg,
+            ClientInfo {
+                addr: "127.0.0.2:5".parse().unwrap(),
+                proxy: None,
+            },
+        )
+    }
+
+    fn code(s: &Step) -> u16 {
+        s.reply.as_ref().map_or(0, |r| r.code)
+    }
+
+    #[test]
+    fn happy_path_produces_a_draft() {
+        let mut s = session(false);
+        assert_eq!(s.greeting().code, 220);
+        assert_eq!(code(&s.line(b"EHLO c.example")), 250);
+        assert_eq!(code(&s.line(b"MAIL FROM:<a@b.example>")), 250);
+        assert_eq!(code(&s.line(b"RCPT TO:<x@far.example>")), 250);
+        let st = s.line(b"DATA");
+        assert_eq!((code(&st), st.next.clone()), (354, Next::Data));
+        let st = s.data_done(b"hi\r\n".to_vec(), BodyFlaws::default());
+        let Next::Queue(d) = st.next else {
+            panic!("{st:?}")
+        };
+        assert_eq!(d.recipients, vec!["x@far.example".to_owned()]);
+        let h = d.received_header("mx.example", "ID1", "date");
+        assert!(
+            h.contains("[127.0.0.2]:5")
+                && h.contains("with ESMTP id ID1")
+                && h.contains("listener l"),
+            "{h}"
+        );
+        assert_eq!(s.queued(Ok("ID1")).code, 250);
+        assert!(!s.in_transaction());
+    }
+
+    #[test]
+    fn sequence_errors_and_error_limit() {
+        let mut s = session(false);
+        assert_eq!(code(&s.line(b"MAIL FROM:<a@b.example>")), 503);
+        assert_eq!(code(&s.line(b"HELO c")), 250);
+        assert_eq!(code(&s.line(b"RCPT TO:<x@in.example>")), 503);
+        assert_eq!(code(&s.line(b"DATA")), 503);
+        let st = s.line(b"XYZZY");
+        assert_eq!((code(&st), st.next), (421, Next::Close));
+    }
+
+    #[test]
+    fn tls_required_and_auth_only_after_tls() {
+        let mut s = session(true);
+        s.cfg.max_errors = 10;
+        s.line(b"EHLO c");
+        assert_eq!(code(&s.line(b"MAIL FROM:<a@b.example>")), 530);
+        assert_eq!(code(&s.line(b"AUTH PLAIN AGEAYg==")), 538);
+        let ehlo = s.line(b"EHLO c").reply.unwrap().to_wire();
+        assert!(ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"));
+        assert_eq!(s.line(b"STARTTLS").next, Next::StartTls);
+        s.tls_started();
+        assert_eq!(
+            code(&s.line(b"MAIL FROM:<a@b.example>")),
+            503,
+            "EHLO needed again after TLS"
+        );
+        let ehlo = s.line(b"EHLO c").reply.unwrap().to_wire();
+        assert!(!ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"));
+        // PLAIN with initial response "\0a\0b"
+        let st = s.line(b"AUTH PLAIN AGEAYg==");
+        assert_eq!(
+            st.next,
+            Next::Authenticate(Credentials {
+                user: "a".into(),
+                password: "b".into()
+            })
+        );
+        assert_eq!(s.auth_done(true).reply.unwrap().code, 235);
+        assert_eq!(s.auth_user(), Some("a"));
+        // LOGIN when already authenticated
+        assert_eq!(code(&s.line(b"AUTH LOGIN")), 503);
+    }
+
+    #[test]
+    fn auth_login_dialogue() {
+        let mut s = session(false);
+        s.tls_started();
+        s.line(b"EHLO c");
+        assert_eq!(code(&s.line(b"AUTH LOGIN")), 334);
+        assert_eq!(code(&s.line(b"dXNlcg==")), 334);
+        let st = s.line(b"cGFzcw==");
+        assert_eq!(
+            st.next,
+            Next::Authenticate(Credentials {
+                user: "user".into(),
+                password: "pass".into()
+            })
+        );
+        assert_eq!(s.auth_done(false).reply.unwrap().code, 535);
+        assert_eq!(code(&s.line(b"AUTH LOGIN")), 334);
+        assert_eq!(code(&s.line(b"*")), 501);
+    }
+
+    #[test]
+    fn content_refusals() {
+        let mut s = session(false);
+        s.line(b"EHLO c");
+        assert_eq!(code(&s.line(b"MAIL FROM:<a@b.example> SIZE=101")), 552);
+        assert_eq!(code(&s.line(b"MAIL FROM:<j\xc3\xb6rg@b.example>")), 553);
+        assert_eq!(
+            code(&s.line(b"MAIL FROM:<j\xc3\xb6rg@b.example> SMTPUTF8")),
+            250
+        );
+        assert_eq!(code(&s.line(b"RCPT TO:<x@in.example>")), 250);
+        assert_eq!(code(&s.line(b"RCPT TO:<y@in.example>")), 250);
+        assert_eq!(code(&s.line(b"RCPT TO:<z@in.example>")), 452);
+        s.line(b"DATA");
+        let flaws = BodyFlaws {
+            bare_newline: true,
+            ..BodyFlaws::default()
+        };
+        assert_eq!(code(&s.data_done(Vec::new(), flaws)), 554);
+        let ev = s.take_events();
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            Event::Refused {
+                reason: "bare_newline",
+                ..
+            }
+        )));
+    }
+}

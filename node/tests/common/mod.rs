@@ -1,0 +1,309 @@
+//! Test harness: start the real `mailnode` binary on loopback with a generated config, and
+//! talk to it with a raw client bound to a chosen 127.0.0.x source address.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Node {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub ports: Vec<u16>,
+    pub admin: u16,
+    pub config: PathBuf,
+}
+
+/// Replace `{port0}`, `{port1}`, ..., `{admin}`, `{dir}` in `yaml`.
+pub fn render(yaml: &str, ports: &[u16], admin: u16, dir: &Path) -> String {
+    let mut s = yaml
+        .replace("{admin}", &admin.to_string())
+        .replace("{dir}", dir.to_str().unwrap());
+    for (i, p) in ports.iter().enumerate() {
+        s = s.replace(&format!("{{port{i}}}"), &p.to_string());
+    }
+    s
+}
+
+impl Node {
+    pub fn start(yaml: &str, nports: usize) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, yaml, nports)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, yaml: &str, nports: usize) -> Node {
+        let ports: Vec<u16> = (0..nports).map(|_| free_port()).collect();
+        let admin = free_port();
+        let config = dir.path().join("mailnode.yaml");
+        std::fs::write(&config, render(yaml, &ports, admin, dir.path())).unwrap();
+        let mut node = Node {
+            child: None,
+            dir,
+            ports,
+            admin,
+            config,
+        };
+        node.spawn();
+        node
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mailnode.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("MAILNODE_LOG", "info")
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in self.ports.iter().chain(std::iter::once(&self.admin)) {
+            loop {
+                if TcpStream::connect(("127.0.0.1", *p)).is_ok() {
+                    break;
+                }
+                if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                    panic!("mailnode exited early: {st}\n{}", self.log());
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "mailnode did not listen on {p}\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mailnode.log")).unwrap_or_default()
+    }
+
+    pub fn queue_dir(&self) -> PathBuf {
+        self.dir.path().join("queue")
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[i]))
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    pub fn term(&mut self, within: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                c.kill().unwrap();
+                c.wait().unwrap();
+                panic!("mailnode did not exit after SIGTERM\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn queue(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .arg("queue")
+            .arg("--dir")
+            .arg(self.queue_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "queue {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn queue_ids(&self) -> Vec<String> {
+        self.queue(&["list"])
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    }
+
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw SMTP client from a chosen loopback source address.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+/// Connect from `src` (e.g. "127.0.0.2") to `dst`.
+pub fn connect_from(src: &str, dst: SocketAddr) -> TcpStream {
+    // std cannot bind before connect; use a tokio socket on a throwaway runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src.parse().unwrap(), 0)).unwrap();
+        sock.connect(dst).await.unwrap()
+    });
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+impl Client {
+    pub fn raw(stream: TcpStream) -> Client {
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    /// Connect and read the banner.
+    pub fn connect(src: &str, dst: SocketAddr) -> (Client, String) {
+        let mut c = Client::raw(connect_from(src, dst));
+        let banner = c.reply();
+        (c, banner)
+    }
+
+    pub fn send(&mut self, data: &[u8]) {
+        self.stream.write_all(data).unwrap();
+    }
+
+    /// Read one (possibly multi-line) reply; "" on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Send a whole transaction; returns the reply to the end of data (or the first failure).
+    pub fn mail(&mut self, from: &str, rcpts: &[&str], body: &str) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        if !r.starts_with("250") {
+            return r;
+        }
+        let mut ok = 0;
+        let mut last = String::new();
+        for rc in rcpts {
+            last = self.cmd(&format!("RCPT TO:<{rc}>"));
+            if last.starts_with("250") {
+                ok += 1;
+            }
+        }
+        if ok == 0 {
+            self.cmd("RSET");
+            return last;
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "{r}");
+        self.send(body.as_bytes());
+        self.send(b".\r\n");
+        self.reply()
+    }
+}
+
+pub fn code(r: &str) -> u16 {
+    r.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// Self-signed certificate for the cluster hostname: (cert path, key path).
+pub fn make_cert(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn tool_path(tool: &str) -> String {
+    let p = format!("/usr/sbin/{tool}");
+    if Path::new(&p).exists() {
+        p
+    } else {
+        tool.to_owned()
+    }
+}

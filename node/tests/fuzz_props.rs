@@ -1,0 +1,81 @@
+//! The fuzz targets of node/fuzz as bounded random tests on stable (proptest): the command
+//! parser, the DATA decoder, the PROXY header parser and the session never panic.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use mailnode::smtp::session::{ClientInfo, Next, Session, SessionConfig};
+use proptest::prelude::*;
+
+fn smtpish() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..300),
+        "(?i)(MAIL FROM:|RCPT TO:|EHLO |HELO |BDAT |AUTH |DATA|RSET|STARTTLS|PROXY )[ -~]{0,80}"
+            .prop_map(String::into_bytes),
+        "(MAIL FROM:|RCPT TO:)<[@a-z%!\".:\\[\\]0-9,\\\\ ]{0,40}>( [A-Z0-9=]{0,20})?"
+            .prop_map(String::into_bytes),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn command_parser_never_panics(line in smtpish()) {
+        if let Ok(mailnode::smtp::command::Command::Rcpt { to }) = mailnode::smtp::command::parse(&line) {
+            let _ = to.to_string();
+        }
+    }
+
+    #[test]
+    fn data_decoder_split_anywhere_is_the_same(data in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..200), cut in 0usize..200) {
+        let mut whole = mailnode::smtp::data::DataDecoder::new(1 << 20);
+        let end_whole = whole.feed(&data);
+        let mut split = mailnode::smtp::data::DataDecoder::new(1 << 20);
+        let cut = cut.min(data.len());
+        let end_split = match split.feed(&data[..cut]) {
+            Some(n) => Some(n),
+            None => split.feed(&data[cut..]).map(|n| n + cut),
+        };
+        prop_assert_eq!(end_whole, end_split);
+        prop_assert_eq!(whole.finish(), split.finish());
+    }
+
+    #[test]
+    fn proxy_parser_never_panics(data in prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..300),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|t| [mailnode::proxy_protocol::V2_SIGNATURE.to_vec(), t].concat()),
+        "PROXY (TCP4|TCP6|UNKNOWN)[ 0-9a-f.:]{0,60}\r\n".prop_map(String::into_bytes),
+    ]) {
+        if let Ok(Some((_, n))) = mailnode::proxy_protocol::parse(&data) {
+            prop_assert!(n <= data.len());
+        }
+    }
+
+    #[test]
+    fn session_never_panics(lines in proptest::collection::vec(smtpish(), 0..20)) {
+        let cfg = SessionConfig {
+            hostname: "fuzz.example".into(),
+            listener: "fuzz".into(),
+            max_message_size: 1000,
+            max_recipients: 5,
+            max_errors: 1000,
+            starttls: true,
+            tls_required: false,
+            auth: true,
+            policy: Arc::new(mailnode::policy::Policy::default()),
+        };
+        let mut s = Session::new(cfg, ClientInfo { addr: "127.0.0.2:1".parse().unwrap(), proxy: None });
+        for line in &lines {
+            let step = s.line(line);
+            match step.next {
+                Next::StartTls => s.tls_started(),
+                Next::Authenticate(_) => { let _ = s.auth_done(line.len() % 2 == 0); }
+                Next::Data => { let _ = s.data_done(b"x\r\n".to_vec(), Default::default()); }
+                Next::Chunk { accept: true, .. } => { let _ = s.chunk_done(b"x"); }
+                Next::Close => break,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The ConfigMap with the node configuration (`mailnode::config::Config` rendered as YAML).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use mailnode::config as node;
+use sha2::{Digest, Sha256};
+
+use super::{BuildError, Names, meta};
+use crate::crd::{self, ADMIN_PORT, Cidr, MailCluster, PEER_PORT};
+
+/// Key of the node configuration in the ConfigMap.
+pub const CONFIG_KEY: &str = "mailnode.yaml";
+/// Directory the ConfigMap is mounted at.
+pub const CONFIG_DIR: &str = "/etc/mailnode/config";
+/// Directory the cluster Secret is mounted at.
+pub const CLUSTER_SECRET_DIR: &str = "/etc/mailnode/cluster";
+/// Directory the TLS Secret is mounted at.
+pub const TLS_DIR: &str = "/etc/mailnode/tls";
+/// Directory the auth Secret is mounted at.
+pub const AUTH_DIR: &str = "/etc/mailnode/auth";
+/// Key of the users file in the auth Secret.
+pub const AUTH_USERS_KEY: &str = "users";
+/// Mount path of the queue volume.
+pub const QUEUE_DIR: &str = "/var/spool/mailnode";
+/// Seconds the node waits for sessions in DATA on shutdown.
+pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
+
+/// Path of the rendered configuration inside the pod.
+pub fn config_path() -> String {
+    format!("{CONFIG_DIR}/{CONFIG_KEY}")
+}
+
+fn port(field: String, p: i32) -> Result<u16, BuildError> {
+    u16::try_from(p).map_err(|_| BuildError::Invalid {
+        field,
+        message: format!("port {p} is not in 1-65535"),
+    })
+}
+
+fn nets(field: String, cidrs: &[Cidr]) -> Result<Vec<ipnet::IpNet>, BuildError> {
+    cidrs
+        .iter()
+        .map(|c| {
+            c.as_str().parse().map_err(|e| BuildError::Invalid {
+                field: field.clone(),
+                message: format!("{c} is not a CIDR: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// The node configuration of a MailCluster. `self_addresses` are the load balancer addresses of
+/// its listeners: a node never delivers to them.
+pub fn node_config(
+    mc: &MailCluster,
+    self_addresses: &[IpAddr],
+) -> Result<node::Config, BuildError> {
+    let names = super::Names::of(mc)?;
+    let spec = &mc.spec;
+    let tls = spec.tls.as_ref().map(|_| node::TlsFiles {
+        cert_file: PathBuf::from(format!("{TLS_DIR}/tls.crt")),
+        key_file: PathBuf::from(format!("{TLS_DIR}/tls.key")),
+        ..node::TlsFiles::default()
+    });
+    let auth = spec.auth.as_ref().map(|_| node::AuthConfig {
+        users_file: PathBuf::from(format!("{AUTH_DIR}/{AUTH_USERS_KEY}")),
+    });
+    let mut listeners = Vec::with_capacity(spec.listeners.len());
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let p = port(format!("spec.listeners[{i}].port"), l.port)?;
+        let relay = match &l.relay {
+            Some(r) => node::RelayPolicy {
+                allowed_sources: nets(
+                    format!("spec.listeners[{i}].relay.allowedSources"),
+                    &r.allowed_sources,
+                )?,
+                require_auth: r.require_auth,
+                recipient_domains: r.recipient_domains.iter().map(|d| d.0.clone()).collect(),
+            },
+            None => node::RelayPolicy::default(),
+        };
+        let ltls = match &l.tls {
+            Some(t) => node::ListenerTls {
+                mode: match t.mode {
+                    crd::TlsMode::None => node::TlsMode::None,
+                    crd::TlsMode::StartTLS => node::TlsMode::Starttls,
+                },
+                required: t.required,
+            },
+            // STARTTLS is offered whenever the cluster has a certificate.
+            None if tls.is_some() => node::ListenerTls {
+                mode: node::TlsMode::Starttls,
+                required: false,
+            },
+            None => node::ListenerTls {
+                mode: node::TlsMode::None,
+                required: false,
+            },
+        };
+        listeners.push(node::Listener {
+            name: l.name.clone(),
+            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p),
+            proxy_protocol: l.proxy_protocol,
+            trusted_proxies: nets(
+                format!("spec.listeners[{i}].trustedProxies"),
+                &l.trusted_proxies,
+            )?,
+            tls: ltls,
+            relay,
+            accept_domains: l.accept_domains.iter().map(|d| d.0.clone()).collect(),
+            max_message_size: l.max_message_size.and_then(|m| u64::try_from(m).ok()),
+        });
+    }
+    if !spec.delivery.routes.is_empty() {
+        return Err(BuildError::Unsupported {
+            field: "spec.delivery.routes",
+            hint: "remove the routes, or use smarthosts for all mail until mailnode supports per-domain routes",
+        });
+    }
+    let mut smarthosts = Vec::with_capacity(spec.delivery.smarthosts.len());
+    for (i, s) in spec.delivery.smarthosts.iter().enumerate() {
+        smarthosts.push(node::Smarthost {
+            host: s.host.0.clone(),
+            port: port(format!("spec.delivery.smarthosts[{i}].port"), s.port)?,
+            priority: u32::try_from(s.priority).map_err(|_| BuildError::Invalid {
+                field: format!("spec.delivery.smarthosts[{i}].priority"),
+                message: "must be 0 or more".into(),
+            })?,
+        });
+    }
+    let mut retry = node::RetryConfig::default();
+    if let Some(r) = &spec.delivery.retry {
+        let secs = |field: &str, d: &Option<crd::RetryDuration>, default: u64| match d {
+            None => Ok(default),
+            Some(d) => d.seconds().ok_or_else(|| BuildError::Invalid {
+                field: format!("spec.delivery.retry.{field}"),
+                message: format!("{d} is not a duration like 1m, 1h or 5d"),
+            }),
+        };
+        retry.first_seconds = secs("first", &r.first, retry.first_seconds)?;
+        retry.max_seconds = secs("max", &r.max, retry.max_seconds)?;
+        retry.lifetime_seconds = secs("lifetime", &r.lifetime, retry.lifetime_seconds)?;
+    }
+    let mut self_addresses = self_addresses.to_vec();
+    self_addresses.sort();
+    self_addresses.dedup();
+    let config = node::Config {
+        hostname: spec.hostname.clone(),
+        listeners,
+        queue: node::QueueConfig {
+            path: PathBuf::from(QUEUE_DIR),
+            ..node::QueueConfig::default()
+        },
+        limits: node::Limits {
+            shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
+            ..node::Limits::default()
+        },
+        tls,
+        auth,
+        admin: node::AdminConfig {
+            address: SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                port("admin port".into(), ADMIN_PORT)?,
+            ),
+        },
+        peers: node::PeersConfig {
+            address: Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                port("peer port".into(), PEER_PORT)?,
+            )),
+            // One name that resolves to every member: scaling does not change the config.
+            members: vec![format!("{}:{PEER_PORT}", names.peer_dns())],
+            secret_file: Some(PathBuf::from(format!(
+                "{CLUSTER_SECRET_DIR}/{}",
+                super::secret::KEY
+            ))),
+            self_addresses,
+        },
+        delivery: node::DeliveryConfig {
+            smarthosts,
+            retry,
+            max_hops: None,
+        },
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// The node configuration rendered as YAML, and its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedConfig {
+    /// The YAML the members read.
+    pub yaml: String,
+    /// Hex SHA-256 prefix of `yaml`; on the pod template, so a change rolls the members.
+    pub hash: String,
+}
+
+/// Render a node configuration.
+pub fn render(config: &node::Config) -> Result<RenderedConfig, BuildError> {
+    let yaml = config.to_yaml()?;
+    let digest = Sha256::digest(yaml.as_bytes());
+    let hash = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    Ok(RenderedConfig { yaml, hash })
+}
+
+/// The ConfigMap holding the rendered node configuration.
+pub fn config_map(mc: &MailCluster, rendered: &RenderedConfig) -> Result<ConfigMap, BuildError> {
+    let names = Names::of(mc)?;
+    Ok(ConfigMap {
+        metadata: meta(mc, &names, names.config_map(), "config"),
+        data: Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            rendered.yaml.clone(),
+        )])),
+        ..ConfigMap::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builders::testing::sample;
+
+    #[test]
+    fn renders_listeners_policy_and_delivery() {
+        let mc = sample();
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.hostname, "smtp.example.com");
+        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners[0].address.port(), 25);
+        assert_eq!(
+            c.listeners[0].relay.allowed_sources[0].to_string(),
+            "10.20.0.0/16"
+        );
+        assert_eq!(c.listeners[0].relay.recipient_domains, ["example.com"]);
+        assert!(c.listeners[1].relay.require_auth);
+        assert!(c.listeners[1].tls.required);
+        assert_eq!(c.listeners[2].accept_domains, ["example.com"]);
+        assert_eq!(c.delivery.smarthosts.len(), 2);
+        assert_eq!(c.delivery.smarthosts[1].priority, 20);
+        assert_eq!(c.delivery.retry.lifetime_seconds, 5 * 86400);
+        assert_eq!(c.admin.address.port() as i32, ADMIN_PORT);
+        assert_eq!(c.peers.members, ["relay-peers.mail.svc:7025"]);
+        assert!(c.tls.is_some() && c.auth.is_some());
+        assert_eq!(c.queue.path, PathBuf::from(QUEUE_DIR));
+    }
+
+    #[test]
+    fn rendered_yaml_round_trips_through_the_node_parser() {
+        let c = node_config(&sample(), &["192.0.2.10".parse().unwrap()]).unwrap();
+        let r = render(&c).unwrap();
+        let back = node::Config::from_yaml(&r.yaml).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(r.hash.len(), 16);
+    }
+
+    #[test]
+    fn hash_follows_the_config() {
+        let mc = sample();
+        let a = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        let b = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        assert_eq!(a.hash, b.hash, "same spec, same hash");
+        let mut changed = sample();
+        changed.spec.listeners[0].port = 26;
+        let c = render(&node_config(&changed, &[]).unwrap()).unwrap();
+        assert_ne!(a.hash, c.hash, "a listener change changes the hash");
+        let mut scaled = sample();
+        scaled.spec.replicas = 5;
+        let d = render(&node_config(&scaled, &[]).unwrap()).unwrap();
+        assert_eq!(a.hash, d.hash, "scaling does not roll the members");
+    }
+
+    #[test]
+    fn self_addresses_are_sorted_and_unique() {
+        let ips: Vec<IpAddr> = ["192.0.2.2", "192.0.2.1", "192.0.2.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let c = node_config(&sample(), &ips).unwrap();
+        assert_eq!(c.peers.self_addresses, [ips[1], ips[0]]);
+    }
+
+    #[test]
+    fn routes_are_refused_with_a_hint() {
+        let mut mc = sample();
+        mc.spec.delivery.routes.push(crd::Route {
+            domain: "partner.example".into(),
+            smarthosts: mc.spec.delivery.smarthosts.clone(),
+        });
+        let e = node_config(&mc, &[]).unwrap_err();
+        assert!(e.to_string().contains("spec.delivery.routes"), "{e}");
+    }
+
+    #[test]
+    fn config_map_carries_the_yaml() {
+        let mc = sample();
+        let r = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        let cm = config_map(&mc, &r).unwrap();
+        assert_eq!(cm.metadata.name.as_deref(), Some("relay-config"));
+        assert_eq!(cm.data.unwrap()[CONFIG_KEY], r.yaml);
+        assert_eq!(cm.metadata.owner_references.unwrap()[0].kind, "MailCluster");
+    }
+}

@@ -1,0 +1,523 @@
+//! One reconcile of a MailCluster: build the desired children with the pure builders, apply
+//! those that differ from the live objects, read back what is observable and write the status
+//! only if it changed. A reconcile that finds everything as desired makes no write.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::apply::{self, ApplyError};
+use crate::builders::{
+    self, BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, certificate, configmap,
+    dnsendpoint, listener_service, networkpolicy, pdb, peer_service, secret, statefulset,
+};
+use crate::crd::{MailCluster, MailClusterStatus};
+use crate::metrics::Metrics;
+use crate::status::{self, DEGRADED, Observed, Problem};
+
+/// Errors of a reconcile; each says what failed and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a child failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// A request to the API server failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The MailCluster lacks name or namespace.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// No randomness for the cluster key.
+    #[error("cannot generate the cluster key: {0}")]
+    Random(getrandom::Error),
+    /// Status cannot be serialized.
+    #[error("serializing the status: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A short class for the error metric.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Error::Apply(_) | Error::Kube { .. } => "kube",
+            Error::Build(_) => "spec",
+            Error::Random(_) => "random",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { what, source }
+}
+
+/// Settings of the operator that reconciles read.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Image of the relay node for clusters that name none.
+    pub default_image: String,
+    /// Requeue interval of a healthy cluster (drift of objects not watched, e.g. DNSEndpoint).
+    pub resync: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            default_image: crate::DEFAULT_IMAGE.to_string(),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Shared state of the reconciles.
+#[derive(Clone)]
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Operator settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    failures: Arc<Mutex<HashMap<ObjectRef<MailCluster>, u32>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context; `instance` names this operator instance in events.
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>, instance: &str) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: Some(instance.to_string()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            failures: Arc::default(),
+        }
+    }
+
+    /// Backoff after `n` consecutive failures: 2s doubling to 5 minutes.
+    pub fn backoff(n: u32) -> Duration {
+        let secs = 2u64.saturating_mul(1u64 << n.min(8));
+        Duration::from_secs(secs.min(300))
+    }
+
+    fn record_failure(&self, mc: &MailCluster) -> u32 {
+        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ObjectRef::from(mc)).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn reset_failures(&self, mc: &MailCluster) {
+        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&ObjectRef::from(mc));
+    }
+
+    async fn event(&self, mc: &MailCluster, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &mc.object_ref(&())).await {
+            tracing::warn!(error = %e, cluster = %builders::describe(mc), "cannot publish event");
+        } else {
+            self.metrics.writes.inc();
+        }
+    }
+}
+
+/// Reconciles one MailCluster (the controller's reconciler).
+pub async fn reconcile(mc: Arc<MailCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = reconcile_inner(&mc, &ctx).await;
+    ctx.metrics.observe(start.elapsed());
+    match &result {
+        Ok(_) => ctx.reset_failures(&mc),
+        Err(e) => {
+            ctx.metrics.error(e.class());
+            tracing::warn!(cluster = %builders::describe(&mc), error = %e, "reconcile failed");
+            // Tell a person once per distinct error: an event and the Degraded condition.
+            let message = format!("reconcile failed, retrying with backoff: {e}");
+            let old = mc
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED))
+                .map(|c| c.message.clone());
+            if old.as_deref() != Some(message.as_str()) {
+                ctx.event(&mc, EventType::Warning, "ReconcileFailed", e.to_string())
+                    .await;
+                if let Err(pe) = patch_degraded(&mc, &ctx, &message).await {
+                    tracing::warn!(error = %pe, "cannot write the Degraded condition");
+                }
+            }
+        }
+    }
+    result
+}
+
+/// The controller's error policy: per-object exponential backoff.
+pub fn error_policy(mc: Arc<MailCluster>, _e: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(&mc);
+    Action::requeue(Context::backoff(n))
+}
+
+async fn patch_degraded(mc: &MailCluster, ctx: &Context, message: &str) -> Result<(), Error> {
+    let mut st = mc.status.clone().unwrap_or_default();
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    st.conditions.retain(|c| c.type_ != DEGRADED);
+    st.conditions
+        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: DEGRADED.to_string(),
+            status: "True".to_string(),
+            reason: "ReconcileFailed".to_string(),
+            message: message.to_string(),
+            observed_generation: mc.metadata.generation,
+            last_transition_time: now,
+        });
+    write_status(mc, ctx, &st).await
+}
+
+async fn write_status(
+    mc: &MailCluster,
+    ctx: &Context,
+    st: &MailClusterStatus,
+) -> Result<(), Error> {
+    let names = Names::of(mc)?;
+    let api: Api<MailCluster> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let body = json!({
+        "apiVersion": MailCluster::api_version(&()),
+        "kind": MailCluster::kind(&()),
+        "status": st,
+    });
+    api.patch_status(
+        &names.cluster,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "writing the status of MailCluster {}",
+        names.cluster
+    )))?;
+    ctx.metrics.writes.inc();
+    Ok(())
+}
+
+/// What a reconcile changed, for events.
+#[derive(Debug, Default)]
+struct Changes(Vec<String>);
+
+impl Changes {
+    fn note<K: Resource<DynamicType = ()>>(&mut self, obj: &K, changed: bool) {
+        if changed {
+            self.0.push(format!(
+                "{} {}",
+                K::kind(&()),
+                obj.meta().name.clone().unwrap_or_default()
+            ));
+        }
+    }
+}
+
+async fn apply_counted<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    desired: &K,
+    changes: &mut Changes,
+) -> Result<K, ApplyError>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let applied = apply::apply(api, desired).await?;
+    if applied.changed {
+        ctx.metrics.writes.inc();
+    }
+    changes.note(&applied.object, applied.changed);
+    Ok(applied.object)
+}
+
+async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::of(mc)?;
+    let client = ctx.client.clone();
+    let ns = names.namespace.as_str();
+    let mut changes = Changes::default();
+    let mut observed = Observed {
+        spec_valid: true,
+        ..Observed::default()
+    };
+
+    // The cluster key: generated once, kept afterwards.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let live_secret = secrets
+        .get_opt(&names.cluster_secret())
+        .await
+        .map_err(kube_err(format!(
+            "reading Secret {}",
+            names.cluster_secret()
+        )))?;
+    let key = match live_secret.as_ref().and_then(secret::existing_key) {
+        Some(k) => k,
+        None => secret::generate_key().map_err(Error::Random)?,
+    };
+    apply_counted(
+        ctx,
+        &secrets,
+        &secret::cluster_secret(mc, &key)?,
+        &mut changes,
+    )
+    .await?;
+
+    // Listener Services first: their load balancer addresses go into config and DNS.
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let mut live_listeners = Vec::new();
+    let desired_listeners = listener_service::listener_services(mc)?;
+    for svc in &desired_listeners {
+        live_listeners.push(apply_counted(ctx, &services, svc, &mut changes).await?);
+    }
+    let wanted: BTreeSet<String> = desired_listeners.iter().map(|s| s.name_any()).collect();
+    let selector = format!(
+        "{CLUSTER_LABEL}={},{COMPONENT_LABEL}={}",
+        names.cluster,
+        listener_service::COMPONENT
+    );
+    let existing = services
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("listing listener Services"))?;
+    for s in existing {
+        let name = s.name_any();
+        if !wanted.contains(&name) && apply::delete_if_exists(&services, &name).await? {
+            ctx.metrics.writes.inc();
+            changes.0.push(format!("deleted Service {name}"));
+        }
+    }
+    observed.addresses = listener_service::ingress_addresses(&live_listeners);
+    let self_ips: Vec<IpAddr> = observed
+        .addresses
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+
+    // Node configuration. A spec the node cannot run degrades the cluster until it is fixed;
+    // nothing else is changed meanwhile, and there is no error loop.
+    let rendered = match configmap::node_config(mc, &self_ips).and_then(|c| configmap::render(&c)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            observed.spec_valid = false;
+            observed.problems.push(Problem::new(
+                "InvalidSpec",
+                format!("{e}; fix the MailCluster spec"),
+            ));
+            None
+        }
+    };
+
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    if let Some(rendered) = &rendered {
+        observed.config_hash = Some(rendered.hash.clone());
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        apply_counted(
+            ctx,
+            &cms,
+            &configmap::config_map(mc, rendered)?,
+            &mut changes,
+        )
+        .await?;
+        apply_counted(
+            ctx,
+            &services,
+            &peer_service::peer_service(mc)?,
+            &mut changes,
+        )
+        .await?;
+        let tls_secret = certificate::tls_secret_name(mc)?;
+        let sts = statefulset::statefulset(
+            mc,
+            &rendered.hash,
+            tls_secret.as_deref(),
+            &ctx.settings.default_image,
+        )?;
+        observed.statefulset = Some(apply_counted(ctx, &sts_api, &sts, &mut changes).await?);
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+        apply_counted(ctx, &pdbs, &pdb::pdb(mc)?, &mut changes).await?;
+        let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+        apply_counted(ctx, &nps, &networkpolicy::network_policy(mc)?, &mut changes).await?;
+
+        // cert-manager Certificate, when an issuer is given and cert-manager is installed.
+        let certs: Api<certificate::Certificate> = Api::namespaced(client.clone(), ns);
+        match certificate::certificate(mc)? {
+            Some(cert) => match apply_counted(ctx, &certs, &cert, &mut changes).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
+                    "CertificateCRDMissing",
+                    "spec.tls.issuerRef needs cert-manager, but the Certificate kind (cert-manager.io/v1) is not installed: install cert-manager or use spec.tls.secretName",
+                )),
+                Err(e) => return Err(e.into()),
+            },
+            None => delete_optional(ctx, &certs, &names.certificate(), &mut changes).await?,
+        }
+    } else {
+        observed.statefulset = sts_api
+            .get_opt(&names.statefulset())
+            .await
+            .map_err(kube_err("reading the StatefulSet"))?;
+    }
+
+    // DNS records, once load balancer addresses exist.
+    let dns_api: Api<dnsendpoint::DNSEndpoint> = Api::namespaced(client.clone(), ns);
+    match dnsendpoint::dns_endpoint(mc, &observed.addresses)? {
+        Some(ep) => match apply_counted(ctx, &dns_api, &ep, &mut changes).await {
+            Ok(_) => observed.dns_records = dnsendpoint::records(mc, &observed.addresses),
+            Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
+                "DNSEndpointCRDMissing",
+                "DNS records cannot be published: the DNSEndpoint kind (externaldns.k8s.io/v1alpha1) is not installed; install external-dns with its CRD source, or set spec.dns.enabled: false",
+            )),
+            Err(e) => return Err(e.into()),
+        },
+        None => delete_optional(ctx, &dns_api, &names.statefulset(), &mut changes).await?,
+    }
+
+    // Members.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let sel = builders::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    observed.pods = pods
+        .list(&ListParams::default().labels(&sel))
+        .await
+        .map_err(kube_err("listing member pods"))?
+        .items;
+
+    let new_status = status::compute(mc, &observed, Timestamp::now());
+    if !changes.0.is_empty() {
+        ctx.event(
+            mc,
+            EventType::Normal,
+            "Applied",
+            format!("applied {}", changes.0.join(", ")),
+        )
+        .await;
+    }
+    let old_status = mc.status.clone().unwrap_or_default();
+    if new_status != old_status {
+        announce_condition_changes(mc, ctx, &old_status, &new_status).await;
+        write_status(mc, ctx, &new_status).await?;
+    }
+    let ready = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    if observed.spec_valid && !ready {
+        // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
+        Ok(Action::requeue(Duration::from_secs(30)))
+    } else {
+        Ok(Action::requeue(ctx.settings.resync))
+    }
+}
+
+async fn delete_optional<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    name: &str,
+    changes: &mut Changes,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    match apply::delete_if_exists(api, name).await {
+        Ok(true) => {
+            ctx.metrics.writes.inc();
+            changes.0.push(format!("deleted {} {name}", K::kind(&())));
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        // The kind is not installed: there is nothing to delete.
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn announce_condition_changes(
+    mc: &MailCluster,
+    ctx: &Context,
+    old: &MailClusterStatus,
+    new: &MailClusterStatus,
+) {
+    for c in &new.conditions {
+        let before = old.conditions.iter().find(|o| o.type_ == c.type_);
+        let changed = before.is_none_or(|b| b.status != c.status || b.reason != c.reason);
+        if !changed {
+            continue;
+        }
+        let warn = c.type_ == DEGRADED && c.status == "True";
+        let interesting =
+            warn || (c.type_ == status::READY && (c.status == "True" || before.is_some()));
+        if interesting {
+            ctx.event(
+                mc,
+                if warn {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                &c.reason,
+                format!("{} is {}: {}", c.type_, c.status, c.message),
+            )
+            .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_five_minutes() {
+        assert_eq!(Context::backoff(0), Duration::from_secs(2));
+        assert_eq!(Context::backoff(1), Duration::from_secs(4));
+        assert_eq!(Context::backoff(3), Duration::from_secs(16));
+        assert_eq!(Context::backoff(20), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,411 @@
+//! Status of a MailCluster, computed from what the controller observed: a pure function, so the
+//! conditions and their messages are unit-tested.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::builders::CONFIG_HASH_ANNOTATION;
+use crate::builders::statefulset::CONTAINER;
+use crate::crd::{DnsRecordStatus, MailCluster, MailClusterStatus, MemberStatus};
+
+/// Condition types.
+pub const READY: &str = "Ready";
+/// A rollout or scale is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Something needs a person.
+pub const DEGRADED: &str = "Degraded";
+
+/// Something that degrades the cluster and needs a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase reason.
+    pub reason: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem.
+    pub fn new(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What the controller observed in one reconcile.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// The StatefulSet, if it exists.
+    pub statefulset: Option<StatefulSet>,
+    /// The member pods.
+    pub pods: Vec<Pod>,
+    /// Hash of the configuration members should run (None when the spec could not be rendered).
+    pub config_hash: Option<String>,
+    /// Load balancer addresses.
+    pub addresses: Vec<String>,
+    /// DNS records published.
+    pub dns_records: Vec<DnsRecordStatus>,
+    /// Problems that need a person.
+    pub problems: Vec<Problem>,
+    /// Whether the spec could be turned into objects (if not, `problems` says why).
+    pub spec_valid: bool,
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn ordinal(name: &str) -> u64 {
+    name.rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// The member table.
+pub fn members(pods: &[Pod], config_hash: Option<&str>) -> Vec<MemberStatus> {
+    let mut rows: Vec<MemberStatus> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let status = p.status.as_ref();
+            let version = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
+                .and_then(|c| c.image.clone());
+            MemberStatus {
+                pod: p.name_any(),
+                ip: status.and_then(|s| s.pod_ip.clone()),
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                ready: pod_ready(p),
+                version,
+                config_in_sync: config_hash.is_some()
+                    && p.annotations()
+                        .get(CONFIG_HASH_ANNOTATION)
+                        .map(String::as_str)
+                        == config_hash,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|m| ordinal(&m.pod));
+    rows
+}
+
+fn condition(
+    old: Option<&MailClusterStatus>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last = old
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: last,
+    }
+}
+
+/// The status of `mc` given what was observed. Transition times of conditions whose status did
+/// not change are kept, so the same observation gives the same status.
+pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterStatus {
+    let old = mc.status.as_ref();
+    let generation = mc.metadata.generation;
+    let desired = mc.spec.replicas;
+    let name = mc.name_any();
+    let members = members(&o.pods, o.config_hash.as_deref());
+    let ready_members =
+        i32::try_from(members.iter().filter(|m| m.ready).count()).unwrap_or(i32::MAX);
+    let in_sync = members.iter().filter(|m| m.config_in_sync).count();
+
+    let sts_status = o.statefulset.as_ref().and_then(|s| s.status.as_ref());
+    let sts_current = o.statefulset.as_ref().is_some_and(|s| {
+        s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation
+    });
+    let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
+    let rolled_out = sts_current
+        && sts_status.is_some_and(|s| {
+            s.current_revision.is_some() && s.current_revision == s.update_revision
+        })
+        && updated >= desired;
+    let member_count = i32::try_from(members.len()).unwrap_or(i32::MAX);
+
+    let (ready, ready_reason, ready_msg) = if !o.spec_valid {
+        (
+            false,
+            "InvalidSpec",
+            "the spec cannot be turned into a cluster; see the Degraded condition".to_string(),
+        )
+    } else if ready_members >= desired && member_count == desired && rolled_out {
+        (
+            true,
+            "AllMembersReady",
+            format!(
+                "{ready_members}/{desired} members ready and running the current configuration"
+            ),
+        )
+    } else if o.statefulset.is_none() {
+        (
+            false,
+            "Creating",
+            "the members are being created".to_string(),
+        )
+    } else {
+        let waiting: Vec<&str> = members
+            .iter()
+            .filter(|m| !m.ready)
+            .map(|m| m.pod.as_str())
+            .collect();
+        let msg = if waiting.is_empty() {
+            format!(
+                "{ready_members}/{desired} members ready; waiting for the StatefulSet {name} to create or update members"
+            )
+        } else {
+            format!(
+                "{ready_members}/{desired} members ready; not ready: {}. See `kubectl describe pod` and the pod logs",
+                waiting.join(", ")
+            )
+        };
+        (false, "MembersNotReady", msg)
+    };
+
+    let (progressing, prog_reason, prog_msg) = if !o.spec_valid {
+        (
+            false,
+            "InvalidSpec",
+            "nothing is rolled out until the spec is fixed".to_string(),
+        )
+    } else if o.statefulset.is_none() {
+        (true, "Creating", "creating the members".to_string())
+    } else if member_count != desired {
+        (
+            true,
+            "Scaling",
+            format!("scaling from {member_count} to {desired} members, one at a time"),
+        )
+    } else if !rolled_out || in_sync < members.len() {
+        (
+            true,
+            "RollingOut",
+            format!(
+                "rolling out the current configuration: {in_sync}/{} members updated, one at a time",
+                members.len()
+            ),
+        )
+    } else {
+        (
+            false,
+            "Stable",
+            "no rollout or scale in progress".to_string(),
+        )
+    };
+
+    let (degraded, deg_reason, deg_msg) = match o.problems.as_slice() {
+        [] => (
+            false,
+            "AsExpected".to_string(),
+            "nothing needs attention".to_string(),
+        ),
+        [one] => (true, one.reason.clone(), one.message.clone()),
+        many => (
+            true,
+            many[0].reason.clone(),
+            many.iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    };
+
+    MailClusterStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(old, READY, ready, ready_reason, ready_msg, generation, now),
+            condition(
+                old,
+                PROGRESSING,
+                progressing,
+                prog_reason,
+                prog_msg,
+                generation,
+                now,
+            ),
+            condition(
+                old,
+                DEGRADED,
+                degraded,
+                &deg_reason,
+                deg_msg,
+                generation,
+                now,
+            ),
+        ],
+        ready_members,
+        members_ready: Some(format!("{ready_members}/{desired}")),
+        addresses: o.addresses.clone(),
+        dns_records: o.dns_records.clone(),
+        members,
+        config_hash: o.config_hash.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builders::testing::sample;
+    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec, PodStatus};
+    use std::collections::BTreeMap;
+
+    fn pod(i: usize, ready: bool, hash: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some(format!("relay-{i}"));
+        p.metadata.annotations = Some(BTreeMap::from([(
+            CONFIG_HASH_ANNOTATION.to_string(),
+            hash.to_string(),
+        )]));
+        p.spec = Some(PodSpec {
+            node_name: Some(format!("node-{i}")),
+            containers: vec![Container {
+                name: CONTAINER.into(),
+                image: Some("mailnode:1".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        p.status = Some(PodStatus {
+            pod_ip: Some(format!("10.0.0.{i}")),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        p
+    }
+
+    fn sts(replicas: i32, updated: i32, same_rev: bool) -> StatefulSet {
+        let mut s = StatefulSet::default();
+        s.metadata.generation = Some(2);
+        s.status = Some(StatefulSetStatus {
+            observed_generation: Some(2),
+            replicas,
+            ready_replicas: Some(replicas),
+            updated_replicas: Some(updated),
+            current_revision: Some("r1".into()),
+            update_revision: Some(if same_rev { "r1" } else { "r2" }.into()),
+            ..Default::default()
+        });
+        s
+    }
+
+    fn cond<'a>(s: &'a MailClusterStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn all_ready() {
+        let mc = sample();
+        let o = Observed {
+            statefulset: Some(sts(3, 3, true)),
+            pods: vec![pod(2, true, "h"), pod(0, true, "h"), pod(1, true, "h")],
+            config_hash: Some("h".into()),
+            spec_valid: true,
+            ..Default::default()
+        };
+        let s = compute(&mc, &o, Timestamp::now());
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).status, "False");
+        assert_eq!(cond(&s, DEGRADED).status, "False");
+        assert_eq!(s.members_ready.as_deref(), Some("3/3"));
+        assert_eq!(s.observed_generation, Some(1));
+        let pods: Vec<_> = s.members.iter().map(|m| m.pod.as_str()).collect();
+        assert_eq!(pods, ["relay-0", "relay-1", "relay-2"]);
+        assert_eq!(s.members[1].ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(s.members[1].node.as_deref(), Some("node-1"));
+        assert_eq!(s.members[1].version.as_deref(), Some("mailnode:1"));
+        assert!(s.members.iter().all(|m| m.config_in_sync));
+    }
+
+    #[test]
+    fn rollout_names_the_members_that_wait() {
+        let mc = sample();
+        let o = Observed {
+            statefulset: Some(sts(3, 1, false)),
+            pods: vec![
+                pod(0, true, "old"),
+                pod(1, true, "old"),
+                pod(2, false, "new"),
+            ],
+            config_hash: Some("new".into()),
+            spec_valid: true,
+            ..Default::default()
+        };
+        let s = compute(&mc, &o, Timestamp::now());
+        let r = cond(&s, READY);
+        assert_eq!(r.status, "False");
+        assert!(r.message.contains("relay-2"), "{}", r.message);
+        let p = cond(&s, PROGRESSING);
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("True", "RollingOut")
+        );
+        assert!(!s.members[0].config_in_sync && s.members[2].config_in_sync);
+    }
+
+    #[test]
+    fn problems_degrade_with_their_message() {
+        let mc = sample();
+        let o = Observed {
+            statefulset: Some(sts(3, 3, true)),
+            pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
+            config_hash: Some("h".into()),
+            spec_valid: true,
+            problems: vec![Problem::new(
+                "DNSEndpointCRDMissing",
+                "install external-dns",
+            )],
+            ..Default::default()
+        };
+        let s = compute(&mc, &o, Timestamp::now());
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "DNSEndpointCRDMissing")
+        );
+        assert_eq!(cond(&s, READY).status, "True", "mail still flows");
+    }
+
+    #[test]
+    fn same_observation_same_status() {
+        let mut mc = sample();
+        let o = Observed {
+            spec_valid: true,
+            ..Default::default()
+        };
+        let first = compute(&mc, &o, Timestamp::UNIX_EPOCH);
+        mc.status = Some(first.clone());
+        let second = compute(&mc, &o, Timestamp::now());
+        assert_eq!(first, second, "transition times are kept");
+    }
+}

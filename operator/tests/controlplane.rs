@@ -1,0 +1,750 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler, kwok): the CRD is accepted, bad manifests are refused naming the field, a
+//! MailCluster gets every child and becomes Ready, changes reach the children, a no-op reconcile
+//! writes nothing, deleting it removes its children, and leader election hands over.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::client::ClientBuilder;
+use kube::{Client, CustomResourceExt, ResourceExt};
+use mailcluster_operator::builders::{CONFIG_HASH_ANNOTATION, dnsendpoint::DNSEndpoint};
+use mailcluster_operator::crd::MailCluster;
+use mailcluster_operator::leader::{Elector, LeaseSettings};
+use mailcluster_operator::metrics::Metrics;
+use mailcluster_operator::reconcile::{Context, Settings};
+use mailcluster_operator::status::{DEGRADED, READY};
+use mailcluster_testenv::ControlPlane;
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, watch};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn eventually<F, Fut>(
+    cp: &ControlPlane,
+    ns: &str,
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => eprintln!("{what}: {e}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", cp.diagnostics(ns));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Applies a CRD and waits until it is Established.
+async fn install_crd(client: &Client, crd: &CustomResourceDefinition) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply("mailcluster-tests").force(),
+        &Patch::Apply(crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("CRD {name} refused: {e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = api.get(&name).await.unwrap();
+        let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CRD {name} not established"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Discovery needs a moment after Established before the kind is served everywhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+static MAILCLUSTER_CRD: OnceCell<()> = OnceCell::const_new();
+
+/// The committed CRD from crds/, installed once per test binary.
+async fn setup() -> (&'static ControlPlane, Client) {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await.unwrap();
+    MAILCLUSTER_CRD
+        .get_or_init(|| async {
+            let text = include_str!("../../crds/mailcluster.dev_mailclusters.yaml");
+            let crd: CustomResourceDefinition = serde_yaml::from_str(text).unwrap();
+            assert_eq!(crd, MailCluster::crd());
+            install_crd(&cp.client().await.unwrap(), &crd).await;
+        })
+        .await;
+    (cp, client)
+}
+
+/// A client whose non-GET requests (writes) are counted, leases aside.
+async fn counting_client(cp: &ControlPlane) -> (Client, Arc<AtomicUsize>) {
+    let writes = Arc::new(AtomicUsize::new(0));
+    let counter = writes.clone();
+    let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        if req.method() != Method::GET && !req.uri().path().contains("/leases") {
+            counter.fetch_add(1, Ordering::SeqCst);
+            eprintln!("write: {} {}", req.method(), req.uri().path());
+        }
+        req
+    });
+    let client = ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&layer)
+        .build();
+    (client, writes)
+}
+
+struct Operator {
+    ctx: Arc<Context>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    fn start(client: Client, ns: &str, elector: Option<Elector>, identity: &str) -> Self {
+        let ctx = Arc::new(Context::new(
+            client,
+            Settings {
+                default_image: "mailnode:test".into(),
+                resync: Duration::from_secs(300),
+            },
+            Arc::new(Metrics::default()),
+            identity,
+        ));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(mailcluster_operator::controller::run(
+            ctx.clone(),
+            Some(ns.to_string()),
+            elector,
+            rx,
+        ));
+        Self { ctx, stop, task }
+    }
+
+    fn reconciles(&self) -> u64 {
+        self.ctx.metrics.reconciles.get()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("operator stops within 30s")
+            .unwrap();
+    }
+}
+
+fn errors(op: &Operator) -> usize {
+    let text = op.ctx.metrics.encode().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("mailcluster_operator_reconcile_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
+fn manifest(name: &str, ns: &str) -> Value {
+    json!({
+        "apiVersion": "mailcluster.dev/v1alpha1",
+        "kind": "MailCluster",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "hostname": "smtp.example.com",
+            "replicas": 3,
+            "listeners": [
+                {"name": "devices", "port": 25,
+                 "relay": {"allowedSources": ["10.20.0.0/16"], "recipientDomains": ["example.com"]}},
+                {"name": "apps", "port": 587, "tls": {"mode": "StartTLS", "required": true},
+                 "relay": {"allowedSources": ["10.30.0.0/16"], "requireAuth": true},
+                 "loadBalancerSourceRanges": ["10.30.0.0/16"]},
+                {"name": "inbound-mx", "port": 2525, "acceptDomains": ["example.com"]}
+            ],
+            "delivery": {
+                "smarthosts": [{"host": "exchange.example.internal", "port": 25, "priority": 10}],
+                "retry": {"first": "1m", "max": "1h", "lifetime": "5d"}
+            },
+            "storage": {"size": "1Gi"},
+            "dns": {"ttl": 300, "mx": [{"domain": "example.com", "priority": 20}]},
+            "tls": {"secretName": "smtp-example-com"},
+            "auth": {"secretName": "smtp-users"}
+        }
+    })
+}
+
+fn set(mut v: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let slot = v.pointer_mut(parent).unwrap();
+    match slot {
+        Value::Array(a) => a[key.parse::<usize>().unwrap()] = value,
+        other => other[key] = value,
+    }
+    v
+}
+
+async fn create(api: &Api<MailCluster>, v: &Value) -> Result<MailCluster, kube::Error> {
+    let mc: MailCluster = serde_json::from_value(v.clone()).unwrap();
+    api.create(&PostParams::default(), &mc).await
+}
+
+fn condition(mc: &MailCluster, type_: &str) -> Option<(String, String, String)> {
+    mc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_refused_naming_the_field() {
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("invalid").await.unwrap();
+    let api: Api<MailCluster> = Api::namespaced(client, &ns);
+    let base = manifest("bad", &ns);
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "duplicate ports",
+            set(base.clone(), "/spec/listeners/1/port", json!(25)),
+            &["spec.listeners", "listener ports must be unique"],
+        ),
+        (
+            "duplicate names",
+            set(base.clone(), "/spec/listeners/1/name", json!("devices")),
+            &["spec.listeners[1]", "Duplicate value"],
+        ),
+        (
+            "bad CIDR",
+            set(
+                base.clone(),
+                "/spec/listeners/0/relay/allowedSources",
+                json!(["10.20.0.0/40"]),
+            ),
+            &["spec.listeners[0].relay.allowedSources[0]", "CIDR"],
+        ),
+        (
+            "bad source range",
+            set(
+                base.clone(),
+                "/spec/listeners/1/loadBalancerSourceRanges",
+                json!(["not-a-cidr"]),
+            ),
+            &["spec.listeners[1].loadBalancerSourceRanges[0]", "CIDR"],
+        ),
+        (
+            "replicas 0",
+            set(base.clone(), "/spec/replicas", json!(0)),
+            &["spec.replicas", "greater than or equal to 1"],
+        ),
+        (
+            "port out of range",
+            set(base.clone(), "/spec/listeners/0/port", json!(70000)),
+            &["spec.listeners[0].port", "less than or equal to 65535"],
+        ),
+        (
+            "reserved port",
+            set(base.clone(), "/spec/listeners/0/port", json!(7025)),
+            &["spec.listeners[0]", "reserved"],
+        ),
+        (
+            "smarthosts and mx",
+            set(base.clone(), "/spec/delivery/mx", json!({})),
+            &["spec.delivery", "mutually exclusive"],
+        ),
+        (
+            "bad hostname",
+            set(base.clone(), "/spec/hostname", json!("smtp_example")),
+            &["spec.hostname", "fully qualified"],
+        ),
+        (
+            "negative priority",
+            set(
+                base.clone(),
+                "/spec/delivery/smarthosts/0/priority",
+                json!(-1),
+            ),
+            &["spec.delivery.smarthosts[0].priority"],
+        ),
+        (
+            "negative MX priority",
+            set(base.clone(), "/spec/dns/mx/0/priority", json!(-5)),
+            &["spec.dns.mx[0].priority"],
+        ),
+        (
+            "bad accept domain",
+            set(
+                base.clone(),
+                "/spec/listeners/2/acceptDomains",
+                json!(["Example..com"]),
+            ),
+            &["spec.listeners[2].acceptDomains[0]", "domain"],
+        ),
+        (
+            "secretName and issuerRef",
+            set(
+                base.clone(),
+                "/spec/tls",
+                json!({"secretName": "a", "issuerRef": {"name": "le"}}),
+            ),
+            &["spec.tls", "exactly one"],
+        ),
+        (
+            "TLS listener without certificate",
+            {
+                let mut v = base.clone();
+                v["spec"].as_object_mut().unwrap().remove("tls");
+                v
+            },
+            &["spec", "set spec.tls"],
+        ),
+        (
+            "trustedProxies without proxyProtocol",
+            set(
+                base.clone(),
+                "/spec/listeners/0/trustedProxies",
+                json!(["10.0.0.0/8"]),
+            ),
+            &["spec.listeners[0]", "needs proxyProtocol"],
+        ),
+        (
+            "bad retry duration",
+            set(base.clone(), "/spec/delivery/retry/first", json!("soon")),
+            &["spec.delivery.retry.first", "unit"],
+        ),
+        (
+            "bad storage size",
+            set(base.clone(), "/spec/storage/size", json!("lots")),
+            &["spec.storage.size", "quantity"],
+        ),
+        (
+            "no listeners",
+            set(base.clone(), "/spec/listeners", json!([])),
+            &["spec.listeners", "at least 1"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, v, needles) in cases {
+        match create(&api, &v).await {
+            Ok(_) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(s)) => {
+                if s.code != 422 || !needles.iter().all(|n| s.message.contains(n)) {
+                    failures.push(format!("{what}: {} {}", s.code, s.message));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "not refused as expected:\n{}",
+        failures.join("\n")
+    );
+    // The valid manifest is accepted.
+    create(&api, &base)
+        .await
+        .expect("the valid manifest is accepted");
+}
+
+#[tokio::test]
+async fn a_mailcluster_becomes_a_ready_relay_cluster() {
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("lifecycle").await.unwrap();
+    let (op_client, writes) = counting_client(cp).await;
+    let op = Operator::start(op_client, &ns, None, "test-operator");
+    let api: Api<MailCluster> = Api::namespaced(client.clone(), &ns);
+    create(&api, &manifest("relay", &ns)).await.unwrap();
+
+    // Every child, with the fields that matter.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let svc_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    eventually(cp, &ns, "the StatefulSet", TIMEOUT, || async {
+        Ok(sts_api.get_opt("relay").await?.is_some())
+    })
+    .await;
+    let sts = sts_api.get("relay").await.unwrap();
+    let owner = &sts.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("MailCluster", Some(true))
+    );
+    let spec = sts.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    assert_eq!(
+        spec.volume_claim_templates.as_ref().unwrap()[0]
+            .metadata
+            .name
+            .as_deref(),
+        Some("queue")
+    );
+    let hash1 = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone();
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let config = cm.get("relay-config").await.unwrap().data.unwrap()["mailnode.yaml"].clone();
+    mailnode::config::Config::from_yaml(&config)
+        .expect("the rendered config is valid for mailnode");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let key1 = secrets.get("relay-cluster").await.unwrap().data.unwrap()["cluster-key"].clone();
+    let peers = svc_api.get("relay-peers").await.unwrap().spec.unwrap();
+    assert_eq!(peers.cluster_ip.as_deref(), Some("None"));
+    for (name, type_) in [
+        ("relay-devices", "LoadBalancer"),
+        ("relay-apps", "LoadBalancer"),
+        ("relay-inbound-mx", "LoadBalancer"),
+    ] {
+        let s = svc_api.get(name).await.unwrap().spec.unwrap();
+        assert_eq!(s.type_.as_deref(), Some(type_), "{name}");
+        assert_eq!(
+            s.external_traffic_policy.as_deref(),
+            Some("Local"),
+            "{name}"
+        );
+    }
+    let apps = svc_api.get("relay-apps").await.unwrap().spec.unwrap();
+    assert_eq!(
+        apps.load_balancer_source_ranges,
+        Some(vec!["10.30.0.0/16".to_string()])
+    );
+    let pdb: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    assert!(pdb.get("relay").await.is_ok());
+    let np: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    assert!(np.get("relay").await.is_ok());
+
+    // Pods scheduled on kwok nodes become Ready; so does the MailCluster, with its member table.
+    eventually(
+        cp,
+        &ns,
+        "MailCluster Ready with 3 members",
+        Duration::from_secs(240),
+        || async {
+            let mc = api.get("relay").await?;
+            let ready = condition(&mc, READY).is_some_and(|c| c.0 == "True");
+            let st = mc.status.unwrap_or_default();
+            Ok(ready
+                && st.members.len() == 3
+                && st
+                    .members
+                    .iter()
+                    .all(|m| m.ready && m.config_in_sync && m.ip.is_some() && m.node.is_some()))
+        },
+    )
+    .await;
+    let mc = api.get("relay").await.unwrap();
+    let st = mc.status.clone().unwrap();
+    assert_eq!(st.members_ready.as_deref(), Some("3/3"));
+    assert_eq!(st.observed_generation, mc.metadata.generation);
+    assert_eq!(st.members[0].version.as_deref(), Some("mailnode:test"));
+    let nodes: std::collections::BTreeSet<_> = st.members.iter().map(|m| m.node.clone()).collect();
+    assert_eq!(
+        nodes.len(),
+        3,
+        "members are spread over the nodes: {:?}",
+        st.members
+    );
+
+    // A no-op reconcile writes nothing: poke the object (a label from another manager), wait for
+    // reconciles, count the operator's writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_writes = writes.load(Ordering::SeqCst);
+    let before = op.reconciles();
+    for i in 0..3 {
+        api.patch(
+            "relay",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"poke": i.to_string()}}})),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    eventually(cp, &ns, "reconciles after the pokes", TIMEOUT, || async {
+        Ok(op.reconciles() >= before + 3)
+    })
+    .await;
+    let noop_reconciles = op.reconciles() - before;
+    let noop_writes = writes.load(Ordering::SeqCst) - before_writes;
+    eprintln!("no-op: {noop_reconciles} reconciles, {noop_writes} write requests");
+    assert_eq!(
+        noop_writes, 0,
+        "{noop_reconciles} no-op reconciles made {noop_writes} writes"
+    );
+
+    // DNS: the DNSEndpoint kind is not installed yet. A load balancer address makes the operator
+    // say so in a condition and an event, and carry on.
+    let lb_status = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}});
+    svc_api
+        .patch_status(
+            "relay-devices",
+            &PatchParams::default(),
+            &Patch::Merge(&lb_status),
+        )
+        .await
+        .unwrap();
+    eventually(
+        cp,
+        &ns,
+        "Degraded DNSEndpointCRDMissing",
+        TIMEOUT,
+        || async {
+            let mc = api.get("relay").await?;
+            Ok(condition(&mc, DEGRADED)
+                .is_some_and(|c| c.0 == "True" && c.1 == "DNSEndpointCRDMissing")
+                && mc.status.unwrap_or_default().addresses == ["192.0.2.10"])
+        },
+    )
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        cp,
+        &ns,
+        "an event about the missing CRD",
+        TIMEOUT,
+        || async {
+            let evs = events.list(&ListParams::default()).await?;
+            Ok(evs
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("DNSEndpointCRDMissing")))
+        },
+    )
+    .await;
+    // No error loop: once settled, nothing more is written and no reconcile fails.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (calm_writes, calm_errors) = (writes.load(Ordering::SeqCst), errors(&op));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        calm_writes,
+        "writes while the CRD is missing"
+    );
+    assert_eq!(
+        errors(&op),
+        calm_errors,
+        "failed reconciles while the CRD is missing"
+    );
+    assert_eq!(calm_errors, 0);
+
+    // With the CRD installed, the records are published: A with the address, MX with priority.
+    let dns_crd: CustomResourceDefinition = serde_yaml::from_str(include_str!(
+        "fixtures/dnsendpoints.externaldns.k8s.io.yaml"
+    ))
+    .unwrap();
+    install_crd(&client, &dns_crd).await;
+    // A second address on another listener: both go into the round robin A record.
+    let lb2 = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.11"}]}}});
+    svc_api
+        .patch_status("relay-apps", &PatchParams::default(), &Patch::Merge(&lb2))
+        .await
+        .unwrap();
+    let dns: Api<DNSEndpoint> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        cp,
+        &ns,
+        "the DNSEndpoint with both addresses",
+        TIMEOUT,
+        || async {
+            let Some(ep) = dns.get_opt("relay").await? else {
+                return Ok(false);
+            };
+            let a = ep.spec.endpoints.iter().find(|e| e.record_type == "A");
+            let mx = ep.spec.endpoints.iter().find(|e| e.record_type == "MX");
+            Ok(a.is_some_and(|a| {
+                a.dns_name == "smtp.example.com" && a.targets == ["192.0.2.10", "192.0.2.11"]
+            }) && mx.is_some_and(|m| {
+                m.dns_name == "example.com" && m.targets == ["20 smtp.example.com"]
+            }))
+        },
+    )
+    .await;
+    eventually(
+        cp,
+        &ns,
+        "DNS records in status and Degraded cleared",
+        TIMEOUT,
+        || async {
+            let mc = api.get("relay").await?;
+            Ok(condition(&mc, DEGRADED).is_some_and(|c| c.0 == "False")
+                && mc.status.unwrap_or_default().dns_records.len() == 2)
+        },
+    )
+    .await;
+
+    // A listener change rolls the config hash; the cluster key stays.
+    let hash_before = sts_api
+        .get("relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone();
+    assert_ne!(
+        hash_before, hash1,
+        "the load balancer addresses are in the config (self addresses)"
+    );
+    api.patch(
+        "relay",
+        &PatchParams::default(),
+        &Patch::Json::<()>(
+            serde_json::from_value(json!([
+                {"op": "replace", "path": "/spec/listeners/2/port", "value": 2526}
+            ]))
+            .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually(
+        cp,
+        &ns,
+        "a new config hash on the pod template",
+        TIMEOUT,
+        || async {
+            let sts = sts_api.get("relay").await?;
+            let tpl = sts.spec.unwrap().template;
+            let h = tpl.metadata.unwrap().annotations.unwrap()[CONFIG_HASH_ANNOTATION].clone();
+            let ports: Vec<i32> = tpl.spec.unwrap().containers[0]
+                .ports
+                .clone()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.container_port)
+                .collect();
+            Ok(h != hash_before && ports.contains(&2526))
+        },
+    )
+    .await;
+    let key2 = secrets.get("relay-cluster").await.unwrap().data.unwrap()["cluster-key"].clone();
+    assert_eq!(key1, key2, "the cluster key is never regenerated");
+
+    // A replica change reaches the StatefulSet.
+    api.patch(
+        "relay",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 4}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        cp,
+        &ns,
+        "4 replicas on the StatefulSet",
+        TIMEOUT,
+        || async { Ok(sts_api.get("relay").await?.spec.and_then(|s| s.replicas) == Some(4)) },
+    )
+    .await;
+
+    // Deleting the MailCluster removes its children (garbage collection by owner reference).
+    api.delete("relay", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually(
+        cp,
+        &ns,
+        "children removed",
+        Duration::from_secs(180),
+        || async {
+            Ok(sts_api.get_opt("relay").await?.is_none()
+                && cm.get_opt("relay-config").await?.is_none()
+                && secrets.get_opt("relay-cluster").await?.is_none()
+                && svc_api.list(&ListParams::default()).await?.items.is_empty()
+                && dns.get_opt("relay").await?.is_none())
+        },
+    )
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("leader").await.unwrap();
+    let lease = |identity: &str| {
+        Elector::new(
+            client.clone(),
+            LeaseSettings {
+                namespace: ns.clone(),
+                name: "mailcluster-operator".into(),
+                identity: identity.into(),
+                lease_duration: Duration::from_secs(4),
+                renew_interval: Duration::from_secs(1),
+            },
+        )
+    };
+    let a = Operator::start(client.clone(), &ns, Some(lease("a")), "a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = Operator::start(client.clone(), &ns, Some(lease("b")), "b");
+    let api: Api<MailCluster> = Api::namespaced(client.clone(), &ns);
+    create(&api, &manifest("first", &ns)).await.unwrap();
+    eventually(cp, &ns, "the leader reconciles", TIMEOUT, || async {
+        Ok(a.reconciles() > 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(b.reconciles(), 0, "the standby does not reconcile");
+    assert_eq!(a.ctx.metrics.leader.get(), 1);
+    assert_eq!(b.ctx.metrics.leader.get(), 0);
+
+    // The leader dies without giving up its lease: the standby takes over once it expires.
+    a.task.abort();
+    let _ = a.task.await;
+    let started = tokio::time::Instant::now();
+    create(&api, &manifest("second", &ns)).await.unwrap();
+    eventually(
+        cp,
+        &ns,
+        "the standby takes over",
+        Duration::from_secs(30),
+        || async { Ok(b.reconciles() > 0) },
+    )
+    .await;
+    eprintln!("takeover after {:?}", started.elapsed());
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        cp,
+        &ns,
+        "the new leader creates the second cluster",
+        TIMEOUT,
+        || async { Ok(sts.get_opt("second").await?.is_some()) },
+    )
+    .await;
+    assert_eq!(b.ctx.metrics.leader.get(), 1);
+    b.stop().await;
+}
