@@ -27,6 +27,23 @@ shellcheck "${scripts[@]}"
 step "cargo test --workspace"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${MAILCLUSTER_TEST_THREADS:-4}"
 
+step "fuzz the network-facing parsers (${MAILCLUSTER_FUZZ_SECONDS:=20}s per target)"
+# cargo-fuzz needs a nightly toolchain; both are installed once and then cached.
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+fuzz_target_dir=$HOME/.cache/mailcluster/fuzz-target
+fuzz_log=$(mktemp)
+for target in $(cd node && cargo +nightly fuzz list); do
+  if ! (cd node && cargo +nightly fuzz run --target-dir "$fuzz_target_dir" -O "$target" -- \
+    -max_total_time="$MAILCLUSTER_FUZZ_SECONDS" >"$fuzz_log" 2>&1); then
+    tail -n 60 "$fuzz_log"
+    echo "fuzz target $target failed" >&2
+    exit 1
+  fi
+  echo "$target: $(grep -E '^Done [0-9]+ runs' "$fuzz_log" | tail -n 1)"
+done
+rm -f "$fuzz_log"
+
 step "no test process left behind"
 left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode " || true)
 if [ -n "$left" ]; then

@@ -23,6 +23,8 @@ pub const PEER_PORT: i32 = 7025;
 
 /// A highly available SMTP relay cluster: members that share one configuration, one TLS
 /// certificate and one hostname, published in DNS with every load balancer address.
+// Every printer column repeats `type_ = "string"`, which this lint mistakes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "mailcluster.dev",
@@ -35,6 +37,7 @@ pub const PEER_PORT: i32 = 7025;
     namespaced,
     status = "MailClusterStatus",
     derive = "PartialEq",
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: it prefixes the names of the Services (NAME-LISTENER), pods and volumes"),
     doc = "A highly available SMTP relay cluster: members that share one configuration, TLS certificate and hostname.",
     printcolumn(
         name = "Ready",
@@ -155,7 +158,10 @@ pub struct Listener {
     /// part of its Service name. Lowercase letters, digits and '-', at most 15 characters,
     /// starting with a letter.
     #[schemars(length(min = 1, max = 15))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("must start with a lowercase letter and contain only lowercase letters, digits and '-'"))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("must start with a lowercase letter and contain only lowercase letters, digits and '-'"),
+        validation = Rule::new("!(self in ['peers', 'admin', 'peer', 'config', 'cluster', 'tls'])").message("peers, peer, admin, config, cluster and tls are reserved for the cluster's own objects and ports")
+    )]
     pub name: String,
 
     /// TCP port the members listen on and the listener's Service exposes (1-65535).
@@ -826,6 +832,8 @@ mod tests {
             ("/spec/delivery/retry/first", json!("5 minutes"), "unit"),
             ("/spec/storage/size", json!("ten gigs"), "quantity"),
             ("/spec/listeners/0/name", json!("Devices"), "lowercase"),
+            ("/spec/listeners/0/name", json!("peers"), "reserved"),
+            ("/metadata/name", json!("a".repeat(41)), "at most 40"),
         ];
         for (pointer, value, needle) in cases {
             let bad = with(sample(), pointer, value.clone());

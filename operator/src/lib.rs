@@ -1,6 +1,9 @@
 //! The mailcluster operator: the `MailCluster` custom resource, pure builders that turn its spec
 //! into Kubernetes objects, and the controller that applies them and reports status.
 
+// Tests may unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod apply;
 pub mod builders;
 pub mod controller;

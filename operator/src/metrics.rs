@@ -47,12 +47,9 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("mailcluster_operator");
         let reconciles = Counter::default();
         let errors = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new(
-            [
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]
-            .into_iter(),
-        );
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let writes = Counter::default();
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
@@ -161,6 +158,37 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(m: &Arc<Metrics>, path: &str) -> (StatusCode, String) {
+        let resp = router(m.clone())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn health_ready_and_metrics_endpoints() {
+        let m = Arc::new(Metrics::default());
+        assert_eq!(get(&m, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(&m, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        m.set_ready(true);
+        assert_eq!(get(&m, "/readyz").await.0, StatusCode::OK);
+        m.observe(Duration::from_millis(3));
+        let (status, body) = get(&m, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("mailcluster_operator_reconciles_total 1"),
+            "{body}"
+        );
+    }
 
     #[test]
     fn encodes_counters_and_histogram() {

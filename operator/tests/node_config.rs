@@ -1,6 +1,8 @@
 //! What the operator renders is what the relay node accepts: `mailnode check-config` on the
 //! ConfigMap content the builders produce, for the design's example and for variations.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;

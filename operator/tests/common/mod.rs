@@ -1,0 +1,224 @@
+//! Helpers shared by the control-plane tests: the CRD installed once, an operator run
+//! in-process, a client that counts its write requests, and the example manifest.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::client::ClientBuilder;
+use kube::{Client, CustomResourceExt, ResourceExt};
+use mailcluster_operator::builders::{CONFIG_HASH_ANNOTATION, dnsendpoint::DNSEndpoint};
+use mailcluster_operator::crd::MailCluster;
+use mailcluster_operator::leader::{Elector, LeaseSettings};
+use mailcluster_operator::metrics::Metrics;
+use mailcluster_operator::reconcile::{Context, Settings};
+use mailcluster_operator::status::{DEGRADED, READY};
+use mailcluster_testenv::ControlPlane;
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, watch};
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+pub async fn eventually<F, Fut>(
+    cp: &ControlPlane,
+    ns: &str,
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => eprintln!("{what}: {e}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}\n{}", cp.diagnostics(ns));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Applies a CRD and waits until it is Established.
+pub async fn install_crd(client: &Client, crd: &CustomResourceDefinition) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply("mailcluster-tests").force(),
+        &Patch::Apply(crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("CRD {name} refused: {e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = api.get(&name).await.unwrap();
+        let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CRD {name} not established"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Discovery needs a moment after Established before the kind is served everywhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+pub static MAILCLUSTER_CRD: OnceCell<()> = OnceCell::const_new();
+
+/// The committed CRD from crds/, installed once per test binary.
+pub async fn setup() -> (&'static ControlPlane, Client) {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await.unwrap();
+    MAILCLUSTER_CRD
+        .get_or_init(|| async {
+            let text = include_str!("../../../crds/mailcluster.dev_mailclusters.yaml");
+            let crd: CustomResourceDefinition = serde_yaml::from_str(text).unwrap();
+            assert_eq!(crd, MailCluster::crd());
+            install_crd(&cp.client().await.unwrap(), &crd).await;
+        })
+        .await;
+    (cp, client)
+}
+
+/// A client whose non-GET requests (writes) are counted, leases aside.
+pub async fn counting_client(cp: &ControlPlane) -> (Client, Arc<AtomicUsize>) {
+    let writes = Arc::new(AtomicUsize::new(0));
+    let counter = writes.clone();
+    let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let layer = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        if req.method() != Method::GET && !req.uri().path().contains("/leases") {
+            counter.fetch_add(1, Ordering::SeqCst);
+            eprintln!("write: {} {}", req.method(), req.uri().path());
+        }
+        req
+    });
+    let client = ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&layer)
+        .build();
+    (client, writes)
+}
+
+pub struct Operator {
+    pub ctx: Arc<Context>,
+    pub stop: watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    pub fn start(client: Client, ns: &str, elector: Option<Elector>, identity: &str) -> Self {
+        let ctx = Arc::new(Context::new(
+            client,
+            Settings {
+                default_image: "mailnode:test".into(),
+                resync: Duration::from_secs(300),
+            },
+            Arc::new(Metrics::default()),
+            identity,
+        ));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(mailcluster_operator::controller::run(
+            ctx.clone(),
+            Some(ns.to_string()),
+            elector,
+            rx,
+        ));
+        Self { ctx, stop, task }
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        self.ctx.metrics.reconciles.get()
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("operator stops within 30s")
+            .unwrap();
+    }
+}
+
+pub fn errors(op: &Operator) -> usize {
+    let text = op.ctx.metrics.encode().unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("mailcluster_operator_reconcile_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
+pub fn manifest(name: &str, ns: &str) -> Value {
+    json!({
+        "apiVersion": "mailcluster.dev/v1alpha1",
+        "kind": "MailCluster",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "hostname": "smtp.example.com",
+            "replicas": 3,
+            "listeners": [
+                {"name": "devices", "port": 25,
+                 "relay": {"allowedSources": ["10.20.0.0/16"], "recipientDomains": ["example.com"]}},
+                {"name": "apps", "port": 587, "tls": {"mode": "StartTLS", "required": true},
+                 "relay": {"allowedSources": ["10.30.0.0/16"], "requireAuth": true},
+                 "loadBalancerSourceRanges": ["10.30.0.0/16"]},
+                {"name": "inbound-mx", "port": 2525, "acceptDomains": ["example.com"]}
+            ],
+            "delivery": {
+                "smarthosts": [{"host": "exchange.example.internal", "port": 25, "priority": 10}],
+                "retry": {"first": "1m", "max": "1h", "lifetime": "5d"}
+            },
+            "storage": {"size": "1Gi"},
+            "dns": {"ttl": 300, "mx": [{"domain": "example.com", "priority": 20}]},
+            "tls": {"secretName": "smtp-example-com"},
+            "auth": {"secretName": "smtp-users"}
+        }
+    })
+}
+
+pub fn set(mut v: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let slot = v.pointer_mut(parent).unwrap();
+    match slot {
+        Value::Array(a) => a[key.parse::<usize>().unwrap()] = value,
+        other => other[key] = value,
+    }
+    v
+}
+
+pub async fn create(api: &Api<MailCluster>, v: &Value) -> Result<MailCluster, kube::Error> {
+    let mc: MailCluster = serde_json::from_value(v.clone()).unwrap();
+    api.create(&PostParams::default(), &mc).await
+}
+
+pub fn condition(mc: &MailCluster, type_: &str) -> Option<(String, String, String)> {
+    mc.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
