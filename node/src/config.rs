@@ -63,7 +63,7 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Cluster peers (used by a later part: queue hand-over, config sync).
     pub peers: PeersConfig,
-    /// Outbound delivery (used by the delivery engine, a later part).
+    /// Outbound delivery: routes, retries, TLS, DNS, what is "self".
     pub delivery: DeliveryConfig,
 }
 
@@ -332,17 +332,143 @@ pub struct PeersConfig {
     pub self_addresses: Vec<IpAddr>,
 }
 
-/// Outbound delivery (for a later part).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Outbound delivery: where mail goes next, how often it is retried, and what is "self".
+///
+/// The default route is `smarthosts` when that list is not empty, otherwise MX lookup.
+/// `routes` override it for listed recipient domains (e.g. a fallback MX delivering
+/// `example.com` to the internal servers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DeliveryConfig {
-    /// Smarthosts, tried by ascending priority.
+    /// Smarthosts, tried by ascending priority; hosts of equal priority are rotated, a
+    /// higher priority is the fallback. Empty: deliver by MX.
     pub smarthosts: Vec<Smarthost>,
     /// Retry schedule.
     pub retry: RetryConfig,
-    /// Maximum Received headers before a message is treated as looping.
+    /// Maximum Received headers before a message is treated as looping and bounced
+    /// (default 50).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_hops: Option<u32>,
+    /// Per-domain routes; the first route listing the recipient domain wins.
+    pub routes: Vec<DomainRoute>,
+    /// STARTTLS towards the default route.
+    pub tls: OutboundTls,
+    /// File with `user:password` (first line) for SMTP AUTH to the default smarthosts.
+    /// AUTH is only sent over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_file: Option<PathBuf>,
+    /// Port used for hosts found by MX (or A/AAAA) lookup.
+    pub mx_port: u16,
+    /// Most concurrent connections to one destination (a route, or one domain by MX).
+    pub concurrency_per_destination: usize,
+    /// Most messages being delivered at once, over all destinations.
+    pub max_deliveries: usize,
+    /// Timeout for connecting, in seconds.
+    pub connect_timeout_seconds: u64,
+    /// Timeout for each reply of the next hop, in seconds (RFC 5321 suggests minutes).
+    pub command_timeout_seconds: u64,
+    /// Keep an idle connection this many seconds for the next message to the same host
+    /// (0: close after each message).
+    pub idle_connection_seconds: u64,
+    /// Send a delay warning (a DSN with action `delayed`) once a message has waited this
+    /// many seconds. Unset: no warning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_warning_seconds: Option<u64>,
+    /// Host names that are this node or cluster besides `hostname` and the machine's own
+    /// name; a next hop with one of these names is skipped.
+    pub self_hostnames: Vec<String>,
+    /// Name used in EHLO towards next hops; defaults to `hostname`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub helo_name: Option<String>,
+    /// DNS resolver for MX and host lookups.
+    pub dns: DnsConfig,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            smarthosts: Vec::new(),
+            retry: RetryConfig::default(),
+            max_hops: None,
+            routes: Vec::new(),
+            tls: OutboundTls::default(),
+            auth_file: None,
+            mx_port: 25,
+            concurrency_per_destination: 20,
+            max_deliveries: 200,
+            connect_timeout_seconds: 30,
+            command_timeout_seconds: 300,
+            idle_connection_seconds: 5,
+            delay_warning_seconds: None,
+            self_hostnames: Vec::new(),
+            helo_name: None,
+            dns: DnsConfig::default(),
+        }
+    }
+}
+
+/// Default most Received headers before a message is treated as looping.
+pub const DEFAULT_MAX_HOPS: u32 = 50;
+
+/// A route for some recipient domains: smarthosts, or MX lookup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DomainRoute {
+    /// Recipient domains of this route (exact, case-insensitive).
+    pub domains: Vec<String>,
+    /// Next hops by priority, as the top-level `smarthosts`. Empty: MX lookup.
+    pub smarthosts: Vec<Smarthost>,
+    /// STARTTLS towards this route; defaults to the top-level `tls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// File with `user:password` for SMTP AUTH to this route's smarthosts (only over TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_file: Option<PathBuf>,
+}
+
+/// STARTTLS policy towards a next hop.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct OutboundTls {
+    /// `opportunistic` (default: STARTTLS when offered, certificate not checked), `required`
+    /// (STARTTLS must succeed and the certificate must be valid for the next hop's name,
+    /// else the hop is skipped and the mail deferred) or `none`.
+    pub mode: OutboundTlsMode,
+    /// Extra CA certificates (PEM) trusted besides the public web PKI roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// STARTTLS mode towards a next hop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OutboundTlsMode {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; the certificate is not verified.
+    #[default]
+    Opportunistic,
+    /// STARTTLS required, with certificate and name verification.
+    Required,
+}
+
+/// DNS resolver settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DnsConfig {
+    /// Name servers (`ip:port`, UDP and TCP). Empty: the system resolver (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Timeout of one query, in seconds.
+    pub timeout_seconds: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout_seconds: 5,
+        }
+    }
 }
 
 /// A smarthost.
@@ -357,7 +483,8 @@ pub struct Smarthost {
     pub priority: u32,
 }
 
-/// Retry schedule.
+/// Retry schedule: the n-th retry waits `first * factor^(n-1)`, at most `max`; after
+/// `lifetime` in the queue the message bounces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct RetryConfig {
@@ -367,6 +494,8 @@ pub struct RetryConfig {
     pub max_seconds: u64,
     /// Give up (bounce) after this many seconds in the queue.
     pub lifetime_seconds: u64,
+    /// Growth factor of the delay between retries (at least 1).
+    pub factor: u32,
 }
 
 impl Default for RetryConfig {
@@ -375,6 +504,7 @@ impl Default for RetryConfig {
             first_seconds: 60,
             max_seconds: 3600,
             lifetime_seconds: 5 * 24 * 3600,
+            factor: 2,
         }
     }
 }
@@ -479,6 +609,7 @@ impl Config {
         if self.queue.min_free_percent > 100 {
             return Err(invalid("queue.minFreePercent".into(), "must be 0..=100"));
         }
+        self.validate_delivery()?;
         if let Some(tls) = &self.tls
             && tls.reload_interval_seconds == 0
         {
@@ -486,6 +617,55 @@ impl Config {
                 "tls.reloadIntervalSeconds".into(),
                 "must be at least 1",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let invalid = |path: String, message: &str| ConfigError::Invalid {
+            path,
+            message: message.to_owned(),
+        };
+        let d = &self.delivery;
+        let hosts = |path: &str, list: &[Smarthost]| -> Result<(), ConfigError> {
+            for (i, h) in list.iter().enumerate() {
+                if h.host.is_empty() || h.host.contains(char::is_whitespace) {
+                    return Err(invalid(format!("{path}[{i}].host"), "must be a host name or address"));
+                }
+                if h.port == 0 {
+                    return Err(invalid(format!("{path}[{i}].port"), "must not be 0"));
+                }
+            }
+            Ok(())
+        };
+        hosts("delivery.smarthosts", &d.smarthosts)?;
+        for (i, r) in d.routes.iter().enumerate() {
+            if r.domains.is_empty() {
+                return Err(invalid(format!("delivery.routes[{i}].domains"), "must not be empty"));
+            }
+            for (j, dom) in r.domains.iter().enumerate() {
+                if dom.is_empty() || dom.contains(['@', ' ', '%', '!', ':']) {
+                    return Err(invalid(format!("delivery.routes[{i}].domains[{j}]"), "not a domain name"));
+                }
+            }
+            hosts(&format!("delivery.routes[{i}].smarthosts"), &r.smarthosts)?;
+        }
+        if d.retry.factor == 0 {
+            return Err(invalid("delivery.retry.factor".into(), "must be at least 1"));
+        }
+        if d.retry.first_seconds == 0 {
+            return Err(invalid("delivery.retry.firstSeconds".into(), "must be at least 1"));
+        }
+        if d.concurrency_per_destination == 0 {
+            return Err(invalid("delivery.concurrencyPerDestination".into(), "must be at least 1"));
+        }
+        if d.max_deliveries == 0 {
+            return Err(invalid("delivery.maxDeliveries".into(), "must be at least 1"));
+        }
+        if d.mx_port == 0 {
+            return Err(invalid("delivery.mxPort".into(), "must not be 0"));
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod metrics;
 pub mod policy;
 pub mod proxy_protocol;

@@ -37,6 +37,18 @@ pub struct Metrics {
     pub commit_batch: Histogram,
     /// Draining (1) or not (0).
     pub draining: Gauge,
+    /// Recipients by delivery result (delivered, deferred, bounced).
+    pub deliveries: Family<Labels, Counter>,
+    /// Time from queueing to the last recipient done, per delivered message.
+    pub delivery_latency: Histogram,
+    /// Messages waiting per destination.
+    pub queue_destination: Family<Labels, Gauge>,
+    /// Age of the oldest message in the queue, seconds.
+    pub oldest_message_age: Gauge,
+    /// Deliveries deferred because every next hop was this node or a peer, by destination.
+    pub route_loops: Family<Labels, Counter>,
+    /// DSNs generated, by kind (failed, delayed), and those suppressed (null_sender).
+    pub dsn: Family<Labels, Counter>,
 }
 
 fn label(k: &str, v: &str) -> Labels {
@@ -65,6 +77,12 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             draining: Gauge::default(),
+            deliveries: Family::default(),
+            delivery_latency: Histogram::new(exponential_buckets(0.001, 2.0, 24)),
+            queue_destination: Family::default(),
+            oldest_message_age: Gauge::default(),
+            route_loops: Family::default(),
+            dsn: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions started", m.sessions.clone());
@@ -106,6 +124,32 @@ impl Metrics {
             m.commit_batch.clone(),
         );
         registry.register("draining", "1 while shutting down", m.draining.clone());
+        registry.register(
+            "deliveries",
+            "Recipients by delivery result",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from queueing to delivery of a message",
+            m.delivery_latency.clone(),
+        );
+        registry.register(
+            "queue_destination_messages",
+            "Messages waiting per destination",
+            m.queue_destination.clone(),
+        );
+        registry.register(
+            "oldest_message_age_seconds",
+            "Age of the oldest queued message",
+            m.oldest_message_age.clone(),
+        );
+        registry.register(
+            "route_loops",
+            "Deliveries deferred because every next hop is self",
+            m.route_loops.clone(),
+        );
+        registry.register("dsn", "Delivery status notifications", m.dsn.clone());
         Self { registry, ..m }
     }
 
@@ -134,6 +178,15 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&label("reason", reason))
             .inc();
+    }
+
+    /// Count recipients by delivery result.
+    pub fn delivery(&self, result: &str, n: u64) {
+        if n > 0 {
+            self.deliveries
+                .get_or_create(&label("result", result))
+                .inc_by(n);
+        }
     }
 
     /// Prometheus text format.

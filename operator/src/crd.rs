@@ -258,8 +258,8 @@ pub struct RelayPolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub allowed_sources: Vec<Cidr>,
-    /// Recipient domains relaying is limited to, e.g. `example.com` (subdomains included).
-    /// Empty means any recipient domain.
+    /// Recipient domains relaying is limited to, e.g. `example.com` (exact match, so list
+    /// subdomains too). Empty means any recipient domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub recipient_domains: Vec<DomainName>,
@@ -326,7 +326,7 @@ pub struct MxDelivery {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
-    /// Recipient domain this route applies to (subdomains included), e.g. `partner.example`.
+    /// Recipient domain this route applies to (exact match), e.g. `partner.example`.
     pub domain: DomainName,
     /// Next hops for this domain, tried in ascending priority.
     #[schemars(length(min = 1, max = 16))]

@@ -8,28 +8,22 @@
 mod common;
 
 use common::*;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::Method;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::client::ClientBuilder;
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mailcluster_operator::builders::{CONFIG_HASH_ANNOTATION, dnsendpoint::DNSEndpoint};
 use mailcluster_operator::crd::MailCluster;
 use mailcluster_operator::leader::{Elector, LeaseSettings};
-use mailcluster_operator::metrics::Metrics;
-use mailcluster_operator::reconcile::{Context, Settings};
 use mailcluster_operator::status::{DEGRADED, READY};
-use mailcluster_testenv::ControlPlane;
 use serde_json::{Value, json};
-use tokio::sync::{OnceCell, watch};
 
 #[tokio::test]
 async fn invalid_manifests_are_refused_naming_the_field() {

@@ -92,6 +92,9 @@ pub struct DeliveryState {
     pub next_attempt_at: i64,
     /// Recipients.
     pub recipients: Vec<RecipientState>,
+    /// A delay warning was sent to the sender.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 impl DeliveryState {
@@ -109,6 +112,7 @@ impl DeliveryState {
                     last_reply: None,
                 })
                 .collect(),
+            delay_warned: false,
         }
     }
 }

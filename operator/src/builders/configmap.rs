@@ -52,6 +52,23 @@ fn nets(field: String, cidrs: &[Cidr]) -> Result<Vec<ipnet::IpNet>, BuildError> 
         .collect()
 }
 
+fn next_hops(field: &str, hosts: &[crd::Smarthost]) -> Result<Vec<node::Smarthost>, BuildError> {
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(node::Smarthost {
+                host: s.host.0.clone(),
+                port: port(format!("{field}[{i}].port"), s.port)?,
+                priority: u32::try_from(s.priority).map_err(|_| BuildError::Invalid {
+                    field: format!("{field}[{i}].priority"),
+                    message: "must be 0 or more".into(),
+                })?,
+            })
+        })
+        .collect()
+}
+
 /// The node configuration of a MailCluster. `self_addresses` are the load balancer addresses of
 /// its listeners: a node never delivers to them.
 pub fn node_config(
@@ -114,23 +131,22 @@ pub fn node_config(
             max_message_size: l.max_message_size.and_then(|m| u64::try_from(m).ok()),
         });
     }
-    if !spec.delivery.routes.is_empty() {
-        return Err(BuildError::Unsupported {
-            field: "spec.delivery.routes",
-            hint: "remove the routes, or use smarthosts for all mail until mailnode supports per-domain routes",
+    let smarthosts = next_hops("spec.delivery.smarthosts", &spec.delivery.smarthosts)?;
+    let mut routes = Vec::with_capacity(spec.delivery.routes.len());
+    for (i, r) in spec.delivery.routes.iter().enumerate() {
+        routes.push(node::DomainRoute {
+            domains: vec![r.domain.0.clone()],
+            smarthosts: next_hops(
+                &format!("spec.delivery.routes[{i}].smarthosts"),
+                &r.smarthosts,
+            )?,
+            ..node::DomainRoute::default()
         });
     }
-    let mut smarthosts = Vec::with_capacity(spec.delivery.smarthosts.len());
-    for (i, s) in spec.delivery.smarthosts.iter().enumerate() {
-        smarthosts.push(node::Smarthost {
-            host: s.host.0.clone(),
-            port: port(format!("spec.delivery.smarthosts[{i}].port"), s.port)?,
-            priority: u32::try_from(s.priority).map_err(|_| BuildError::Invalid {
-                field: format!("spec.delivery.smarthosts[{i}].priority"),
-                message: "must be 0 or more".into(),
-            })?,
-        });
-    }
+    let mx_port = match spec.delivery.mx.as_ref().and_then(|m| m.port) {
+        Some(p) => port("spec.delivery.mx.port".into(), p)?,
+        None => node::DeliveryConfig::default().mx_port,
+    };
     let mut retry = node::RetryConfig::default();
     if let Some(r) = &spec.delivery.retry {
         let secs = |field: &str, d: &Option<crd::RetryDuration>, default: u64| match d {
@@ -180,9 +196,17 @@ pub fn node_config(
             self_addresses,
         },
         delivery: node::DeliveryConfig {
+            // Empty smarthosts: the node delivers by MX.
             smarthosts,
+            routes,
             retry,
-            max_hops: None,
+            mx_port,
+            // Peer names are "self" too: a member never relays to a peer as a next hop.
+            self_hostnames: vec![
+                names.peer_dns(),
+                format!("{}.cluster.local", names.peer_dns()),
+            ],
+            ..node::DeliveryConfig::default()
         },
     };
     config.validate()?;
@@ -284,14 +308,35 @@ mod tests {
     }
 
     #[test]
-    fn routes_are_refused_with_a_hint() {
+    fn routes_and_mx_delivery() {
         let mut mc = sample();
         mc.spec.delivery.routes.push(crd::Route {
             domain: "partner.example".into(),
-            smarthosts: mc.spec.delivery.smarthosts.clone(),
+            smarthosts: vec![crd::Smarthost {
+                host: "mx.partner.example".into(),
+                port: 2525,
+                priority: 5,
+            }],
         });
-        let e = node_config(&mc, &[]).unwrap_err();
-        assert!(e.to_string().contains("spec.delivery.routes"), "{e}");
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.delivery.routes.len(), 1);
+        assert_eq!(c.delivery.routes[0].domains, ["partner.example"]);
+        assert_eq!(c.delivery.routes[0].smarthosts[0].port, 2525);
+        assert!(
+            c.delivery
+                .self_hostnames
+                .contains(&"relay-peers.mail.svc".to_string())
+        );
+
+        mc.spec.delivery.smarthosts.clear();
+        mc.spec.delivery.mx = Some(crd::MxDelivery { port: Some(2526) });
+        let c = node_config(&mc, &[]).unwrap();
+        assert!(
+            c.delivery.smarthosts.is_empty(),
+            "no smarthosts: delivery by MX"
+        );
+        assert_eq!(c.delivery.mx_port, 2526);
+        node::Config::from_yaml(&render(&c).unwrap().yaml).unwrap();
     }
 
     #[test]

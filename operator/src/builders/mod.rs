@@ -41,14 +41,6 @@ pub enum BuildError {
     /// The MailCluster has no name.
     #[error("MailCluster has no metadata.name; set one")]
     MissingName,
-    /// A field that the relay node does not support yet.
-    #[error("{field} is not supported by this version of mailnode: {hint}")]
-    Unsupported {
-        /// The spec field.
-        field: &'static str,
-        /// What to do instead.
-        hint: &'static str,
-    },
     /// A value the schema should have refused (for objects that bypassed validation).
     #[error("{field}: {message}")]
     Invalid {

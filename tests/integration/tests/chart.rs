@@ -20,38 +20,32 @@ use mailcluster_testenv::ControlPlane;
 use serde_json::Value;
 
 /// What the operator does with each resource (operator/src/controller.rs, reconcile.rs,
-/// apply.rs, status.rs): the cluster-wide (or watched-namespace) rules, exactly.
+/// apply.rs, status.rs): the cluster-wide (or watched-namespace) rules, exactly. Server-side
+/// apply of a missing object is authorized as create as well as patch.
 const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("mailcluster.dev", "mailclusters", &["list", "watch"]),
     ("mailcluster.dev", "mailclusters/status", &["patch"]),
     ("mailcluster.dev", "mailclusters/finalizers", &["update"]),
-    ("apps", "statefulsets", &["get", "list", "watch", "patch"]),
-    ("", "configmaps", &["get", "list", "watch", "patch"]),
-    ("", "secrets", &["get", "list", "watch", "patch"]),
-    ("", "services", &["get", "list", "watch", "patch", "delete"]),
+    ("apps", "statefulsets", WATCH_AND_APPLY),
+    ("", "configmaps", WATCH_AND_APPLY),
+    ("", "secrets", WATCH_AND_APPLY),
+    (
+        "",
+        "services",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
     ("", "pods", &["list", "watch"]),
-    (
-        "policy",
-        "poddisruptionbudgets",
-        &["get", "list", "watch", "patch"],
-    ),
-    (
-        "networking.k8s.io",
-        "networkpolicies",
-        &["get", "list", "watch", "patch"],
-    ),
-    (
-        "cert-manager.io",
-        "certificates",
-        &["get", "patch", "delete"],
-    ),
-    (
-        "externaldns.k8s.io",
-        "dnsendpoints",
-        &["get", "patch", "delete"],
-    ),
+    ("policy", "poddisruptionbudgets", WATCH_AND_APPLY),
+    ("networking.k8s.io", "networkpolicies", WATCH_AND_APPLY),
+    ("cert-manager.io", "certificates", APPLY_AND_DELETE),
+    ("externaldns.k8s.io", "dnsendpoints", APPLY_AND_DELETE),
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
+
+/// Owned children the controller watches and applies.
+const WATCH_AND_APPLY: &[&str] = &["get", "list", "watch", "create", "patch"];
+/// Optional children (CRDs of other projects): applied, or deleted when no longer wanted.
+const APPLY_AND_DELETE: &[&str] = &["get", "create", "patch", "delete"];
 
 type Grants = BTreeMap<(String, String), BTreeSet<String>>;
 
@@ -496,16 +490,25 @@ fn rendered_objects_pass_a_server_side_dry_run() {
     }
 }
 
-/// Whether every field of `want` is in `live` with the same value (the apiserver adds defaults).
-fn is_subset(want: &Value, live: &Value) -> bool {
+/// The first path where `want` has a field that `live` lacks or holds another value (the
+/// apiserver adds defaults, so extra fields in `live` do not count).
+fn first_difference(path: &str, want: &Value, live: &Value) -> Option<String> {
     match (want, live) {
-        (Value::Object(w), Value::Object(l)) => w
+        (Value::Object(w), Value::Object(l)) => w.iter().find_map(|(k, v)| {
+            let p = format!("{path}.{k}");
+            match l.get(k) {
+                Some(lv) => first_difference(&p, v, lv),
+                None => Some(format!("{p} missing")),
+            }
+        }),
+        (Value::Array(w), Value::Array(l)) if w.len() == l.len() => w
             .iter()
-            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
-        (Value::Array(w), Value::Array(l)) => {
-            w.len() == l.len() && w.iter().zip(l).all(|(a, b)| is_subset(a, b))
-        }
-        _ => want == live,
+            .zip(l)
+            .enumerate()
+            .find_map(|(i, (a, b))| first_difference(&format!("{path}[{i}]"), a, b)),
+        (Value::Number(w), Value::Number(l)) if w.as_f64() == l.as_f64() => None,
+        _ if want == live => None,
+        _ => Some(format!("{path}: want {want}, got {live}")),
     }
 }
 
@@ -580,10 +583,10 @@ fn install_upgrade_and_uninstall() {
     let file = std::fs::read_to_string(chart_dir().join("crds/mailcluster.dev_mailclusters.yaml"))
         .unwrap();
     let want: Value = serde_yaml::from_str(&file).unwrap();
+    let diff = first_difference("spec", &want["spec"], &live["spec"]);
     assert!(
-        is_subset(&want["spec"], &live["spec"]),
-        "the installed CRD differs from the chart's:\n{}",
-        live["spec"]
+        diff.is_none(),
+        "the installed CRD differs from the chart's: {diff:?}"
     );
 
     // The operator Deployment is up: its pod is Ready (kwok), single replica, no election.
@@ -747,7 +750,6 @@ fn installed_rbac_allows_the_operator_and_nothing_more() {
         ("patch", "mailclusters.mailcluster.dev"),
         ("delete", "mailclusters.mailcluster.dev"),
         ("get", "mailclusters.mailcluster.dev"),
-        ("create", "statefulsets.apps"),
         ("delete", "statefulsets.apps"),
         ("update", "statefulsets.apps"),
         ("delete", "secrets"),
@@ -791,8 +793,7 @@ fn installed_rbac_allows_the_operator_and_nothing_more() {
         &other
     ));
 
-    // An apply patch creates a missing object with the patch verb alone, which is why the
-    // operator needs no create: prove it as the ServiceAccount.
+    // The operator's first apply creates each child: prove the ServiceAccount can.
     let cm = write_temp(
         "cm.yaml",
         &format!(

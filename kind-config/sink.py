@@ -1,0 +1,83 @@
+"""SMTP sink of the e2e test: stores every accepted message in /data/<pid>-<n>.eml and answers
+421 while /data/paused exists (so the relay queues mail). Python standard library only."""
+import asyncio, os
+
+DATA = os.environ.get("SINK_DATA", "/data")
+counter = 0
+
+async def handle(reader, writer):
+    global counter
+    def send(line):
+        writer.write((line + "\r\n").encode())
+    if os.path.exists(os.path.join(DATA, "paused")):
+        send("421 4.3.2 sink paused, try again later")
+        await writer.drain()
+        writer.close()
+        return
+    send("220 smtp-sink ESMTP")
+    await writer.drain()
+    mail_from, rcpts = None, []
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = line.decode("utf-8", "replace").rstrip("\r\n")
+        verb = cmd[:4].upper()
+        if verb in ("EHLO", "HELO"):
+            send("250-smtp-sink" if verb == "EHLO" else "250 smtp-sink")
+            if verb == "EHLO":
+                send("250-8BITMIME")
+                send("250 SIZE 104857600")
+        elif verb == "MAIL":
+            mail_from, rcpts = cmd[10:], []
+            send("250 2.1.0 ok")
+        elif verb == "RCPT":
+            rcpts.append(cmd[8:])
+            send("250 2.1.5 ok")
+        elif verb == "DATA":
+            if mail_from is None or not rcpts:
+                send("503 5.5.1 need MAIL and RCPT")
+                await writer.drain()
+                continue
+            send("354 go ahead")
+            await writer.drain()
+            body = []
+            while True:
+                l = await reader.readline()
+                if not l or l in (b".\r\n", b".\n"):
+                    break
+                if l.startswith(b".."):
+                    l = l[1:]
+                body.append(l)
+            counter += 1
+            name = os.path.join(DATA, "%d-%d.eml" % (os.getpid(), counter))
+            with open(name + ".tmp", "wb") as f:
+                f.write(("X-Sink-From: %s\r\nX-Sink-To: %s\r\n" % (mail_from, ",".join(rcpts))).encode())
+                f.writelines(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(name + ".tmp", name)
+            print("stored", name, mail_from, rcpts, flush=True)
+            send("250 2.0.0 stored")
+            mail_from, rcpts = None, []
+        elif verb == "RSET":
+            mail_from, rcpts = None, []
+            send("250 2.0.0 ok")
+        elif verb == "NOOP":
+            send("250 2.0.0 ok")
+        elif verb == "QUIT":
+            send("221 2.0.0 bye")
+            await writer.drain()
+            break
+        else:
+            send("502 5.5.2 not implemented")
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, os.environ.get("SINK_ADDRESS", "0.0.0.0"), int(os.environ.get("SINK_PORT", "2525")))
+    print("smtp-sink listening", flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())

@@ -1,0 +1,527 @@
+//! One delivery attempt of one message: group the pending recipients by route, try the
+//! next hops in order, record every recipient's result durably, bounce the failed ones.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::{Config, DEFAULT_MAX_HOPS, OutboundTlsMode};
+use crate::metrics::Metrics;
+use crate::queue::{DeliveryState, Envelope, Location, Queue, QueueError, RecipientStatus};
+
+use super::client::{ClientError, ConnectOptions, Connection, RcptResult, TxOutcome, tls_config};
+use super::dns::{Dns, DnsError};
+use super::dsn::{self, Action, DsnRecipient};
+use super::pool::Pool;
+use super::route::{self, MxPlan, Route, RouteKind, SelfSet};
+use super::{Handle, backoff, now_ms};
+
+/// Engine setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// DNS resolver.
+    #[error("{0}")]
+    Dns(#[from] DnsError),
+    /// TLS client configuration.
+    #[error("TLS client configuration: {0}")]
+    Tls(String),
+}
+
+/// Result of one recipient in this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Res {
+    Delivered(String),
+    Deferred(String),
+    Failed {
+        status: String,
+        diagnostic: String,
+        remote: Option<String>,
+    },
+}
+
+/// What the scheduler does next with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Done (delivered, bounced, deleted or held): forget it.
+    Done,
+    /// Retry at this time (Unix ms), for these recipient domains.
+    Retry {
+        /// Due time, Unix ms.
+        due_ms: i64,
+        /// Domains still pending.
+        domains: Vec<String>,
+    },
+}
+
+/// Shared state of the delivery engine.
+pub struct Engine {
+    pub(crate) cfg: Config,
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) handle: Handle,
+    dns: Dns,
+    pub(crate) pool: Pool,
+    selfset: RwLock<SelfSet>,
+    turn: AtomicUsize,
+    seed: AtomicU64,
+    tls_any: Arc<rustls::ClientConfig>,
+    tls_verified: HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+fn machine_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl Engine {
+    /// Set up DNS, TLS client configurations and the "self" set.
+    pub fn new(cfg: Config, queue: Arc<Queue>, metrics: Arc<Metrics>, handle: Handle) -> Result<Self, EngineError> {
+        let d = &cfg.delivery;
+        let dns = Dns::new(&d.dns)?;
+        let tls_any = tls_config(false, None).map_err(EngineError::Tls)?;
+        let mut tls_verified = HashMap::new();
+        let cas = std::iter::once(d.tls.ca_file.clone())
+            .chain(d.routes.iter().filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())));
+        for ca in cas {
+            if !tls_verified.contains_key(&ca) {
+                let c = tls_config(true, ca.as_deref()).map_err(EngineError::Tls)?;
+                tls_verified.insert(ca, c);
+            }
+        }
+        let host = machine_hostname();
+        let selfset = SelfSet::from_config(&cfg, host.as_deref());
+        let pool = Pool::new(d.concurrency_per_destination, Duration::from_secs(d.idle_connection_seconds));
+        Ok(Self {
+            dns,
+            pool,
+            selfset: RwLock::new(selfset),
+            turn: AtomicUsize::new(0),
+            seed: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
+            tls_any,
+            tls_verified,
+            cfg,
+            queue,
+            metrics,
+            handle,
+        })
+    }
+
+    /// Add addresses that are self (the machine's own, peers found by DNS).
+    pub async fn refresh_self(&self) {
+        let mut names: Vec<String> = Vec::new();
+        names.extend(machine_hostname());
+        let mut peers = Vec::new();
+        for m in &self.cfg.peers.members {
+            let host = m.rsplit_once(':').map_or(m.as_str(), |(h, _)| h);
+            peers.push(host.to_owned());
+        }
+        let mut local = Vec::new();
+        for n in names {
+            if let Ok(ips) = self.dns.ips(&n).await {
+                local.extend(ips);
+            }
+        }
+        let mut peer_ips = Vec::new();
+        for p in peers {
+            if let Ok(ips) = self.dns.ips(&p).await {
+                peer_ips.extend(ips);
+            }
+        }
+        if let Ok(mut s) = self.selfset.write() {
+            s.local_ips.extend(local.into_iter().filter(|ip| !ip.is_loopback()));
+            s.addresses.extend(peer_ips.into_iter().filter(|ip| !ip.is_loopback()));
+        }
+    }
+
+    fn is_self_name(&self, host: &str) -> bool {
+        self.selfset.read().map(|s| s.is_self_name(host)).unwrap_or(false)
+    }
+
+    fn is_self_addr(&self, a: SocketAddr) -> bool {
+        self.selfset.read().map(|s| s.is_self_addr(a)).unwrap_or(false)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Queue) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let q = Arc::clone(&self.queue);
+        tokio::task::spawn_blocking(move || f(&q))
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))?
+    }
+
+    /// One attempt for message `id`, queued at `received_ms`.
+    pub async fn deliver(self: &Arc<Self>, id: &str, received_ms: i64) -> Result<Next, QueueError> {
+        let id_owned = id.to_owned();
+        let (env, mut state, msg, loc) = match self.blocking(move |q| q.read(&id_owned)).await {
+            Ok(x) => x,
+            Err(QueueError::NotFound(_)) => return Ok(Next::Done),
+            Err(e) => return Err(e),
+        };
+        if loc == Location::Hold {
+            tracing::info!(id, "message is on hold; not delivering");
+            return Ok(Next::Done);
+        }
+        let msg = Arc::new(msg);
+        let now = now_ms() / 1000;
+        let pending: Vec<usize> = (0..state.recipients.len())
+            .filter(|&i| matches!(state.recipients[i].status, RecipientStatus::Pending | RecipientStatus::Deferred))
+            .collect();
+        let mut failed: Vec<DsnRecipient> = Vec::new();
+        let d = &self.cfg.delivery;
+        let max_hops = d.max_hops.unwrap_or(DEFAULT_MAX_HOPS) as usize;
+        let hops = dsn::received_count(&msg);
+        if pending.is_empty() {
+        } else if hops > max_hops {
+            let why = format!("554 5.4.6 too many hops ({hops} Received headers, limit {max_hops}): mail loop");
+            tracing::warn!(id, hops, max_hops, "bouncing: too many Received headers (mail loop)");
+            for &i in &pending {
+                self.fail(&mut state, i, "5.4.6", &why, None, &mut failed);
+            }
+            self.save(id, &state).await?;
+        } else if backoff::expired(&d.retry, env.received_at, now) {
+            for &i in &pending {
+                let last = state.recipients[i].last_reply.clone().unwrap_or_else(|| "none".into());
+                let why = format!("delivery time expired after {}s; last error: {last}", d.retry.lifetime_seconds);
+                tracing::warn!(id, rcpt = %state.recipients[i].address, reason = %why, "bouncing: lifetime expired");
+                self.fail(&mut state, i, "4.4.7", &why, None, &mut failed);
+            }
+            self.save(id, &state).await?;
+        } else {
+            let mut groups: Vec<(Route, String, Vec<usize>)> = Vec::new();
+            for &i in &pending {
+                let dom = route::domain_of(&state.recipients[i].address);
+                let r = route::route_for(d, &dom);
+                match groups.iter_mut().find(|g| g.0.destination == r.destination) {
+                    Some(g) => g.2.push(i),
+                    None => groups.push((r, dom, vec![i])),
+                }
+            }
+            for (r, dom, idx) in groups {
+                let rcpts: Vec<String> = idx.iter().map(|&i| state.recipients[i].address.clone()).collect();
+                let results = self.deliver_group(&env, &msg, &r, &dom, &rcpts).await;
+                let mut n_ok = 0;
+                let mut n_defer = 0;
+                for (&i, res) in idx.iter().zip(results) {
+                    let rs = &mut state.recipients[i];
+                    match res {
+                        Res::Delivered(reply) => {
+                            n_ok += 1;
+                            rs.status = RecipientStatus::Delivered;
+                            tracing::info!(id, rcpt = %rs.address, destination = %r.destination, reply = %reply, "delivered");
+                            rs.last_reply = Some(reply);
+                        }
+                        Res::Deferred(reason) => {
+                            n_defer += 1;
+                            rs.status = RecipientStatus::Deferred;
+                            tracing::info!(id, rcpt = %rs.address, destination = %r.destination, reason = %reason, "deferred");
+                            rs.last_reply = Some(reason);
+                        }
+                        Res::Failed { status, diagnostic, remote } => {
+                            tracing::warn!(id, rcpt = %state.recipients[i].address, destination = %r.destination, reason = %diagnostic, "bouncing: permanent failure");
+                            self.fail(&mut state, i, &status, &diagnostic, remote, &mut failed);
+                        }
+                    }
+                }
+                self.metrics.delivery("delivered", n_ok);
+                self.metrics.delivery("deferred", n_defer);
+                // Record delivered recipients before anything else can fail.
+                self.save(id, &state).await?;
+            }
+        }
+        if !failed.is_empty() {
+            self.metrics.delivery("bounced", failed.len() as u64);
+            self.report(&env, &msg, &failed, Action::Failed).await;
+        }
+        let remaining: Vec<usize> = (0..state.recipients.len())
+            .filter(|&i| matches!(state.recipients[i].status, RecipientStatus::Pending | RecipientStatus::Deferred))
+            .collect();
+        if remaining.is_empty() {
+            let id_owned = id.to_owned();
+            match self.blocking(move |q| q.delete(&id_owned)).await {
+                Ok(()) | Err(QueueError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            let ms = (now_ms() - received_ms).max(0);
+            self.metrics.delivery_latency.observe(ms as f64 / 1000.0);
+            tracing::debug!(id, "message done, removed from queue");
+            return Ok(Next::Done);
+        }
+        state.attempts += 1;
+        let delay = backoff::delay(&d.retry, state.attempts);
+        let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+        state.next_attempt_at = due_ms.div_ceil(1000);
+        if let Some(w) = d.delay_warning_seconds
+            && !state.delay_warned
+            && now - env.received_at >= i64::try_from(w).unwrap_or(i64::MAX)
+        {
+            let delayed: Vec<DsnRecipient> = remaining
+                .iter()
+                .map(|&i| DsnRecipient {
+                    address: state.recipients[i].address.clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: state.recipients[i].last_reply.clone().unwrap_or_else(|| "not yet delivered".into()),
+                    remote_mta: None,
+                })
+                .collect();
+            self.report(&env, &msg, &delayed, Action::Delayed).await;
+            state.delay_warned = true;
+        }
+        self.save(id, &state).await?;
+        let mut domains: Vec<String> = remaining.iter().map(|&i| route::domain_of(&state.recipients[i].address)).collect();
+        domains.sort();
+        domains.dedup();
+        tracing::info!(id, attempts = state.attempts, retry_in_s = delay.as_secs(), pending = remaining.len(), "deferred; will retry");
+        Ok(Next::Retry { due_ms, domains })
+    }
+
+    fn fail(&self, state: &mut DeliveryState, i: usize, status: &str, diagnostic: &str, remote: Option<String>, out: &mut Vec<DsnRecipient>) {
+        let rs = &mut state.recipients[i];
+        rs.status = RecipientStatus::Failed;
+        rs.last_reply = Some(diagnostic.to_owned());
+        out.push(DsnRecipient {
+            address: rs.address.clone(),
+            status: status.to_owned(),
+            diagnostic: diagnostic.to_owned(),
+            remote_mta: remote,
+        });
+    }
+
+    async fn save(&self, id: &str, state: &DeliveryState) -> Result<(), QueueError> {
+        let (id, state) = (id.to_owned(), state.clone());
+        self.blocking(move |q| q.write_state(&id, &state)).await
+    }
+
+    /// Queue a DSN to the sender (never to the null sender, never about a report).
+    async fn report(&self, env: &Envelope, msg: &[u8], rcpts: &[DsnRecipient], action: Action) {
+        let kind = match action {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+        };
+        if env.sender.is_empty() || dsn::is_report(msg) {
+            self.metrics.dsn.get_or_create(&vec![("kind".to_owned(), "suppressed_null_sender".to_owned())]).inc();
+            tracing::info!(id = %env.id, kind, "no DSN: the message has the null sender (or is a report)");
+            return;
+        }
+        let fmt = |t: jiff::Timestamp| t.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string();
+        let arrival = jiff::Timestamp::from_second(env.received_at).map(fmt).unwrap_or_default();
+        let id = self.queue.new_id();
+        let body = dsn::build(&dsn::DsnInput {
+            reporting_mta: &self.cfg.hostname,
+            queue_id: &env.id,
+            sender: &env.sender,
+            arrival_date: &arrival,
+            date: &fmt(jiff::Timestamp::now()),
+            action,
+            recipients: rcpts,
+            original: msg,
+            unique: &id,
+        });
+        let now = now_ms();
+        let denv = Envelope {
+            version: 1,
+            id: id.clone(),
+            sender: String::new(),
+            recipients: vec![env.sender.clone()],
+            client: SocketAddr::from(([127, 0, 0, 1], 0)),
+            proxy: None,
+            helo: self.cfg.hostname.clone(),
+            auth_user: None,
+            listener: "dsn".into(),
+            tls: false,
+            smtputf8: false,
+            eight_bit: env.eight_bit,
+            received_at: now / 1000,
+            size: body.len() as u64,
+            attempts: 0,
+        };
+        match self.queue.enqueue(denv, Vec::new(), body).await {
+            Ok(()) => {
+                self.metrics.dsn.get_or_create(&vec![("kind".to_owned(), kind.to_owned())]).inc();
+                tracing::info!(id = %env.id, dsn_id = %id, to = %env.sender, kind, rcpts = rcpts.len(), "DSN queued");
+                self.handle.queued(&id, std::slice::from_ref(&env.sender), now);
+            }
+            Err(e) => {
+                tracing::error!(id = %env.id, error = %e, "cannot queue DSN");
+                self.queue.discard(&id);
+            }
+        }
+    }
+
+    async fn deliver_group(&self, env: &Envelope, msg: &Arc<Vec<u8>>, r: &Route, domain: &str, rcpts: &[String]) -> Vec<Res> {
+        let n = rcpts.len();
+        let all = |x: Res| vec![x; n];
+        let d = &self.cfg.delivery;
+        let hops = match &r.kind {
+            RouteKind::Smarthosts(list) => route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed)),
+            RouteKind::Mx => match self.dns.mx(domain).await {
+                Ok(recs) => {
+                    let seed = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+                    match route::order_mx(domain, &recs, d.mx_port, seed) {
+                        MxPlan::NullMx => {
+                            return all(Res::Failed {
+                                status: "5.1.10".into(),
+                                diagnostic: format!("556 5.1.10 domain {domain} accepts no mail (null MX, RFC 7505)"),
+                                remote: None,
+                            });
+                        }
+                        MxPlan::Hosts(h) => h,
+                    }
+                }
+                Err(DnsError::NotFound { .. }) => {
+                    return all(Res::Failed {
+                        status: "5.1.2".into(),
+                        diagnostic: format!("550 5.1.2 domain {domain} does not exist (DNS)"),
+                        remote: None,
+                    });
+                }
+                Err(e) => return all(Res::Deferred(format!("451 4.4.3 {e}"))),
+            },
+        };
+        let mut cands: Vec<(String, SocketAddr)> = Vec::new();
+        let mut selfs: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        for hop in hops {
+            if self.is_self_name(&hop.host) {
+                selfs.push(hop.host.clone());
+                continue;
+            }
+            match self.dns.ips(&hop.host).await {
+                Ok(ips) => {
+                    for ip in ips {
+                        let a = SocketAddr::new(ip, hop.port);
+                        if self.is_self_addr(a) {
+                            selfs.push(format!("{} ({a})", hop.host));
+                        } else {
+                            cands.push((hop.host.clone(), a));
+                        }
+                    }
+                }
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        if !selfs.is_empty() {
+            tracing::debug!(id = %env.id, destination = %r.destination, skipped = ?selfs, "skipping next hops that are self");
+        }
+        if cands.is_empty() {
+            if !selfs.is_empty() && last.is_none() {
+                self.metrics.route_loops.get_or_create(&vec![("destination".to_owned(), r.destination.clone())]).inc();
+                let why = format!("451 4.4.6 mail for {domain} loops back to myself: every next hop is this node or a cluster peer ({}); fix the route or MX", selfs.join(", "));
+                tracing::error!(id = %env.id, destination = %r.destination, self_hops = ?selfs, "configuration error: every next hop of the route is self; deferring (not bounced, not looped)");
+                return all(Res::Deferred(why));
+            }
+            return all(Res::Deferred(format!("451 4.4.4 no usable next hop for {domain}: {}", last.unwrap_or_else(|| "none".into()))));
+        }
+        let Some(_permit) = self.pool.acquire(&r.destination).await else {
+            return all(Res::Deferred("451 4.3.0 shutting down".into()));
+        };
+        for (host, addr) in cands {
+            match self.try_hop(env, msg, r, &host, addr, rcpts).await {
+                Ok(o) if o.mail_failed && !matches!(o.results.first(), Some(RcptResult::Failed(_))) => {
+                    let why = match o.results.first() {
+                        Some(RcptResult::Deferred(rep)) => rep.text(),
+                        _ => "MAIL refused".into(),
+                    };
+                    tracing::info!(id = %env.id, hop = %host, address = %addr, reason = %why, "next hop refused MAIL temporarily; trying the next one");
+                    last = Some(format!("{host} ({addr}): {why}"));
+                }
+                Ok(o) => {
+                    let remote = format!("{host} ({addr})");
+                    return o
+                        .results
+                        .into_iter()
+                        .map(|x| match x {
+                            RcptResult::Delivered(rep) => Res::Delivered(format!("{remote}: {}", rep.text())),
+                            RcptResult::Deferred(rep) => Res::Deferred(format!("{remote}: {}", rep.text())),
+                            RcptResult::Failed(rep) => Res::Failed {
+                                status: dsn::status_of(rep.code, rep.lines.first().map_or("", String::as_str)),
+                                diagnostic: rep.text(),
+                                remote: Some(host.clone()),
+                            },
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    tracing::info!(id = %env.id, hop = %host, address = %addr, error = %e, "next hop failed; trying the next one");
+                    last = Some(format!("{host} ({addr}): {e}"));
+                }
+            }
+        }
+        all(Res::Deferred(format!("451 4.4.1 no next hop accepted the message; last: {}", last.unwrap_or_default())))
+    }
+
+    fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
+        let d = &self.cfg.delivery;
+        let tls = match r.tls.mode {
+            OutboundTlsMode::None => None,
+            OutboundTlsMode::Opportunistic => Some((Arc::clone(&self.tls_any), false)),
+            OutboundTlsMode::Required => {
+                let c = match self.tls_verified.get(&r.tls.ca_file) {
+                    Some(c) => Arc::clone(c),
+                    None => tls_config(true, r.tls.ca_file.as_deref()).map_err(ClientError::Tls)?,
+                };
+                Some((c, true))
+            }
+        };
+        let auth = match &r.auth_file {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ClientError::Refused {
+                    stage: "AUTH",
+                    reply: format!("cannot read credentials file {}: {e}", p.display()),
+                    code: 454,
+                })?;
+                let line = text.lines().next().unwrap_or("");
+                let (u, pw) = line.split_once(':').ok_or_else(|| ClientError::Refused {
+                    stage: "AUTH",
+                    reply: format!("credentials file {} must hold user:password", p.display()),
+                    code: 454,
+                })?;
+                Some((u.to_owned(), pw.to_owned()))
+            }
+        };
+        Ok(ConnectOptions {
+            helo: d.helo_name.clone().unwrap_or_else(|| self.cfg.hostname.clone()),
+            connect_timeout: Duration::from_secs(d.connect_timeout_seconds.max(1)),
+            command_timeout: Duration::from_secs(d.command_timeout_seconds.max(1)),
+            tls,
+            auth,
+        })
+    }
+
+    async fn try_hop(&self, env: &Envelope, msg: &[u8], r: &Route, host: &str, addr: SocketAddr, rcpts: &[String]) -> Result<TxOutcome, ClientError> {
+        let key = format!("{addr}|{host}|{:?}|{:?}|{:?}", r.tls.mode, r.tls.ca_file, r.auth_file);
+        if let Some(mut c) = self.pool.take(&key) {
+            match c.send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8).await {
+                Ok(o) => {
+                    self.keep(&key, c).await;
+                    return Ok(o);
+                }
+                Err(e) => tracing::debug!(hop = %host, error = %e, "reused connection failed; opening a new one"),
+            }
+        }
+        let opts = self.connect_options(r)?;
+        let mut c = Connection::open(addr, host, &opts).await?;
+        let o = c.send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8).await?;
+        self.keep(&key, c).await;
+        Ok(o)
+    }
+
+    async fn keep(&self, key: &str, c: Connection) {
+        if let Some(c) = self.pool.put(key, c) {
+            c.quit().await;
+        }
+    }
+}

@@ -1,0 +1,637 @@
+//! SMTP client towards a next hop. The reply parser, EHLO capability parser and dot
+//! stuffing are pure; [`Connection`] drives them over a socket (PIPELINING, SIZE,
+//! STARTTLS, AUTH PLAIN/LOGIN).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+/// A reply from the next hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    /// Reply code.
+    pub code: u16,
+    /// Text of each line (after the code and separator).
+    pub lines: Vec<String>,
+}
+
+impl SmtpReply {
+    /// All lines joined with spaces, prefixed by the code (for logs and DSNs).
+    pub fn text(&self) -> String {
+        format!("{} {}", self.code, self.lines.join(" "))
+    }
+    /// 2xx or 3xx.
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+    /// 5xx.
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+    fn synthetic(code: u16, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            lines: vec![text.into()],
+        }
+    }
+}
+
+/// Client errors: the hop could not be used (the caller tries the next hop or defers).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// TCP connect failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// I/O error on an established connection.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// No reply in time.
+    #[error("timeout waiting for {0}")]
+    Timeout(&'static str),
+    /// The peer closed the connection.
+    #[error("connection closed by peer during {0}")]
+    Closed(&'static str),
+    /// Reply not parseable.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Negative reply where the session cannot go on (greeting, EHLO, AUTH).
+    #[error("{stage} refused: {reply}")]
+    Refused {
+        /// Stage.
+        stage: &'static str,
+        /// Reply text.
+        reply: String,
+        /// Reply code.
+        code: u16,
+    },
+    /// TLS required but not offered or failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// Parse one complete reply at the start of `buf`: the reply and the bytes it used, or
+/// `None` when more input is needed.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ClientError> {
+    let mut pos = 0;
+    let mut lines = Vec::new();
+    let mut code = None;
+    loop {
+        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+            if buf.len() - pos > 4096 {
+                return Err(ClientError::Protocol("reply line too long".into()));
+            }
+            return Ok(None);
+        };
+        let line = &buf[pos..pos + nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += nl + 1;
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+            return Err(ClientError::Protocol(format!(
+                "bad reply line {:?}",
+                String::from_utf8_lossy(line)
+            )));
+        }
+        let c = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+        if *code.get_or_insert(c) != c {
+            return Err(ClientError::Protocol("reply code changed within a reply".into()));
+        }
+        let sep = line.get(3).copied().unwrap_or(b' ');
+        lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
+        if sep != b'-' {
+            return Ok(Some((SmtpReply { code: c, lines }, pos)));
+        }
+        if lines.len() > 200 {
+            return Err(ClientError::Protocol("reply has too many lines".into()));
+        }
+    }
+}
+
+/// ESMTP capabilities from an EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// SIZE limit (0: none given).
+    pub size: Option<u64>,
+    /// STARTTLS.
+    pub starttls: bool,
+    /// AUTH mechanisms, upper case.
+    pub auth: Vec<String>,
+    /// 8BITMIME.
+    pub eight_bit: bool,
+    /// SMTPUTF8.
+    pub smtputf8: bool,
+}
+
+impl Capabilities {
+    /// Parse the lines of an EHLO reply (the first is the greeting name).
+    pub fn parse(reply: &SmtpReply) -> Self {
+        let mut c = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => c.pipelining = true,
+                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "STARTTLS" => c.starttls = true,
+                "8BITMIME" => c.eight_bit = true,
+                "SMTPUTF8" => c.smtputf8 = true,
+                "AUTH" => c.auth = words.map(str::to_ascii_uppercase).collect(),
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// DATA payload: dot-stuffed, CRLF line ends kept, ending with `CRLF.CRLF`.
+pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 5);
+    let mut at_line_start = true;
+    for &b in msg {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        if out.ends_with(b"\n") {
+            out.pop();
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Result for one recipient of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    /// Accepted and the message taken (250 after DATA).
+    Delivered(SmtpReply),
+    /// Temporary failure (4xx): retry later.
+    Deferred(SmtpReply),
+    /// Permanent failure (5xx): bounce.
+    Failed(SmtpReply),
+}
+
+fn classify(r: &SmtpReply) -> RcptResult {
+    if r.is_permanent() {
+        RcptResult::Failed(r.clone())
+    } else if r.is_positive() {
+        RcptResult::Delivered(r.clone())
+    } else {
+        RcptResult::Deferred(r.clone())
+    }
+}
+
+/// A transaction's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxOutcome {
+    /// One result per recipient, in order.
+    pub results: Vec<RcptResult>,
+    /// The failure was for the whole transaction at MAIL (try another hop on 4xx).
+    pub mail_failed: bool,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// Settings for opening a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Our EHLO name.
+    pub helo: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout per reply.
+    pub command_timeout: Duration,
+    /// STARTTLS: `None` never; `Some((config, required))`.
+    pub tls: Option<(Arc<rustls::ClientConfig>, bool)>,
+    /// AUTH credentials (only over TLS).
+    pub auth: Option<(String, String)>,
+}
+
+/// An open SMTP session to a next hop, after EHLO (and STARTTLS, AUTH).
+pub struct Connection {
+    io: Box<dyn Io>,
+    rbuf: Vec<u8>,
+    /// Capabilities after the last EHLO.
+    pub caps: Capabilities,
+    /// TLS is active.
+    pub tls: bool,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Peer name (as routed).
+    pub host: String,
+    timeout: Duration,
+    /// When the connection was last used.
+    pub last_used: Instant,
+    /// Messages sent on it.
+    pub messages: u32,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .field("host", &self.host)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    async fn read_reply(&mut self, stage: &'static str) -> Result<SmtpReply, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some((r, n)) = parse_reply(&self.rbuf)? {
+                self.rbuf.drain(..n);
+                return Ok(r);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.io.read(&mut chunk))
+                .await
+                .map_err(|_| ClientError::Timeout(stage))??;
+            if n == 0 {
+                return Err(ClientError::Closed(stage));
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn write(&mut self, data: &[u8], stage: &'static str) -> Result<(), ClientError> {
+        timeout(self.timeout, async {
+            self.io.write_all(data).await?;
+            self.io.flush().await
+        })
+        .await
+        .map_err(|_| ClientError::Timeout(stage))??;
+        Ok(())
+    }
+
+    async fn command(&mut self, line: &str, stage: &'static str) -> Result<SmtpReply, ClientError> {
+        self.write(format!("{line}\r\n").as_bytes(), stage).await?;
+        self.read_reply(stage).await
+    }
+
+    async fn ehlo(&mut self, helo: &str) -> Result<(), ClientError> {
+        let r = self.command(&format!("EHLO {helo}"), "EHLO").await?;
+        if r.code == 250 {
+            self.caps = Capabilities::parse(&r);
+            return Ok(());
+        }
+        let r = self.command(&format!("HELO {helo}"), "HELO").await?;
+        if r.code != 250 {
+            return Err(ClientError::Refused {
+                stage: "HELO",
+                reply: r.text(),
+                code: r.code,
+            });
+        }
+        self.caps = Capabilities::default();
+        Ok(())
+    }
+
+    /// Connect, read the greeting, EHLO, STARTTLS as the policy says, AUTH if configured.
+    pub async fn open(addr: SocketAddr, host: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        let sock = timeout(opts.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout("connect"))?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = sock.set_nodelay(true);
+        let mut c = Connection {
+            io: Box::new(sock),
+            rbuf: Vec::new(),
+            caps: Capabilities::default(),
+            tls: false,
+            peer: addr,
+            host: host.to_owned(),
+            timeout: opts.command_timeout,
+            last_used: Instant::now(),
+            messages: 0,
+        };
+        let greet = c.read_reply("greeting").await?;
+        if greet.code != 220 {
+            let _ = c.write(b"QUIT\r\n", "QUIT").await;
+            return Err(ClientError::Refused {
+                stage: "greeting",
+                reply: greet.text(),
+                code: greet.code,
+            });
+        }
+        c.ehlo(&opts.helo).await?;
+        if let Some((cfg, required)) = &opts.tls {
+            if c.caps.starttls {
+                let r = c.command("STARTTLS", "STARTTLS").await?;
+                if r.code != 220 {
+                    if *required {
+                        return Err(ClientError::Tls(format!("STARTTLS refused: {}", r.text())));
+                    }
+                } else {
+                    c = c.starttls(Arc::clone(cfg)).await?;
+                    c.ehlo(&opts.helo).await?;
+                }
+            } else if *required {
+                let _ = c.write(b"QUIT\r\n", "QUIT").await;
+                return Err(ClientError::Tls(format!("{host} does not offer STARTTLS")));
+            }
+        }
+        if let Some((user, pass)) = &opts.auth {
+            if !c.tls {
+                return Err(ClientError::Tls("AUTH is only sent over TLS, and TLS is not active".into()));
+            }
+            c.auth(user, pass).await?;
+        }
+        Ok(c)
+    }
+
+    async fn starttls(self, cfg: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+        if !self.rbuf.is_empty() {
+            return Err(ClientError::Protocol("data after STARTTLS reply".into()));
+        }
+        let name = rustls_pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|e| ClientError::Tls(format!("bad server name {}: {e}", self.host)))?;
+        let connector = tokio_rustls::TlsConnector::from(cfg);
+        let stream = timeout(self.timeout, connector.connect(name, self.io))
+            .await
+            .map_err(|_| ClientError::Timeout("TLS handshake"))?
+            .map_err(|e| ClientError::Tls(format!("handshake with {}: {e}", self.host)))?;
+        Ok(Connection {
+            io: Box::new(stream),
+            tls: true,
+            rbuf: Vec::new(),
+            ..self
+        })
+    }
+
+    async fn auth(&mut self, user: &str, pass: &str) -> Result<(), ClientError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let r = if self.caps.auth.iter().any(|m| m == "PLAIN") {
+            let token = b64.encode(format!("\0{user}\0{pass}"));
+            self.command(&format!("AUTH PLAIN {token}"), "AUTH").await?
+        } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
+            let r = self.command("AUTH LOGIN", "AUTH").await?;
+            if r.code != 334 {
+                r
+            } else {
+                let r = self.command(&b64.encode(user), "AUTH").await?;
+                if r.code != 334 { r } else { self.command(&b64.encode(pass), "AUTH").await? }
+            }
+        } else {
+            return Err(ClientError::Refused {
+                stage: "AUTH",
+                reply: "no supported AUTH mechanism offered".into(),
+                code: 454,
+            });
+        };
+        if r.code != 235 {
+            return Err(ClientError::Refused {
+                stage: "AUTH",
+                reply: r.text(),
+                code: r.code,
+            });
+        }
+        Ok(())
+    }
+
+    /// Send one message to `rcpts`. A [`ClientError`] means the connection is unusable and
+    /// nothing was delivered by this call (unless the error came after the final dot, which
+    /// the caller treats as "unknown": retried, so delivered at least once).
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        rcpts: &[String],
+        msg: &[u8],
+        eight_bit: bool,
+        smtputf8: bool,
+    ) -> Result<TxOutcome, ClientError> {
+        self.last_used = Instant::now();
+        if let Some(max) = self.caps.size
+            && max > 0
+            && msg.len() as u64 > max
+        {
+            let r = SmtpReply::synthetic(552, format!("5.3.4 message size {} exceeds the next hop's limit {max}", msg.len()));
+            return Ok(TxOutcome {
+                results: vec![RcptResult::Failed(r); rcpts.len()],
+                mail_failed: true,
+            });
+        }
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", msg.len()));
+        }
+        if eight_bit && self.caps.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if smtputf8 && self.caps.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let pipelining = self.caps.pipelining;
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        let mail_reply;
+        let data_reply;
+        if pipelining {
+            let mut batch = mail.into_bytes();
+            for r in rcpts {
+                batch.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+            }
+            batch.extend_from_slice(b"DATA\r\n");
+            self.write(&batch, "MAIL").await?;
+            mail_reply = self.read_reply("MAIL").await?;
+            for _ in rcpts {
+                rcpt_replies.push(self.read_reply("RCPT").await?);
+            }
+            data_reply = self.read_reply("DATA").await?;
+        } else {
+            self.write(mail.as_bytes(), "MAIL").await?;
+            mail_reply = self.read_reply("MAIL").await?;
+            if mail_reply.code == 250 {
+                for r in rcpts {
+                    let rr = self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?;
+                    rcpt_replies.push(rr);
+                }
+                if rcpt_replies.iter().any(|r| r.code / 100 == 2) {
+                    data_reply = self.command("DATA", "DATA").await?;
+                } else {
+                    data_reply = SmtpReply::synthetic(554, "no valid recipients");
+                }
+            } else {
+                data_reply = SmtpReply::synthetic(503, "not sent");
+            }
+        }
+        if mail_reply.code != 250 {
+            if data_reply.code == 354 {
+                self.write(b".\r\n", "DATA").await?;
+                let _ = self.read_reply("DATA").await?;
+            }
+            self.rset().await?;
+            return Ok(TxOutcome {
+                results: vec![classify(&mail_reply); rcpts.len()],
+                mail_failed: true,
+            });
+        }
+        let accepted: Vec<bool> = rcpt_replies.iter().map(|r| r.code / 100 == 2).collect();
+        if data_reply.code != 354 {
+            let results = rcpt_replies
+                .iter()
+                .map(|r| if r.code / 100 == 2 { classify(&data_reply) } else { classify(r) })
+                .collect();
+            if pipelining || accepted.iter().any(|a| *a) {
+                self.rset().await?;
+            }
+            return Ok(TxOutcome { results, mail_failed: false });
+        }
+        if !accepted.iter().any(|a| *a) {
+            // RFC 2920: the server said 354 although no recipient was accepted.
+            self.write(b".\r\n", "DATA").await?;
+            let _ = self.read_reply("end of data").await?;
+            return Ok(TxOutcome {
+                results: rcpt_replies.iter().map(classify).collect(),
+                mail_failed: false,
+            });
+        }
+        let payload = dot_stuff(msg);
+        self.write(&payload, "end of data").await?;
+        let end = self.read_reply("end of data").await?;
+        self.messages += 1;
+        self.last_used = Instant::now();
+        Ok(TxOutcome {
+            results: rcpt_replies
+                .iter()
+                .map(|r| if r.code / 100 == 2 { classify(&end) } else { classify(r) })
+                .collect(),
+            mail_failed: false,
+        })
+    }
+
+    /// RSET, to reuse the connection for the next message.
+    pub async fn rset(&mut self) -> Result<(), ClientError> {
+        let r = self.command("RSET", "RSET").await?;
+        if r.code != 250 {
+            return Err(ClientError::Refused { stage: "RSET", reply: r.text(), code: r.code });
+        }
+        Ok(())
+    }
+
+    /// QUIT and close (best effort, bounded).
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(2), async {
+            let _ = self.command("QUIT", "QUIT").await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// TLS client configuration: verifying (web PKI roots plus `extra_ca` PEM certificates) or,
+/// for opportunistic STARTTLS, accepting any certificate.
+pub fn tls_config(verify: bool, extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let cfg = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(p) = extra_ca {
+            use rustls_pki_types::pem::PemObject as _;
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            for c in certs {
+                let c = c.map_err(|e| format!("{}: {e}", p.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// Opportunistic TLS: encrypt, but do not authenticate the server (RFC 7435).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_single_multi_and_partial_replies() {
+        assert!(parse_reply(b"250-a\r\n250 b").unwrap().is_none());
+        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN login\r\n250 STARTTLS\r\nXX").unwrap().unwrap();
+        assert_eq!(n, 77);
+        assert_eq!(r.code, 250);
+        let c = Capabilities::parse(&r);
+        assert!(c.pipelining && c.starttls && !c.eight_bit);
+        assert_eq!(c.size, Some(1000));
+        assert_eq!(c.auth, ["PLAIN", "LOGIN"]);
+        let (r, _) = parse_reply(b"550 5.1.1 no\n").unwrap().unwrap();
+        assert!(r.is_permanent());
+        assert_eq!(r.text(), "550 5.1.1 no");
+        let (r, _) = parse_reply(b"421\r\n").unwrap().unwrap();
+        assert_eq!(r.code, 421);
+        assert!(parse_reply(b"25x ok\r\n").is_err());
+        assert!(parse_reply(b"250-a\r\n251 b\r\n").is_err());
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n..\r\n"), b"a\r\n..b\r\n...\r\n.\r\n");
+        assert_eq!(dot_stuff(b".x"), b"..x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+}
