@@ -40,6 +40,7 @@ listeners:
 queue: {path: $T/mnq, fsync: true, groupCommit: $GROUP, minFreeBytes: 0, minFreePercent: 0}
 limits: {maxSessions: 1000}
 admin: {address: 127.0.0.1:$MN_ADMIN}
+delivery: {enabled: false}   # accept and queue only, like Postfix without qmgr
 YAML
 
 start_mailnode() {

@@ -44,6 +44,17 @@ for target in $(cd node && cargo +nightly fuzz list); do
 done
 rm -f "$fuzz_log"
 
+step "static (musl) binaries, as the container images build them"
+cargo build --locked --target x86_64-unknown-linux-musl -p mailnode -p mailcluster-operator --bins
+for b in mailnode mailcluster-operator; do
+  exe=$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/debug/$b
+  "$exe" --version
+  if ldd "$exe" >/dev/null 2>&1; then
+    echo "$exe is dynamically linked" >&2
+    exit 1
+  fi
+done
+
 step "no test process left behind"
 left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode " || true)
 if [ -n "$left" ]; then

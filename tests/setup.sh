@@ -6,8 +6,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # Debian packages: real mail peers (Postfix with smtp-source/smtp-sink, swaks), openssl for test
-# keys, shellcheck for the scripts, iproute2/procps for process and network checks.
-packages=(postfix swaks openssl shellcheck iproute2 procps python3 ca-certificates)
+# keys, shellcheck for the scripts, iproute2/procps for process and network checks, musl-tools
+# for the static binaries of the container images.
+packages=(postfix swaks openssl shellcheck iproute2 procps python3 ca-certificates musl-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -25,6 +26,9 @@ fi
 if command -v rustup >/dev/null; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  # The container images ship static musl binaries; the test command checks that they build.
+  rustup target list --installed | grep -q '^x86_64-unknown-linux-musl' ||
+    rustup target add x86_64-unknown-linux-musl
 fi
 
 # The control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,

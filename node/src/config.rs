@@ -340,6 +340,9 @@ pub struct PeersConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DeliveryConfig {
+    /// Deliver queued mail (default). `false`: accept and queue only; the queue is kept and
+    /// delivered once this is `true` again (maintenance, accept benchmarks).
+    pub enabled: bool,
     /// Smarthosts, tried by ascending priority; hosts of equal priority are rotated, a
     /// higher priority is the fallback. Empty: deliver by MX.
     pub smarthosts: Vec<Smarthost>,
@@ -387,6 +390,7 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             smarthosts: Vec::new(),
             retry: RetryConfig::default(),
             max_hops: None,
@@ -632,7 +636,10 @@ impl Config {
         let hosts = |path: &str, list: &[Smarthost]| -> Result<(), ConfigError> {
             for (i, h) in list.iter().enumerate() {
                 if h.host.is_empty() || h.host.contains(char::is_whitespace) {
-                    return Err(invalid(format!("{path}[{i}].host"), "must be a host name or address"));
+                    return Err(invalid(
+                        format!("{path}[{i}].host"),
+                        "must be a host name or address",
+                    ));
                 }
                 if h.port == 0 {
                     return Err(invalid(format!("{path}[{i}].port"), "must not be 0"));
@@ -643,26 +650,44 @@ impl Config {
         hosts("delivery.smarthosts", &d.smarthosts)?;
         for (i, r) in d.routes.iter().enumerate() {
             if r.domains.is_empty() {
-                return Err(invalid(format!("delivery.routes[{i}].domains"), "must not be empty"));
+                return Err(invalid(
+                    format!("delivery.routes[{i}].domains"),
+                    "must not be empty",
+                ));
             }
             for (j, dom) in r.domains.iter().enumerate() {
                 if dom.is_empty() || dom.contains(['@', ' ', '%', '!', ':']) {
-                    return Err(invalid(format!("delivery.routes[{i}].domains[{j}]"), "not a domain name"));
+                    return Err(invalid(
+                        format!("delivery.routes[{i}].domains[{j}]"),
+                        "not a domain name",
+                    ));
                 }
             }
             hosts(&format!("delivery.routes[{i}].smarthosts"), &r.smarthosts)?;
         }
         if d.retry.factor == 0 {
-            return Err(invalid("delivery.retry.factor".into(), "must be at least 1"));
+            return Err(invalid(
+                "delivery.retry.factor".into(),
+                "must be at least 1",
+            ));
         }
         if d.retry.first_seconds == 0 {
-            return Err(invalid("delivery.retry.firstSeconds".into(), "must be at least 1"));
+            return Err(invalid(
+                "delivery.retry.firstSeconds".into(),
+                "must be at least 1",
+            ));
         }
         if d.concurrency_per_destination == 0 {
-            return Err(invalid("delivery.concurrencyPerDestination".into(), "must be at least 1"));
+            return Err(invalid(
+                "delivery.concurrencyPerDestination".into(),
+                "must be at least 1",
+            ));
         }
         if d.max_deliveries == 0 {
-            return Err(invalid("delivery.maxDeliveries".into(), "must be at least 1"));
+            return Err(invalid(
+                "delivery.maxDeliveries".into(),
+                "must be at least 1",
+            ));
         }
         if d.mx_port == 0 {
             return Err(invalid("delivery.mxPort".into(), "must not be 0"));

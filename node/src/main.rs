@@ -81,6 +81,14 @@ enum QueueCmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Ask the running node to deliver now (all messages, or those for one domain). Writes a
+    /// request file into QUEUE/flush/, which the node's scheduler picks up within a second;
+    /// it also rescans the queue (so released messages are delivered).
+    Flush {
+        /// Only messages with recipients in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+    },
 }
 
 /// Print to stdout, ignoring a closed pipe (`mailnode queue list | head`).
@@ -177,6 +185,15 @@ fn queue_cmd(target: QueueTarget, action: QueueCmd) -> Result<(), String> {
                 let changed = q.hold(&id).map_err(|e| e.to_string())?;
                 out!("{} {id}", if changed { "held" } else { "already held" });
             }
+        }
+        QueueCmd::Flush { domain } => {
+            let p = mailnode::delivery::request_flush(&dir, domain.as_deref())
+                .map_err(|e| format!("cannot write flush request: {e}"))?;
+            out!(
+                "flush requested ({}): {}",
+                domain.as_deref().unwrap_or("all domains"),
+                p.display()
+            );
         }
         QueueCmd::Release { ids } => {
             for id in ids {

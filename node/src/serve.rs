@@ -37,6 +37,9 @@ pub enum ServeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Delivery engine.
+    #[error("delivery: {0}")]
+    Delivery(#[from] crate::delivery::attempt::EngineError),
     /// Signal handler.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
@@ -88,6 +91,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         None => None,
     };
     let (shutdown, _) = watch::channel(false);
+    let (delivery, delivery_rx) = crate::delivery::Handle::channel();
     let node = Arc::new(Node {
         config: config.clone(),
         queue: Arc::new(queue),
@@ -99,7 +103,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         storage_ok: AtomicBool::new(true),
         active: AtomicUsize::new(0),
         shutdown,
+        delivery: delivery.clone(),
     });
+    let engine = Arc::new(crate::delivery::attempt::Engine::new(
+        config.clone(),
+        Arc::clone(&node.queue),
+        Arc::clone(&node.metrics),
+        delivery,
+    )?);
+    let scheduler = tokio::spawn(crate::delivery::scheduler::run(
+        engine,
+        delivery_rx,
+        node.shutdown.subscribe(),
+        Duration::from_secs(config.limits.shutdown_grace_seconds),
+    ));
     node.storage_ok.store(storage_ok(&node), Ordering::Relaxed);
 
     for l in &config.listeners {
@@ -209,6 +226,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             sessions = left,
             "grace period over, closing remaining sessions"
         );
+    }
+    match tokio::time::timeout(grace + Duration::from_secs(2), scheduler).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "delivery scheduler failed"),
+        Err(_) => tracing::warn!("delivery scheduler did not stop in time"),
     }
     tracing::info!("mailnode stopped");
     Ok(())

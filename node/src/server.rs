@@ -50,6 +50,8 @@ pub struct Node {
     pub active: AtomicUsize,
     /// Shutdown signal for sessions.
     pub shutdown: watch::Sender<bool>,
+    /// The delivery scheduler (new messages, ETRN).
+    pub delivery: crate::delivery::Handle,
 }
 
 /// A listener's precomputed settings.
@@ -354,6 +356,10 @@ impl Driver {
                 Event::AuthOk(user) => {
                     tracing::info!(listener = %self.ctx.config.name, client = %client.addr, user = %user, "authenticated");
                 }
+                Event::Etrn(domain) => {
+                    tracing::info!(listener = %self.ctx.config.name, client = %client.addr, domain = %domain, "ETRN: running the queue for the domain");
+                    self.node.delivery.flush(Some(domain));
+                }
             }
         }
     }
@@ -612,6 +618,8 @@ impl Driver {
                     from = %draft.sender, rcpts = draft.recipients.len(), size, auth = ?draft.auth_user,
                     "queued"
                 );
+                node.delivery
+                    .queued(&id, &draft.recipients, now.as_millisecond());
                 self.session.queued(Ok(&id))
             }
             Err(e) => {

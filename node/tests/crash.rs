@@ -17,6 +17,7 @@ listeners:
   - {name: open, address: "127.0.0.1:{port0}", relay: {allowedSources: [127.0.0.0/8]}}
 queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0, groupCommit: GROUP}
 admin: {address: "127.0.0.1:{admin}"}
+delivery: {enabled: false}
 "#;
 
 /// Threads send distinct messages; after each 250 print "OK <sha256 of content>".

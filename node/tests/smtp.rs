@@ -29,6 +29,7 @@ listeners:
 queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0}
 limits: {maxRecipients: 3, maxMessageSize: 20000, maxErrors: 4, shutdownGraceSeconds: 10}
 admin: {address: "127.0.0.1:{admin}"}
+delivery: {enabled: false}
 "#;
 
 const MSG: &str = "Subject: test\r\n\r\nhello\r\n";
@@ -351,6 +352,7 @@ listeners:
   - {name: open, address: "127.0.0.1:{port0}", relay: {allowedSources: [127.0.0.0/8]}}
 queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0}
 admin: {address: "127.0.0.1:{admin}"}
+delivery: {enabled: false}
 "#;
     let node = Node::start(open, 1);
     let out = Command::new(tool_path("smtp-source"))

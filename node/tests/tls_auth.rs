@@ -22,6 +22,7 @@ listeners:
     relay: {allowedSources: [127.0.0.2/32], requireAuth: true}
 queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0}
 admin: {address: "127.0.0.1:{admin}"}
+delivery: {enabled: false}
 "#;
 
 const PY: &str = r#"

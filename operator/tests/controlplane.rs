@@ -168,6 +168,15 @@ async fn invalid_manifests_are_refused_naming_the_field() {
         "not refused as expected:\n{}",
         failures.join("\n")
     );
+    // Field docs reach `kubectl explain`.
+    let out = cp
+        .kubectl(&["explain", "mailcluster.spec.listeners.relay.allowedSources"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Client source addresses (CIDRs) allowed to relay"),
+        "{text}"
+    );
     // The valid manifest is accepted.
     create(&api, &base)
         .await
@@ -404,6 +413,36 @@ async fn a_mailcluster_becomes_a_ready_relay_cluster() {
         },
     )
     .await;
+
+    // The addresses joined the config (as "self"), so the members rolled; wait until done.
+    eventually(cp, &ns, "Ready again after the roll", TIMEOUT, || async {
+        let mc = api.get("relay").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    // What a person sees: `kubectl get mc` with the printer columns.
+    let out = cp.kubectl(&["get", "mc", "-n", &ns]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{table}");
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "MEMBERS", "HOSTNAME", "ADDRESSES", "AGE"]
+    );
+    let row = table.lines().nth(1).unwrap();
+    for cell in [
+        "relay",
+        "True",
+        "3/3",
+        "smtp.example.com",
+        "192.0.2.10",
+        "192.0.2.11",
+    ] {
+        assert!(
+            row.contains(cell),
+            "{cell} missing from `kubectl get mc`:\n{table}"
+        );
+    }
 
     // A listener change rolls the config hash; the cluster key stays.
     let hash_before = sts_api

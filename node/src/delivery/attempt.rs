@@ -86,22 +86,33 @@ fn machine_hostname() -> Option<String> {
 
 impl Engine {
     /// Set up DNS, TLS client configurations and the "self" set.
-    pub fn new(cfg: Config, queue: Arc<Queue>, metrics: Arc<Metrics>, handle: Handle) -> Result<Self, EngineError> {
+    pub fn new(
+        cfg: Config,
+        queue: Arc<Queue>,
+        metrics: Arc<Metrics>,
+        handle: Handle,
+    ) -> Result<Self, EngineError> {
         let d = &cfg.delivery;
         let dns = Dns::new(&d.dns)?;
         let tls_any = tls_config(false, None).map_err(EngineError::Tls)?;
         let mut tls_verified = HashMap::new();
-        let cas = std::iter::once(d.tls.ca_file.clone())
-            .chain(d.routes.iter().filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())));
+        let cas = std::iter::once(d.tls.ca_file.clone()).chain(
+            d.routes
+                .iter()
+                .filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())),
+        );
         for ca in cas {
-            if !tls_verified.contains_key(&ca) {
-                let c = tls_config(true, ca.as_deref()).map_err(EngineError::Tls)?;
-                tls_verified.insert(ca, c);
+            if let std::collections::hash_map::Entry::Vacant(v) = tls_verified.entry(ca) {
+                let c = tls_config(true, v.key().as_deref()).map_err(EngineError::Tls)?;
+                v.insert(c);
             }
         }
         let host = machine_hostname();
         let selfset = SelfSet::from_config(&cfg, host.as_deref());
-        let pool = Pool::new(d.concurrency_per_destination, Duration::from_secs(d.idle_connection_seconds));
+        let pool = Pool::new(
+            d.concurrency_per_destination,
+            Duration::from_secs(d.idle_connection_seconds),
+        );
         Ok(Self {
             dns,
             pool,
@@ -139,17 +150,25 @@ impl Engine {
             }
         }
         if let Ok(mut s) = self.selfset.write() {
-            s.local_ips.extend(local.into_iter().filter(|ip| !ip.is_loopback()));
-            s.addresses.extend(peer_ips.into_iter().filter(|ip| !ip.is_loopback()));
+            s.local_ips
+                .extend(local.into_iter().filter(|ip| !ip.is_loopback()));
+            s.addresses
+                .extend(peer_ips.into_iter().filter(|ip| !ip.is_loopback()));
         }
     }
 
     fn is_self_name(&self, host: &str) -> bool {
-        self.selfset.read().map(|s| s.is_self_name(host)).unwrap_or(false)
+        self.selfset
+            .read()
+            .map(|s| s.is_self_name(host))
+            .unwrap_or(false)
     }
 
     fn is_self_addr(&self, a: SocketAddr) -> bool {
-        self.selfset.read().map(|s| s.is_self_addr(a)).unwrap_or(false)
+        self.selfset
+            .read()
+            .map(|s| s.is_self_addr(a))
+            .unwrap_or(false)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -177,7 +196,12 @@ impl Engine {
         let msg = Arc::new(msg);
         let now = now_ms() / 1000;
         let pending: Vec<usize> = (0..state.recipients.len())
-            .filter(|&i| matches!(state.recipients[i].status, RecipientStatus::Pending | RecipientStatus::Deferred))
+            .filter(|&i| {
+                matches!(
+                    state.recipients[i].status,
+                    RecipientStatus::Pending | RecipientStatus::Deferred
+                )
+            })
             .collect();
         let mut failed: Vec<DsnRecipient> = Vec::new();
         let d = &self.cfg.delivery;
@@ -185,16 +209,29 @@ impl Engine {
         let hops = dsn::received_count(&msg);
         if pending.is_empty() {
         } else if hops > max_hops {
-            let why = format!("554 5.4.6 too many hops ({hops} Received headers, limit {max_hops}): mail loop");
-            tracing::warn!(id, hops, max_hops, "bouncing: too many Received headers (mail loop)");
+            let why = format!(
+                "554 5.4.6 too many hops ({hops} Received headers, limit {max_hops}): mail loop"
+            );
+            tracing::warn!(
+                id,
+                hops,
+                max_hops,
+                "bouncing: too many Received headers (mail loop)"
+            );
             for &i in &pending {
                 self.fail(&mut state, i, "5.4.6", &why, None, &mut failed);
             }
             self.save(id, &state).await?;
         } else if backoff::expired(&d.retry, env.received_at, now) {
             for &i in &pending {
-                let last = state.recipients[i].last_reply.clone().unwrap_or_else(|| "none".into());
-                let why = format!("delivery time expired after {}s; last error: {last}", d.retry.lifetime_seconds);
+                let last = state.recipients[i]
+                    .last_reply
+                    .clone()
+                    .unwrap_or_else(|| "none".into());
+                let why = format!(
+                    "delivery time expired after {}s; last error: {last}",
+                    d.retry.lifetime_seconds
+                );
                 tracing::warn!(id, rcpt = %state.recipients[i].address, reason = %why, "bouncing: lifetime expired");
                 self.fail(&mut state, i, "4.4.7", &why, None, &mut failed);
             }
@@ -209,8 +246,12 @@ impl Engine {
                     None => groups.push((r, dom, vec![i])),
                 }
             }
-            for (r, dom, idx) in groups {
-                let rcpts: Vec<String> = idx.iter().map(|&i| state.recipients[i].address.clone()).collect();
+            let n_groups = groups.len();
+            for (g, (r, dom, idx)) in groups.into_iter().enumerate() {
+                let rcpts: Vec<String> = idx
+                    .iter()
+                    .map(|&i| state.recipients[i].address.clone())
+                    .collect();
                 let results = self.deliver_group(&env, &msg, &r, &dom, &rcpts).await;
                 let mut n_ok = 0;
                 let mut n_defer = 0;
@@ -229,7 +270,11 @@ impl Engine {
                             tracing::info!(id, rcpt = %rs.address, destination = %r.destination, reason = %reason, "deferred");
                             rs.last_reply = Some(reason);
                         }
-                        Res::Failed { status, diagnostic, remote } => {
+                        Res::Failed {
+                            status,
+                            diagnostic,
+                            remote,
+                        } => {
                             tracing::warn!(id, rcpt = %state.recipients[i].address, destination = %r.destination, reason = %diagnostic, "bouncing: permanent failure");
                             self.fail(&mut state, i, &status, &diagnostic, remote, &mut failed);
                         }
@@ -237,8 +282,12 @@ impl Engine {
                 }
                 self.metrics.delivery("delivered", n_ok);
                 self.metrics.delivery("deferred", n_defer);
-                // Record delivered recipients before anything else can fail.
-                self.save(id, &state).await?;
+                // Record delivered recipients before the next group. After the last group the
+                // state is written below (retry) or the message is deleted (done), so a crash
+                // in between re-sends at most this attempt (at least once, never lost).
+                if g + 1 < n_groups {
+                    self.save(id, &state).await?;
+                }
             }
         }
         if !failed.is_empty() {
@@ -246,7 +295,12 @@ impl Engine {
             self.report(&env, &msg, &failed, Action::Failed).await;
         }
         let remaining: Vec<usize> = (0..state.recipients.len())
-            .filter(|&i| matches!(state.recipients[i].status, RecipientStatus::Pending | RecipientStatus::Deferred))
+            .filter(|&i| {
+                matches!(
+                    state.recipients[i].status,
+                    RecipientStatus::Pending | RecipientStatus::Deferred
+                )
+            })
             .collect();
         if remaining.is_empty() {
             let id_owned = id.to_owned();
@@ -262,7 +316,7 @@ impl Engine {
         state.attempts += 1;
         let delay = backoff::delay(&d.retry, state.attempts);
         let due_ms = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-        state.next_attempt_at = due_ms.div_ceil(1000);
+        state.next_attempt_at = (due_ms + 999) / 1000;
         if let Some(w) = d.delay_warning_seconds
             && !state.delay_warned
             && now - env.received_at >= i64::try_from(w).unwrap_or(i64::MAX)
@@ -272,7 +326,10 @@ impl Engine {
                 .map(|&i| DsnRecipient {
                     address: state.recipients[i].address.clone(),
                     status: "4.4.7".into(),
-                    diagnostic: state.recipients[i].last_reply.clone().unwrap_or_else(|| "not yet delivered".into()),
+                    diagnostic: state.recipients[i]
+                        .last_reply
+                        .clone()
+                        .unwrap_or_else(|| "not yet delivered".into()),
                     remote_mta: None,
                 })
                 .collect();
@@ -280,14 +337,31 @@ impl Engine {
             state.delay_warned = true;
         }
         self.save(id, &state).await?;
-        let mut domains: Vec<String> = remaining.iter().map(|&i| route::domain_of(&state.recipients[i].address)).collect();
+        let mut domains: Vec<String> = remaining
+            .iter()
+            .map(|&i| route::domain_of(&state.recipients[i].address))
+            .collect();
         domains.sort();
         domains.dedup();
-        tracing::info!(id, attempts = state.attempts, retry_in_s = delay.as_secs(), pending = remaining.len(), "deferred; will retry");
+        tracing::info!(
+            id,
+            attempts = state.attempts,
+            retry_in_s = delay.as_secs(),
+            pending = remaining.len(),
+            "deferred; will retry"
+        );
         Ok(Next::Retry { due_ms, domains })
     }
 
-    fn fail(&self, state: &mut DeliveryState, i: usize, status: &str, diagnostic: &str, remote: Option<String>, out: &mut Vec<DsnRecipient>) {
+    fn fail(
+        &self,
+        state: &mut DeliveryState,
+        i: usize,
+        status: &str,
+        diagnostic: &str,
+        remote: Option<String>,
+        out: &mut Vec<DsnRecipient>,
+    ) {
         let rs = &mut state.recipients[i];
         rs.status = RecipientStatus::Failed;
         rs.last_reply = Some(diagnostic.to_owned());
@@ -311,12 +385,20 @@ impl Engine {
             Action::Delayed => "delayed",
         };
         if env.sender.is_empty() || dsn::is_report(msg) {
-            self.metrics.dsn.get_or_create(&vec![("kind".to_owned(), "suppressed_null_sender".to_owned())]).inc();
+            self.metrics
+                .dsn
+                .get_or_create(&vec![(
+                    "kind".to_owned(),
+                    "suppressed_null_sender".to_owned(),
+                )])
+                .inc();
             tracing::info!(id = %env.id, kind, "no DSN: the message has the null sender (or is a report)");
             return;
         }
         let fmt = |t: jiff::Timestamp| t.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let arrival = jiff::Timestamp::from_second(env.received_at).map(fmt).unwrap_or_default();
+        let arrival = jiff::Timestamp::from_second(env.received_at)
+            .map(fmt)
+            .unwrap_or_default();
         let id = self.queue.new_id();
         let body = dsn::build(&dsn::DsnInput {
             reporting_mta: &self.cfg.hostname,
@@ -349,9 +431,13 @@ impl Engine {
         };
         match self.queue.enqueue(denv, Vec::new(), body).await {
             Ok(()) => {
-                self.metrics.dsn.get_or_create(&vec![("kind".to_owned(), kind.to_owned())]).inc();
+                self.metrics
+                    .dsn
+                    .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+                    .inc();
                 tracing::info!(id = %env.id, dsn_id = %id, to = %env.sender, kind, rcpts = rcpts.len(), "DSN queued");
-                self.handle.queued(&id, std::slice::from_ref(&env.sender), now);
+                self.handle
+                    .queued(&id, std::slice::from_ref(&env.sender), now);
             }
             Err(e) => {
                 tracing::error!(id = %env.id, error = %e, "cannot queue DSN");
@@ -360,20 +446,33 @@ impl Engine {
         }
     }
 
-    async fn deliver_group(&self, env: &Envelope, msg: &Arc<Vec<u8>>, r: &Route, domain: &str, rcpts: &[String]) -> Vec<Res> {
+    async fn deliver_group(
+        &self,
+        env: &Envelope,
+        msg: &Arc<Vec<u8>>,
+        r: &Route,
+        domain: &str,
+        rcpts: &[String],
+    ) -> Vec<Res> {
         let n = rcpts.len();
         let all = |x: Res| vec![x; n];
         let d = &self.cfg.delivery;
         let hops = match &r.kind {
-            RouteKind::Smarthosts(list) => route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed)),
+            RouteKind::Smarthosts(list) => {
+                route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed))
+            }
             RouteKind::Mx => match self.dns.mx(domain).await {
                 Ok(recs) => {
-                    let seed = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+                    let seed = self
+                        .seed
+                        .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
                     match route::order_mx(domain, &recs, d.mx_port, seed) {
                         MxPlan::NullMx => {
                             return all(Res::Failed {
                                 status: "5.1.10".into(),
-                                diagnostic: format!("556 5.1.10 domain {domain} accepts no mail (null MX, RFC 7505)"),
+                                diagnostic: format!(
+                                    "556 5.1.10 domain {domain} accepts no mail (null MX, RFC 7505)"
+                                ),
                                 remote: None,
                             });
                         }
@@ -417,19 +516,31 @@ impl Engine {
         }
         if cands.is_empty() {
             if !selfs.is_empty() && last.is_none() {
-                self.metrics.route_loops.get_or_create(&vec![("destination".to_owned(), r.destination.clone())]).inc();
-                let why = format!("451 4.4.6 mail for {domain} loops back to myself: every next hop is this node or a cluster peer ({}); fix the route or MX", selfs.join(", "));
+                self.metrics
+                    .route_loops
+                    .get_or_create(&vec![("destination".to_owned(), r.destination.clone())])
+                    .inc();
+                let why = format!(
+                    "451 4.4.6 mail for {domain} loops back to myself: every next hop is this node or a cluster peer ({}); fix the route or MX",
+                    selfs.join(", ")
+                );
                 tracing::error!(id = %env.id, destination = %r.destination, self_hops = ?selfs, "configuration error: every next hop of the route is self; deferring (not bounced, not looped)");
                 return all(Res::Deferred(why));
             }
-            return all(Res::Deferred(format!("451 4.4.4 no usable next hop for {domain}: {}", last.unwrap_or_else(|| "none".into()))));
+            return all(Res::Deferred(format!(
+                "451 4.4.4 no usable next hop for {domain}: {}",
+                last.unwrap_or_else(|| "none".into())
+            )));
         }
         let Some(_permit) = self.pool.acquire(&r.destination).await else {
             return all(Res::Deferred("451 4.3.0 shutting down".into()));
         };
         for (host, addr) in cands {
             match self.try_hop(env, msg, r, &host, addr, rcpts).await {
-                Ok(o) if o.mail_failed && !matches!(o.results.first(), Some(RcptResult::Failed(_))) => {
+                Ok(o)
+                    if o.mail_failed
+                        && !matches!(o.results.first(), Some(RcptResult::Failed(_))) =>
+                {
                     let why = match o.results.first() {
                         Some(RcptResult::Deferred(rep)) => rep.text(),
                         _ => "MAIL refused".into(),
@@ -443,10 +554,17 @@ impl Engine {
                         .results
                         .into_iter()
                         .map(|x| match x {
-                            RcptResult::Delivered(rep) => Res::Delivered(format!("{remote}: {}", rep.text())),
-                            RcptResult::Deferred(rep) => Res::Deferred(format!("{remote}: {}", rep.text())),
+                            RcptResult::Delivered(rep) => {
+                                Res::Delivered(format!("{remote}: {}", rep.text()))
+                            }
+                            RcptResult::Deferred(rep) => {
+                                Res::Deferred(format!("{remote}: {}", rep.text()))
+                            }
                             RcptResult::Failed(rep) => Res::Failed {
-                                status: dsn::status_of(rep.code, rep.lines.first().map_or("", String::as_str)),
+                                status: dsn::status_of(
+                                    rep.code,
+                                    rep.lines.first().map_or("", String::as_str),
+                                ),
                                 diagnostic: rep.text(),
                                 remote: Some(host.clone()),
                             },
@@ -459,7 +577,10 @@ impl Engine {
                 }
             }
         }
-        all(Res::Deferred(format!("451 4.4.1 no next hop accepted the message; last: {}", last.unwrap_or_default())))
+        all(Res::Deferred(format!(
+            "451 4.4.1 no next hop accepted the message; last: {}",
+            last.unwrap_or_default()
+        )))
     }
 
     fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
@@ -493,7 +614,10 @@ impl Engine {
             }
         };
         Ok(ConnectOptions {
-            helo: d.helo_name.clone().unwrap_or_else(|| self.cfg.hostname.clone()),
+            helo: d
+                .helo_name
+                .clone()
+                .unwrap_or_else(|| self.cfg.hostname.clone()),
             connect_timeout: Duration::from_secs(d.connect_timeout_seconds.max(1)),
             command_timeout: Duration::from_secs(d.command_timeout_seconds.max(1)),
             tls,
@@ -501,20 +625,38 @@ impl Engine {
         })
     }
 
-    async fn try_hop(&self, env: &Envelope, msg: &[u8], r: &Route, host: &str, addr: SocketAddr, rcpts: &[String]) -> Result<TxOutcome, ClientError> {
-        let key = format!("{addr}|{host}|{:?}|{:?}|{:?}", r.tls.mode, r.tls.ca_file, r.auth_file);
+    async fn try_hop(
+        &self,
+        env: &Envelope,
+        msg: &[u8],
+        r: &Route,
+        host: &str,
+        addr: SocketAddr,
+        rcpts: &[String],
+    ) -> Result<TxOutcome, ClientError> {
+        let key = format!(
+            "{addr}|{host}|{:?}|{:?}|{:?}",
+            r.tls.mode, r.tls.ca_file, r.auth_file
+        );
         if let Some(mut c) = self.pool.take(&key) {
-            match c.send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8).await {
+            match c
+                .send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8)
+                .await
+            {
                 Ok(o) => {
                     self.keep(&key, c).await;
                     return Ok(o);
                 }
-                Err(e) => tracing::debug!(hop = %host, error = %e, "reused connection failed; opening a new one"),
+                Err(e) => {
+                    tracing::debug!(hop = %host, error = %e, "reused connection failed; opening a new one")
+                }
             }
         }
         let opts = self.connect_options(r)?;
         let mut c = Connection::open(addr, host, &opts).await?;
-        let o = c.send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8).await?;
+        let o = c
+            .send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8)
+            .await?;
         self.keep(&key, c).await;
         Ok(o)
     }

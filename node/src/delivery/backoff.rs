@@ -39,7 +39,10 @@ mod tests {
         assert_eq!(got, [60, 120, 240, 480, 960, 1000]);
         assert_eq!(delay(&r, 0).as_secs(), 60);
         assert_eq!(delay(&r, u32::MAX).as_secs(), 1000);
-        let flat = RetryConfig { factor: 1, ..r.clone() };
+        let flat = RetryConfig {
+            factor: 1,
+            ..r.clone()
+        };
         assert_eq!(delay(&flat, 9).as_secs(), 60);
         assert!(!expired(&r, 100, 5099));
         assert!(expired(&r, 100, 5100));

@@ -101,9 +101,13 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ClientError
                 String::from_utf8_lossy(line)
             )));
         }
-        let c = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+        let c = u16::from(line[0] - b'0') * 100
+            + u16::from(line[1] - b'0') * 10
+            + u16::from(line[2] - b'0');
         if *code.get_or_insert(c) != c {
-            return Err(ClientError::Protocol("reply code changed within a reply".into()));
+            return Err(ClientError::Protocol(
+                "reply code changed within a reply".into(),
+            ));
         }
         let sep = line.get(3).copied().unwrap_or(b' ');
         lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
@@ -305,7 +309,11 @@ impl Connection {
     }
 
     /// Connect, read the greeting, EHLO, STARTTLS as the policy says, AUTH if configured.
-    pub async fn open(addr: SocketAddr, host: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
+    pub async fn open(
+        addr: SocketAddr,
+        host: &str,
+        opts: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
         let sock = timeout(opts.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Timeout("connect"))?
@@ -350,7 +358,9 @@ impl Connection {
         }
         if let Some((user, pass)) = &opts.auth {
             if !c.tls {
-                return Err(ClientError::Tls("AUTH is only sent over TLS, and TLS is not active".into()));
+                return Err(ClientError::Tls(
+                    "AUTH is only sent over TLS, and TLS is not active".into(),
+                ));
             }
             c.auth(user, pass).await?;
         }
@@ -387,7 +397,11 @@ impl Connection {
                 r
             } else {
                 let r = self.command(&b64.encode(user), "AUTH").await?;
-                if r.code != 334 { r } else { self.command(&b64.encode(pass), "AUTH").await? }
+                if r.code != 334 {
+                    r
+                } else {
+                    self.command(&b64.encode(pass), "AUTH").await?
+                }
             }
         } else {
             return Err(ClientError::Refused {
@@ -422,7 +436,13 @@ impl Connection {
             && max > 0
             && msg.len() as u64 > max
         {
-            let r = SmtpReply::synthetic(552, format!("5.3.4 message size {} exceeds the next hop's limit {max}", msg.len()));
+            let r = SmtpReply::synthetic(
+                552,
+                format!(
+                    "5.3.4 message size {} exceeds the next hop's limit {max}",
+                    msg.len()
+                ),
+            );
             return Ok(TxOutcome {
                 results: vec![RcptResult::Failed(r); rcpts.len()],
                 mail_failed: true,
@@ -487,12 +507,21 @@ impl Connection {
         if data_reply.code != 354 {
             let results = rcpt_replies
                 .iter()
-                .map(|r| if r.code / 100 == 2 { classify(&data_reply) } else { classify(r) })
+                .map(|r| {
+                    if r.code / 100 == 2 {
+                        classify(&data_reply)
+                    } else {
+                        classify(r)
+                    }
+                })
                 .collect();
             if pipelining || accepted.iter().any(|a| *a) {
                 self.rset().await?;
             }
-            return Ok(TxOutcome { results, mail_failed: false });
+            return Ok(TxOutcome {
+                results,
+                mail_failed: false,
+            });
         }
         if !accepted.iter().any(|a| *a) {
             // RFC 2920: the server said 354 although no recipient was accepted.
@@ -511,7 +540,13 @@ impl Connection {
         Ok(TxOutcome {
             results: rcpt_replies
                 .iter()
-                .map(|r| if r.code / 100 == 2 { classify(&end) } else { classify(r) })
+                .map(|r| {
+                    if r.code / 100 == 2 {
+                        classify(&end)
+                    } else {
+                        classify(r)
+                    }
+                })
                 .collect(),
             mail_failed: false,
         })
@@ -521,7 +556,11 @@ impl Connection {
     pub async fn rset(&mut self) -> Result<(), ClientError> {
         let r = self.command("RSET", "RSET").await?;
         if r.code != 250 {
-            return Err(ClientError::Refused { stage: "RSET", reply: r.text(), code: r.code });
+            return Err(ClientError::Refused {
+                stage: "RSET",
+                reply: r.text(),
+                code: r.code,
+            });
         }
         Ok(())
     }
@@ -538,7 +577,10 @@ impl Connection {
 
 /// TLS client configuration: verifying (web PKI roots plus `extra_ca` PEM certificates) or,
 /// for opportunistic STARTTLS, accepting any certificate.
-pub fn tls_config(verify: bool, extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_config(
+    verify: bool,
+    extra_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -587,7 +629,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -596,7 +643,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -612,7 +664,7 @@ mod tests {
     fn parses_single_multi_and_partial_replies() {
         assert!(parse_reply(b"250-a\r\n250 b").unwrap().is_none());
         let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN login\r\n250 STARTTLS\r\nXX").unwrap().unwrap();
-        assert_eq!(n, 77);
+        assert_eq!(n, 83);
         assert_eq!(r.code, 250);
         let c = Capabilities::parse(&r);
         assert!(c.pipelining && c.starttls && !c.eight_bit);

@@ -76,13 +76,17 @@ impl Dns {
         let opts = builder.options_mut();
         opts.timeout = Duration::from_secs(cfg.timeout_seconds.max(1));
         opts.attempts = 2;
-        let resolver = builder.build().map_err(|e| DnsError::Setup(e.to_string()))?;
+        let resolver = builder
+            .build()
+            .map_err(|e| DnsError::Setup(e.to_string()))?;
         Ok(Self { resolver })
     }
 
     fn error(name: &str, e: &hickory_resolver::net::NetError) -> DnsError {
         if e.is_no_records_found() || e.is_nx_domain() {
-            DnsError::NotFound { name: name.to_owned() }
+            DnsError::NotFound {
+                name: name.to_owned(),
+            }
         } else {
             DnsError::Temporary {
                 name: name.to_owned(),

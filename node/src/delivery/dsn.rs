@@ -61,7 +61,10 @@ pub struct DsnInput<'a> {
 pub fn header_section(msg: &[u8]) -> &[u8] {
     let mut i = 0;
     while i < msg.len() {
-        let end = msg[i..].iter().position(|&b| b == b'\n').map_or(msg.len(), |p| i + p + 1);
+        let end = msg[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(msg.len(), |p| i + p + 1);
         let line = &msg[i..end];
         if line == b"\r\n" || line == b"\n" {
             return &msg[..i];
@@ -83,7 +86,9 @@ fn has_prefix_ci(line: &[u8], name: &str) -> bool {
 
 /// Number of `Received:` headers (the hop count).
 pub fn received_count(msg: &[u8]) -> usize {
-    header_lines(msg).filter(|l| has_prefix_ci(l, "received:")).count()
+    header_lines(msg)
+        .filter(|l| has_prefix_ci(l, "received:"))
+        .count()
 }
 
 /// Whether the message is itself a delivery report (never answered with another one).
@@ -102,7 +107,9 @@ pub fn status_of(code: u16, text: &str) -> String {
     let first = text.split_whitespace().next().unwrap_or("");
     let parts: Vec<&str> = first.split('.').collect();
     if parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         && matches!(parts[0], "2" | "4" | "5")
     {
         return first.to_owned();
@@ -115,7 +122,9 @@ pub fn status_of(code: u16, text: &str) -> String {
 }
 
 fn clean(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Build the complete report message (headers and body, CRLF line ends).
@@ -227,7 +236,11 @@ mod tests {
         });
         let text = String::from_utf8(msg.clone()).unwrap();
         assert!(text.contains("report-type=delivery-status"));
-        assert!(text.contains("Final-Recipient: rfc822; bad@d.example\r\nAction: failed\r\nStatus: 5.1.1"));
+        assert!(
+            text.contains(
+                "Final-Recipient: rfc822; bad@d.example\r\nAction: failed\r\nStatus: 5.1.1"
+            )
+        );
         assert!(text.contains("Message-ID: <m1@x>"));
         assert!(!text.contains("secret body"));
         assert!(text.ends_with("--U1/relay.example--\r\n"));

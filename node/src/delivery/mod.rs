@@ -71,7 +71,9 @@ impl Handle {
 
     /// Run the queue now (for a domain, or everything).
     pub fn flush(&self, domain: Option<String>) {
-        let _ = self.tx.send(Cmd::Flush(domain.map(|d| d.to_ascii_lowercase())));
+        let _ = self
+            .tx
+            .send(Cmd::Flush(domain.map(|d| d.to_ascii_lowercase())));
     }
 }
 
@@ -84,7 +86,10 @@ pub fn now_ms() -> i64 {
 }
 
 /// Write a flush request for a running node into the queue directory (used by the CLI).
-pub fn request_flush(queue_dir: &std::path::Path, domain: Option<&str>) -> std::io::Result<std::path::PathBuf> {
+pub fn request_flush(
+    queue_dir: &std::path::Path,
+    domain: Option<&str>,
+) -> std::io::Result<std::path::PathBuf> {
     let dir = queue_dir.join(FLUSH_DIR);
     std::fs::create_dir_all(&dir)?;
     let name = format!("{}-{}", now_ms(), std::process::id());

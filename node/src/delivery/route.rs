@@ -133,7 +133,13 @@ pub fn order_mx(domain: &str, records: &[(u16, String)], port: u16, seed: u64) -
     let mut recs: Vec<(u16, u64, String)> = records
         .iter()
         .enumerate()
-        .map(|(i, (p, x))| (*p, mix(seed ^ (i as u64)), x.trim_end_matches('.').to_owned()))
+        .map(|(i, (p, x))| {
+            (
+                *p,
+                mix(seed ^ (i as u64)),
+                x.trim_end_matches('.').to_owned(),
+            )
+        })
         .collect();
     recs.sort();
     MxPlan::Hosts(
@@ -226,7 +232,10 @@ mod tests {
     fn smarthosts_by_priority_rotated_within_priority() {
         let hosts = [sh("b1", 20), sh("a1", 10), sh("a2", 10), sh("c", 30)];
         let names = |t| -> Vec<String> {
-            order_smarthosts(&hosts, t).into_iter().map(|h| h.host).collect()
+            order_smarthosts(&hosts, t)
+                .into_iter()
+                .map(|h| h.host)
+                .collect()
         };
         assert_eq!(names(0), ["a1", "a2", "b1", "c"]);
         assert_eq!(names(1), ["a2", "a1", "b1", "c"]);
@@ -235,7 +244,11 @@ mod tests {
 
     #[test]
     fn mx_order_null_mx_and_implicit_mx() {
-        let recs = vec![(20, "b.example.".to_owned()), (10, "a.example.".into()), (10, "a2.example".into())];
+        let recs = vec![
+            (20, "b.example.".to_owned()),
+            (10, "a.example.".into()),
+            (10, "a2.example".into()),
+        ];
         let mut firsts = HashSet::new();
         for seed in 0..32 {
             let MxPlan::Hosts(h) = order_mx("d.example", &recs, 25, seed) else {
@@ -245,10 +258,16 @@ mod tests {
             firsts.insert(h[0].host.clone());
         }
         assert_eq!(firsts.len(), 2, "equal preferences are shuffled");
-        assert_eq!(order_mx("d.example", &[(0, ".".into())], 25, 1), MxPlan::NullMx);
+        assert_eq!(
+            order_mx("d.example", &[(0, ".".into())], 25, 1),
+            MxPlan::NullMx
+        );
         assert_eq!(
             order_mx("d.example", &[], 2525, 1),
-            MxPlan::Hosts(vec![Hop { host: "d.example".into(), port: 2525 }])
+            MxPlan::Hosts(vec![Hop {
+                host: "d.example".into(),
+                port: 2525
+            }])
         );
     }
 

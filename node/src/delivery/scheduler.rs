@@ -85,12 +85,22 @@ async fn scan(engine: &Arc<Engine>, st: &mut State) {
                     let mut domains: Vec<String> = state
                         .recipients
                         .iter()
-                        .filter(|r| matches!(r.status, RecipientStatus::Pending | RecipientStatus::Deferred))
+                        .filter(|r| {
+                            matches!(
+                                r.status,
+                                RecipientStatus::Pending | RecipientStatus::Deferred
+                            )
+                        })
                         .map(|r| domain_of(&r.address))
                         .collect();
                     domains.sort();
                     domains.dedup();
-                    out.push((env.id, state.next_attempt_at * 1000, domains, env.received_at * 1000));
+                    out.push((
+                        env.id,
+                        state.next_attempt_at * 1000,
+                        domains,
+                        env.received_at * 1000,
+                    ));
                 }
                 Err(err) => tracing::warn!(id = %e.id, error = %err, "cannot read queued message"),
             }
@@ -161,7 +171,10 @@ fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
             .set(n);
         st.destinations.insert(d);
     }
-    engine.metrics.oldest_message_age.set((now - oldest).max(0) / 1000);
+    engine
+        .metrics
+        .oldest_message_age
+        .set((now - oldest).max(0) / 1000);
 }
 
 /// Run until `shutdown` is true; then wait (at most `grace`) for running attempts.
@@ -173,6 +186,9 @@ pub async fn run(
 ) {
     let mut st = State::default();
     let _ = std::fs::create_dir_all(engine.queue.root().join(FLUSH_DIR));
+    if !engine.cfg.delivery.enabled {
+        tracing::warn!("delivery is disabled (delivery.enabled: false): mail is only queued");
+    }
     engine.refresh_self().await;
     scan(&engine, &mut st).await;
     let max = engine.cfg.delivery.max_deliveries.max(1);
@@ -183,13 +199,17 @@ pub async fn run(
     loop {
         let now = now_ms();
         // Start what is due.
-        while st.running < max {
-            let Some((due, id)) = st.due.first().cloned() else { break };
+        while st.running < max && engine.cfg.delivery.enabled {
+            let Some((due, id)) = st.due.first().cloned() else {
+                break;
+            };
             if due > now {
                 break;
             }
             st.due.pop_first();
-            let Some(e) = st.entries.get_mut(&id) else { continue };
+            let Some(e) = st.entries.get_mut(&id) else {
+                continue;
+            };
             e.running = true;
             st.running += 1;
             let eng = Arc::clone(&engine);
@@ -265,13 +285,19 @@ pub async fn run(
             },
         }
     }
-    tracing::info!(running = st.running, "delivery: shutting down, letting running attempts finish");
+    tracing::info!(
+        running = st.running,
+        "delivery: shutting down, letting running attempts finish"
+    );
     let until = tokio::time::Instant::now() + grace;
     while !tasks.is_empty() {
         match tokio::time::timeout_at(until, tasks.join_next()).await {
             Ok(_) => {}
             Err(_) => {
-                tracing::warn!(running = tasks.len(), "delivery: grace period over; aborting attempts (they will be retried)");
+                tracing::warn!(
+                    running = tasks.len(),
+                    "delivery: grace period over; aborting attempts (they will be retried)"
+                );
                 tasks.abort_all();
                 break;
             }

@@ -76,6 +76,8 @@ pub enum Command {
     },
     /// A PROXY protocol v1 line where a command was expected.
     Proxy,
+    /// ETRN (RFC 1985): run the queue for a domain (`@domain`, `#queue` forms accepted).
+    Etrn(String),
 }
 
 /// Why a line is not a valid command. Each maps to a reply.
@@ -186,6 +188,20 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
             Ok(Command::Bdat { size, last })
         }
         "RSET" => no_args(rest, Command::Rset),
+        "ETRN" => {
+            let arg = rest.trim();
+            let dom = arg.trim_start_matches(['@', '#']);
+            if dom.is_empty()
+                || dom.contains(char::is_whitespace)
+                || !dom
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            {
+                Err(CommandError::Syntax("ETRN needs a domain"))
+            } else {
+                Ok(Command::Etrn(dom.to_ascii_lowercase()))
+            }
+        }
         "NOOP" => Ok(Command::Noop),
         "QUIT" => no_args(rest, Command::Quit),
         "HELP" => Ok(Command::Help),

@@ -170,6 +170,8 @@ pub enum Event {
     AuthFailed(String),
     /// Authentication succeeded.
     AuthOk(String),
+    /// ETRN accepted: run the queue for this domain.
+    Etrn(String),
 }
 
 /// Result of one input.
@@ -369,6 +371,7 @@ impl Session {
             "ENHANCEDSTATUSCODES".into(),
             "SMTPUTF8".into(),
             "CHUNKING".into(),
+            "ETRN".into(),
         ];
         if self.cfg.starttls && !self.tls {
             lines.push("STARTTLS".into());
@@ -406,6 +409,35 @@ impl Session {
                 }
             }
             Command::Noop => Step::reply(Reply::new(250, "2.0.0", "OK")),
+            Command::Etrn(domain) => {
+                if self.helo.is_none() {
+                    return self.finish_reply(Reply::new(503, "5.5.1", "Send EHLO/HELO first"));
+                }
+                if self.tx.is_some() {
+                    return self.finish_reply(Reply::new(
+                        503,
+                        "5.5.1",
+                        "ETRN not allowed in a mail transaction",
+                    ));
+                }
+                if !self.cfg.policy.source_may_relay(self.client.addr.ip()) {
+                    self.events.push(Event::Refused {
+                        reason: "etrn_denied",
+                        detail: format!("ETRN {domain} from a client that may not relay"),
+                    });
+                    return self.finish_reply(Reply::new(
+                        459,
+                        "4.7.1",
+                        "ETRN not allowed from your address",
+                    ));
+                }
+                self.events.push(Event::Etrn(domain.clone()));
+                Step::reply(Reply::new(
+                    250,
+                    "2.0.0",
+                    format!("Queuing for node {domain} started"),
+                ))
+            }
             Command::Rset => {
                 self.tx = None;
                 Step::reply(Reply::new(250, "2.0.0", "OK"))

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dns;
+pub mod sink;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 
 pub fn free_port() -> u16 {

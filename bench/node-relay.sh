@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Relay benchmark, end to end: smtp-source -> mailnode -> smtp-sink beside
+# smtp-source -> Postfix (private instance, relayhost) -> smtp-sink; 10 KiB messages,
+# 1/10/50 sessions, fsync on in both. Prints messages/s delivered end to end (from the
+# first message sent until the relay's queue is empty again), p50/p99 end-to-end latency
+# (a probe sends one message every 20 ms while smtp-source runs, routed to a probe sink that
+# records arrival minus send time), peak RSS, and the mailnode/Postfix throughput ratio.
+# Needs: postfix (smtp-source, smtp-sink), python3, a release build (built here if missing).
+# Usage: bench/node-relay.sh [sessions...]   (default: 1 10 50)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SESSIONS=("${@:-1 10 50}")
+read -r -a SESSIONS <<<"${SESSIONS[*]}"
+SIZE=10240
+msgs_for() { case $1 in 1) echo 500 ;; 10) echo 2000 ;; *) echo 4000 ;; esac; }
+
+command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
+command -v smtp-source >/dev/null || { echo "smtp-source missing (apt-get install postfix)"; exit 1; }
+BIN=target/release/mailnode
+[ -x "$BIN" ] || cargo build --release -p mailnode
+T=$(mktemp -d /var/tmp/mailnode-relay.XXXXXX)
+MN_PID= ; PF= ; SINK_PID=
+cleanup() {
+  [ -n "$MN_PID" ] && kill "$MN_PID" 2>/dev/null || true
+  [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null || true
+  [ -n "$PF" ] && postfix -c "$T/postfix" stop >/dev/null 2>&1 || true
+  sleep 1; [ -n "${KEEP:-}" ] && cp "$T/postfix.log" /tmp/pf-relay.log 2>/dev/null; rm -rf "$T"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+SINK_PORT=$(free_port); PROBE_PORT=$(free_port)
+SINK_USER=(); [ "$(id -u)" = 0 ] && SINK_USER=(-u nobody)
+smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINK_PORT 1000 &
+SINK_PID=$!
+
+# --- mailnode -------------------------------------------------------------------------
+MN_PORT=$(free_port); MN_ADMIN=$(free_port)
+cat >"$T/mailnode.yaml" <<YAML
+hostname: bench.mailnode.example
+listeners:
+  - name: bench
+    address: 127.0.0.1:$MN_PORT
+    relay: {allowedSources: [127.0.0.0/8]}
+queue: {path: $T/mnq, fsync: true, groupCommit: true, minFreeBytes: 0, minFreePercent: 0}
+limits: {maxSessions: 1000}
+admin: {address: 127.0.0.1:$MN_ADMIN}
+delivery:
+  smarthosts: [{host: 127.0.0.1, port: $SINK_PORT, priority: 1}]
+  routes:
+    - domains: [probe.example]
+      smarthosts: [{host: 127.0.0.1, port: $PROBE_PORT, priority: 1}]
+  tls: {mode: none}
+  concurrencyPerDestination: 50
+  idleConnectionSeconds: 10
+YAML
+start_mailnode() {
+  rm -rf "$T/mnq"
+  MAILNODE_LOG=warn "$BIN" serve --config "$T/mailnode.yaml" 2>>"$T/mailnode.log" &
+  MN_PID=$!
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$MN_PORT) 2>/dev/null && return; sleep 0.05; done
+  echo "mailnode did not start"; cat "$T/mailnode.log"; exit 1
+}
+stop_mailnode() { kill "$MN_PID"; wait "$MN_PID" 2>/dev/null || true; MN_PID=; }
+mailnode_queue() { find "$T/mnq/active" -type f 2>/dev/null | wc -l; }
+
+# --- postfix (private instance, relays everything to the sink) ---------------------------
+PF_PORT=$(free_port)
+mkdir -p "$T/postfix"
+cat >"$T/postfix/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $T/pfq
+data_directory = $T/pfdata
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench.postfix.example
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:$SINK_PORT
+transport_maps = inline:{probe.example=smtp:[127.0.0.1]:$PROBE_PORT}
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+in_flow_delay = 0
+default_process_limit = 200
+default_destination_concurrency_limit = 50
+smtp_tls_security_level = none
+smtp_connection_cache_on_demand = yes
+maillog_file = $T/postfix.log
+CF
+cat >"$T/postfix/master.cf" <<CF
+127.0.0.1:$PF_PORT inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+CF
+start_postfix() {
+  rm -rf "$T/pfq" "$T/pfdata"; mkdir -p "$T/pfq" "$T/pfdata"
+  chmod 755 "$T"; chown postfix "$T/pfdata"
+  postfix -c "$T/postfix" check >/dev/null 2>&1 || true
+  script -qc "postfix -c $T/postfix start" /dev/null >"$T/pfstart.log" 2>&1 || { cat "$T/pfstart.log"; exit 1; }
+  PF=1
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PF_PORT) 2>/dev/null && return; sleep 0.05; done
+  echo "postfix did not start"; cat "$T/postfix.log" 2>/dev/null; exit 1
+}
+stop_postfix() { postfix -c "$T/postfix" stop >/dev/null 2>&1 || true; PF=; sleep 1; }
+postfix_queue() { find "$T/pfq/incoming" "$T/pfq/active" "$T/pfq/deferred" "$T/pfq/maildrop" -type f 2>/dev/null | wc -l; }
+postfix_rss_kb() {
+  local master; master=$(head -1 "$T/pfq/pid/master.pid" 2>/dev/null | tr -d ' ')
+  local total=0 p
+  for p in $master $(pgrep -P "$master" 2>/dev/null); do
+    total=$((total + $(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null || echo 0)))
+  done
+  echo $total
+}
+
+run_one() { # port sessions queuefn -> "msgs/s p50 p99"
+  local port=$1 s=$2 qfn=$3 n; n=$(msgs_for "$s")
+  rm -f "$T/stop"
+  python3 bench/relay_probe.py "$port" "$PROBE_PORT" "$T/stop" >"$T/probe.out" &
+  local probe=$!
+  local t0 t1
+  t0=$(date +%s.%N)
+  smtp-source -d -s "$s" -m "$n" -l $SIZE -f bench@example.com -t sink@example.net 127.0.0.1:"$port"
+  touch "$T/stop"   # the probe stops sending; the queue then drains
+  local deadline=$((SECONDS + 300))
+  while [ "$($qfn)" != 0 ] && [ $SECONDS -lt $deadline ]; do sleep 0.01; done
+  t1=$(date +%s.%N)
+  wait $probe || true
+  local rate; rate=$(python3 -c "print(f'{$n/($t1-$t0):.0f}')")
+  read -r p50 p99 _ _ <"$T/probe.out"
+  echo "$rate $p50 $p99"
+}
+
+printf '%-9s %-9s %10s %9s %9s %12s\n' server sessions "msg/s e2e" "p50 ms" "p99 ms" "peak RSS MB"
+declare -A RATE
+for s in "${SESSIONS[@]}"; do
+  start_mailnode
+  read -r rate p50 p99 <<<"$(run_one "$MN_PORT" "$s" mailnode_queue)"
+  rss=$(awk '/VmHWM/{printf "%.1f", $2/1024}' /proc/$MN_PID/status)
+  stop_mailnode
+  RATE[mn$s]=$rate
+  printf '%-9s %-9s %10s %9s %9s %12s\n' mailnode "$s" "$rate" "$p50" "$p99" "$rss"
+  start_postfix
+  read -r rate p50 p99 <<<"$(run_one "$PF_PORT" "$s" postfix_queue)"
+  rss=$(awk -v k="$(postfix_rss_kb)" 'BEGIN{printf "%.1f", k/1024}')
+  stop_postfix
+  RATE[pf$s]=$rate
+  printf '%-9s %-9s %10s %9s %9s %12s\n' postfix "$s" "$rate" "$p50" "$p99" "$rss"
+done
+echo
+printf '%-9s %s\n' sessions "mailnode/postfix msg/s end to end"
+for s in "${SESSIONS[@]}"; do
+  python3 -c "print(f'{\"$s\":<9} {${RATE[mn$s]}/max(1,${RATE[pf$s]}):.2f}x')"
+done
+echo "(Postfix peak RSS is the sum over its processes; both fsync; sink: Postfix smtp-sink)"

@@ -1,0 +1,438 @@
+//! Delivery engine tests with real peers on loopback: a recording sink (tests/common/sink.rs),
+//! Postfix's smtp-sink, a test DNS server, and two mailnode processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::dns::{Rec, TestDns};
+use common::sink::{Mode, Sink, wait_until};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn yaml(extra: &str) -> String {
+    format!(
+        r#"
+hostname: relay.test.example
+listeners:
+  - name: open
+    address: 127.0.0.1:{{port0}}
+    relay: {{allowedSources: [127.0.0.2/32]}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+limits: {{shutdownGraceSeconds: 5}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+{extra}
+"#
+    )
+}
+
+fn msg(id: &str) -> String {
+    format!("Message-ID: <{id}>\r\nSubject: test {id}\r\n\r\nhello {id}\r\n")
+}
+
+fn submit(node: &Node, from: &str, rcpts: &[&str], body: &str) {
+    let (mut c, banner) = Client::connect("127.0.0.2", node.addr(0));
+    assert!(banner.starts_with("220"), "{banner}");
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let r = c.mail(from, rcpts, body);
+    assert!(r.starts_with("250"), "{r}\n{}", node.log());
+    c.cmd("QUIT");
+}
+
+fn metric(node: &Node, name: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A port that refuses connections (a sink started and stopped).
+fn dead_port(ip: &str) -> std::net::SocketAddr {
+    let mut s = Sink::start(ip);
+    let a = s.addr;
+    s.stop();
+    a
+}
+
+#[test]
+fn smarthost_fallback_and_primary_back() {
+    let primary_addr = dead_port("127.0.0.1");
+    let fallback = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts:\n    - {{host: 127.0.0.1, port: {}, priority: 10}}\n    - {{host: 127.0.0.1, port: {}, priority: 20}}\n  retry: {{firstSeconds: 1, maxSeconds: 1}}\n  commandTimeoutSeconds: 1\n  idleConnectionSeconds: 0\n",
+            primary_addr.port(),
+            fallback.addr.port()
+        )),
+        1,
+    );
+    // Primary down: the fallback gets it.
+    submit(&node, "s@a.example", &["r@b.example"], &msg("m1@t"));
+    assert!(
+        wait_until(WAIT, || fallback.rcpts_of("<m1@t>").len() == 1),
+        "{}",
+        node.log()
+    );
+    // Primary back: new mail goes to the primary.
+    let primary = Sink::start_on(primary_addr);
+    submit(&node, "s@a.example", &["r@b.example"], &msg("m2@t"));
+    assert!(
+        wait_until(WAIT, || primary.rcpts_of("<m2@t>").len() == 1),
+        "{}",
+        node.log()
+    );
+    // Primary hangs: after the reply timeout, the fallback gets it.
+    primary.set_mode(Mode::Hang);
+    submit(&node, "s@a.example", &["r@b.example"], &msg("m3@t"));
+    assert!(
+        wait_until(WAIT, || fallback.rcpts_of("<m3@t>").len() == 1),
+        "{}",
+        node.log()
+    );
+    assert!(wait_until(WAIT, || node.queue_ids().is_empty()));
+    assert_eq!(fallback.rcpts_of("<m1@t>").len(), 1);
+    assert_eq!(
+        primary.rcpts_of("<m1@t>").len() + primary.rcpts_of("<m3@t>").len(),
+        0
+    );
+    assert_eq!(fallback.rcpts_of("<m2@t>").len(), 0);
+    assert!(metric(&node, "mailnode_deliveries_total{result=\"delivered\"}") >= 3.0);
+}
+
+#[test]
+fn all_hops_down_then_one_returns_none_lost_none_duplicated() {
+    let p = dead_port("127.0.0.1");
+    let f = Sink::start("127.0.0.1");
+    f.set_mode(Mode::Tempfail421);
+    let mut node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts:\n    - {{host: 127.0.0.1, port: {}, priority: 10}}\n    - {{host: 127.0.0.1, port: {}, priority: 20}}\n  retry: {{firstSeconds: 1, maxSeconds: 1}}\n",
+            p.port(),
+            f.addr.port()
+        )),
+        1,
+    );
+    for i in 0..10 {
+        submit(
+            &node,
+            "s@a.example",
+            &["r1@b.example", "r2@b.example"],
+            &msg(&format!("d{i}@t")),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(node.queue_ids().len(), 10, "{}", node.log());
+    assert!(f.connections() >= 2, "retried");
+    // Restart the node meanwhile: the retry state survives.
+    node.term(Duration::from_secs(10));
+    let st = node.queue(&["show", &node.queue_ids()[0]]);
+    assert!(
+        st.contains("\"attempts\"") && st.contains("deferred"),
+        "{st}"
+    );
+    node.spawn();
+    f.set_mode(Mode::Accept);
+    assert!(
+        wait_until(WAIT, || (0..10)
+            .all(|i| f.rcpts_of(&format!("<d{i}@t>")).len() == 2)),
+        "{}",
+        node.log()
+    );
+    assert!(wait_until(WAIT, || node.queue_ids().is_empty()));
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..10 {
+        assert_eq!(
+            f.rcpts_of(&format!("<d{i}@t>")),
+            ["r1@b.example", "r2@b.example"]
+        );
+    }
+    assert_eq!(
+        f.got().len(),
+        10,
+        "one transaction per message, no duplicates"
+    );
+}
+
+#[test]
+fn permanent_failure_for_one_of_three_bounces_only_that_one() {
+    let sink = Sink::start("127.0.0.1");
+    sink.reject("bad@b.example");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts: [{{host: 127.0.0.1, port: {}, priority: 1}}]\n  retry: {{firstSeconds: 1, maxSeconds: 1}}\n",
+            sink.addr.port()
+        )),
+        1,
+    );
+    submit(
+        &node,
+        "s@a.example",
+        &["a@b.example", "bad@b.example", "c@b.example"],
+        &msg("p1@t"),
+    );
+    assert!(
+        wait_until(WAIT, || sink.got().iter().any(|g| g.sender.is_empty())),
+        "{}",
+        node.log()
+    );
+    assert!(wait_until(WAIT, || node.queue_ids().is_empty()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.rcpts_of("<p1@t>"), ["a@b.example", "c@b.example"]);
+    let dsns: Vec<_> = sink
+        .got()
+        .into_iter()
+        .filter(|g| g.sender.is_empty())
+        .collect();
+    assert_eq!(dsns.len(), 1);
+    assert_eq!(dsns[0].rcpts, ["s@a.example"]);
+    let d = &dsns[0].data;
+    assert!(d.contains("report-type=delivery-status"), "{d}");
+    assert!(
+        d.contains("Final-Recipient: rfc822; bad@b.example") && d.contains("Status: 5.1.1"),
+        "{d}"
+    );
+    assert!(
+        !d.contains("rfc822; a@b.example") && !d.contains("rfc822; c@b.example"),
+        "{d}"
+    );
+    assert!(
+        d.contains("Message-ID: <p1@t>"),
+        "original headers returned: {d}"
+    );
+}
+
+#[test]
+fn expiry_and_loops_bounce_but_never_to_the_null_sender() {
+    let down = dead_port("127.0.0.1");
+    let reports = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts: [{{host: 127.0.0.1, port: {}, priority: 1}}]\n  routes:\n    - domains: [sender.example]\n      smarthosts: [{{host: 127.0.0.1, port: {}, priority: 1}}]\n  retry: {{firstSeconds: 1, maxSeconds: 1, lifetimeSeconds: 3}}\n",
+            down.port(),
+            reports.addr.port()
+        )),
+        1,
+    );
+    submit(&node, "s@sender.example", &["r@far.example"], &msg("e1@t"));
+    submit(&node, "", &["r@far.example"], &msg("e2@t"));
+    // 50 Received headers plus ours: more than the limit of 50.
+    let looped = format!(
+        "{}{}",
+        "Received: from x by y; Mon, 1 Jan 2024 00:00:00 +0000\r\n".repeat(50),
+        msg("l1@t")
+    );
+    submit(&node, "s@sender.example", &["r@far.example"], &looped);
+    assert!(
+        wait_until(WAIT, || node.queue_ids().is_empty()),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let got = reports.got();
+    assert_eq!(
+        got.len(),
+        2,
+        "one DSN for the expired, one for the loop, none for <>: {got:?}"
+    );
+    assert!(
+        got.iter()
+            .all(|g| g.sender.is_empty() && g.rcpts == ["s@sender.example"])
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.data.contains("Status: 4.4.7") && g.data.contains("<e1@t>"))
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.data.contains("Status: 5.4.6") && g.data.contains("<l1@t>"))
+    );
+    assert!(!got.iter().any(|g| g.data.contains("<e2@t>")));
+    assert!(
+        node.log()
+            .contains("no DSN: the message has the null sender")
+    );
+}
+
+#[test]
+fn mx_routes_null_mx_and_mx_to_self_is_deferred() {
+    let dns = TestDns::start("127.0.0.1");
+    let cfg = yaml(
+        "delivery:\n  mxPort: {port0}\n  retry: {firstSeconds: 1, maxSeconds: 1}\n  dns: {nameservers: [\"DNS\"], timeoutSeconds: 2}\n",
+    )
+    .replace("DNS", &dns.addr.to_string());
+    let node = Node::start(&cfg, 1);
+    // good.example's MX is a sink on 127.0.0.3 with the port the MX route uses.
+    let sink = Sink::start_on(format!("127.0.0.3:{}", node.ports[0]).parse().unwrap());
+    dns.add("good.example", Rec::Mx(20, "mx2.good.example".into()));
+    dns.add("good.example", Rec::Mx(10, "mx1.good.example".into()));
+    dns.add("mx1.good.example", Rec::Ip("127.0.0.3".parse().unwrap()));
+    dns.add("mx2.good.example", Rec::Ip("127.0.0.4".parse().unwrap()));
+    dns.add("self.example", Rec::Mx(10, "mx.self.example".into()));
+    dns.add("mx.self.example", Rec::Ip("127.0.0.1".parse().unwrap()));
+    dns.add("null.example", Rec::Mx(0, ".".into()));
+
+    submit(&node, "s@good.example", &["v@good.example"], &msg("x1@t"));
+    submit(&node, "s@good.example", &["w@null.example"], &msg("x2@t"));
+    submit(&node, "s@good.example", &["u@self.example"], &msg("x3@t"));
+    assert!(
+        wait_until(WAIT, || sink.rcpts_of("<x1@t>") == ["v@good.example"]),
+        "{}",
+        node.log()
+    );
+    assert!(
+        wait_until(WAIT, || sink
+            .got()
+            .iter()
+            .any(|g| g.sender.is_empty() && g.data.contains("Status: 5.1.10"))),
+        "{}",
+        node.log()
+    );
+    assert!(
+        wait_until(WAIT, || metric(&node, "mailnode_route_loops_total") >= 2.0),
+        "{}",
+        node.log()
+    );
+    // Deferred, not bounced, not looped: still queued, the node accepted exactly the 3 sent.
+    let ids = node.queue_ids();
+    assert_eq!(ids.len(), 1, "{}", node.log());
+    let show = node.queue(&["show", &ids[0]]);
+    assert!(
+        show.contains("deferred") && show.contains("loops back to myself"),
+        "{show}"
+    );
+    assert_eq!(metric(&node, "mailnode_messages_accepted_total"), 3.0);
+    assert!(!sink.got().iter().any(|g| g.data.contains("<x3@t>")));
+    assert!(node.log().contains("every next hop of the route is self"));
+}
+
+#[test]
+fn two_nodes_fallback_mx_etrn_and_queue_flush() {
+    let sink_addr = dead_port("127.0.0.1");
+    // B: fallback MX for example.com, delivering to the internal server (the sink).
+    let b = Node::start(
+        &format!(
+            r#"
+hostname: mx2.test.example
+listeners:
+  - name: mx
+    address: 127.0.0.1:{{port0}}
+    acceptDomains: [example.com]
+    relay: {{allowedSources: [127.0.0.2/32]}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+delivery:
+  routes:
+    - domains: [example.com]
+      smarthosts: [{{host: 127.0.0.1, port: {}, priority: 10}}]
+  retry: {{firstSeconds: 3600, maxSeconds: 3600}}
+"#,
+            sink_addr.port()
+        ),
+        1,
+    );
+    // A relays everything to B.
+    let a = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts: [{{host: 127.0.0.1, port: {}, priority: 10}}]\n",
+            b.ports[0]
+        )),
+        1,
+    );
+    submit(&a, "s@a.example", &["u@example.com"], &msg("n1@t"));
+    submit(&a, "s@a.example", &["v@example.com"], &msg("n2@t"));
+    assert!(wait_until(WAIT, || a.queue_ids().is_empty()), "{}", a.log());
+    assert!(wait_until(WAIT, || b.queue_ids().len() == 2), "{}", b.log());
+    let sink = Sink::start_on(sink_addr);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(sink.got().is_empty(), "next retry is an hour away");
+    // ETRN is refused to a client that may not relay, accepted from one that may.
+    let (mut c, _) = Client::connect("127.0.0.3", b.addr(0));
+    c.cmd("EHLO other.test");
+    assert!(c.cmd("ETRN example.com").starts_with("459"));
+    let (mut c, _) = Client::connect("127.0.0.2", b.addr(0));
+    assert!(c.cmd("EHLO primary.test").contains("ETRN"));
+    assert!(c.cmd("ETRN other.example").starts_with("250"));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(sink.got().is_empty(), "other domain: nothing to run");
+    let r = c.cmd("ETRN example.com");
+    assert!(r.starts_with("250"), "{r}");
+    assert!(wait_until(WAIT, || sink.got().len() == 2), "{}", b.log());
+    assert!(wait_until(WAIT, || b.queue_ids().is_empty()));
+    assert_eq!(sink.rcpts_of("<n1@t>"), ["u@example.com"]);
+    assert_eq!(sink.rcpts_of("<n2@t>"), ["v@example.com"]);
+    // The hop count grew by one Received header per node.
+    let n1 = sink
+        .got()
+        .into_iter()
+        .find(|g| g.message_id == "<n1@t>")
+        .unwrap();
+    assert_eq!(n1.data.matches("Received: ").count(), 2, "{}", n1.data);
+
+    // `mailnode queue flush --domain` on a running node.
+    let mut sink = sink;
+    sink.stop();
+    submit(&a, "s@a.example", &["w@example.com"], &msg("n3@t"));
+    assert!(wait_until(WAIT, || b.queue_ids().len() == 1), "{}", b.log());
+    let sink = Sink::start_on(sink_addr);
+    let out = b.queue(&["flush", "--domain", "example.com"]);
+    assert!(out.contains("flush requested"), "{out}");
+    assert!(
+        wait_until(WAIT, || sink.rcpts_of("<n3@t>") == ["w@example.com"]),
+        "{}",
+        b.log()
+    );
+    assert!(wait_until(WAIT, || b.queue_ids().is_empty()));
+}
+
+#[test]
+fn delivers_to_postfix_smtp_sink_with_connection_reuse() {
+    if !have("smtp-sink") {
+        eprintln!("smtp-sink not installed; skipping");
+        return;
+    }
+    let port = free_port();
+    let mut cmd = std::process::Command::new(tool_path("smtp-sink"));
+    // As root, smtp-sink wants a user to drop to.
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if root {
+        cmd.args(["-u", "nobody"]);
+    }
+    let mut child = cmd
+        .args(["-c", &format!("127.0.0.1:{port}"), "100"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(WAIT, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts: [{{host: 127.0.0.1, port: {port}, priority: 1}}]\n  concurrencyPerDestination: 2\n  idleConnectionSeconds: 10\n"
+        )),
+        1,
+    );
+    for i in 0..20 {
+        submit(
+            &node,
+            "s@a.example",
+            &["r@b.example"],
+            &msg(&format!("ps{i}@t")),
+        );
+    }
+    let ok = wait_until(WAIT, || node.queue_ids().is_empty());
+    let delivered = metric(&node, "mailnode_deliveries_total{result=\"delivered\"}");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{}", node.log());
+    assert_eq!(delivered, 20.0);
+}
