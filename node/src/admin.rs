@@ -1,5 +1,6 @@
 //! Admin HTTP port: `/healthz` (the process runs), `/readyz` (not while draining or when the
-//! queue disk is nearly full), `/metrics` (Prometheus text).
+//! queue disk is nearly full), `/metrics` (Prometheus text), `/status` (JSON for the
+//! operator's member table), `POST /drain` (stop accepting, hand the queue to the peers).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::server::Node;
 
@@ -38,12 +39,70 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     )
 }
 
+fn node_name() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// The `/status` document.
+pub async fn status_json(node: &Arc<Node>) -> serde_json::Value {
+    let q = Arc::clone(&node.queue);
+    let (depth, oldest) = tokio::task::spawn_blocking(move || {
+        let _ = q.rescan();
+        (q.depth(), q.oldest_age_seconds())
+    })
+    .await
+    .unwrap_or((node.queue.depth(), 0));
+    let peers = node.peers.as_ref().map(|p| p.status()).unwrap_or_default();
+    serde_json::json!({
+        "name": node_name(),
+        "hostname": node.config.hostname,
+        "instance": node.peers.as_ref().map(|p| p.instance.clone()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "configHash": node.config_hash,
+        "configLoadedAt": node.config_loaded_at,
+        "queueDepth": depth,
+        "oldestMessageAgeSeconds": oldest,
+        "draining": node.draining.load(Ordering::Relaxed),
+        "drained": node.drained.load(Ordering::Relaxed),
+        "ready": !node.draining.load(Ordering::Relaxed) && node.storage_ok.load(Ordering::Relaxed),
+        "peers": peers,
+        "peersReachable": node.peers.as_ref().map_or(0, |p| p.status().iter().filter(|s| s.reachable).count()),
+        "failedPeerTransfers": node.peers.as_ref().map_or(0, |p| p.failed_transfers.load(Ordering::Relaxed)),
+    })
+}
+
+async fn status(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let v = status_json(&node).await;
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{v}\n"),
+    )
+}
+
+async fn drain(State(node): State<Arc<Node>>) -> (StatusCode, &'static str) {
+    if node.peers.is_none() {
+        return (StatusCode::CONFLICT, "no peers configured\n");
+    }
+    node.drain_requested.notify_one();
+    (StatusCode::ACCEPTED, "draining\n")
+}
+
 /// The admin router.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/drain", post(drain))
         .with_state(node)
 }
 

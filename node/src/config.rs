@@ -61,7 +61,7 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// Health, readiness and metrics HTTP endpoint.
     pub admin: AdminConfig,
-    /// Cluster peers (used by a later part: queue hand-over, config sync).
+    /// Cluster peers: the authenticated peer channel (queue hand-off, cluster-wide ETRN).
     pub peers: PeersConfig,
     /// Outbound delivery: routes, retries, TLS, DNS, what is "self".
     pub delivery: DeliveryConfig,
@@ -316,7 +316,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// Cluster peers (for a later part).
+/// Cluster peers. The peer listener runs when `address` and `secretFile` are set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct PeersConfig {
@@ -325,11 +325,18 @@ pub struct PeersConfig {
     pub address: Option<SocketAddr>,
     /// Peer names or addresses (`host:port`).
     pub members: Vec<String>,
-    /// File holding the cluster secret that authenticates peers.
+    /// File holding the cluster key(s) that authenticate peers: one key per line (the current
+    /// and, during a rotation, the previous one). Re-read for every peer connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<PathBuf>,
-    /// Addresses that are "self" (this cluster); never a next hop.
+    /// Addresses that are "self" (this cluster); never a next hop. They may also use the
+    /// peer channel.
     pub self_addresses: Vec<IpAddr>,
+    /// Further source networks allowed on the peer channel besides the members' resolved
+    /// addresses and `selfAddresses` (e.g. the pod network, for the drain-from-volume Job).
+    /// The cluster key is required regardless.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sources: Vec<IpNet>,
 }
 
 /// Outbound delivery: where mail goes next, how often it is retried, and what is "self".

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod metrics;
+pub mod peer;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod queue;

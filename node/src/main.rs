@@ -38,6 +38,21 @@ enum Cmd {
     },
     /// Read a password from standard input and print an argon2 hash for the users file.
     HashPassword,
+    /// Hand the queue to the other cluster members. With `--queue-dir`: without serving,
+    /// move every message of that directory (e.g. the volume of a removed member) to the
+    /// members named in the config's `peers`, exit 0 only when the directory is empty.
+    /// Without: ask the running node (admin port of the config) to drain, and wait.
+    Drain {
+        /// Config file (YAML): peers, key file, admin address.
+        #[arg(long, env = "MAILNODE_CONFIG")]
+        config: PathBuf,
+        /// Queue directory to empty (instead of asking the running node).
+        #[arg(long)]
+        queue_dir: Option<PathBuf>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +237,89 @@ fn hash_password() -> Result<(), String> {
     Ok(())
 }
 
+async fn drain_dir(cfg: Config, dir: PathBuf, timeout: u64) -> Result<(), String> {
+    use mailnode::queue::SyncMode;
+    use prometheus_client::metrics::histogram::Histogram;
+    if !dir.is_dir() {
+        return Err(format!("queue directory {} does not exist", dir.display()));
+    }
+    let (q, rec) = Queue::open(
+        &dir,
+        SyncMode::PerMessage,
+        Histogram::new([0.01]),
+        Histogram::new([1.0]),
+    )
+    .map_err(|e| e.to_string())?;
+    tracing::info!(dir = %dir.display(), messages = rec.kept, removed_partial = rec.removed, "draining queue directory");
+    let peers = mailnode::peer::Peers::new(&cfg);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    let mut total = 0;
+    loop {
+        match peers.hand_off(&q).await {
+            Ok((moved, left)) => {
+                total += moved;
+                if left == 0 {
+                    out!("drained {}: {total} messages handed to peers", dir.display());
+                    return Ok(());
+                }
+                tracing::warn!(moved, left, "hand-off incomplete; retrying");
+            }
+            Err(e) => tracing::warn!(error = %e, "hand-off failed; retrying"),
+        }
+        if std::time::Instant::now() > until {
+            let left = q.list().map(|l| l.len()).unwrap_or(0);
+            return Err(format!(
+                "timeout: {left} messages left in {} ({total} moved)",
+                dir.display()
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::Write as _;
+    let addr = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|e| format!("admin port {addr}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: mailnode\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+fn drain_running(cfg: &Config, timeout: u64) -> Result<(), String> {
+    let (code, body) = http(cfg.admin.address, "POST", "/drain")?;
+    if code != 202 {
+        return Err(format!("drain refused ({code}): {}", body.trim()));
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+    loop {
+        let (_, body) = http(cfg.admin.address, "GET", "/status")?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["drained"] == true && v["queueDepth"] == 0 {
+            out!("drained");
+            return Ok(());
+        }
+        if std::time::Instant::now() > until {
+            return Err(format!("timeout; queue depth {}", v["queueDepth"]));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -234,6 +332,9 @@ fn main() -> ExitCode {
         Cmd::HashPassword => hash_password(),
         Cmd::Serve { config } => {
             init_tracing();
+            let hash = std::fs::read(&config)
+                .map(|b| mailnode::peer::sha256_hex(&b))
+                .unwrap_or_default();
             match Config::load(&config) {
                 Err(e) => Err(e.to_string()),
                 Ok(cfg) => match tokio::runtime::Builder::new_multi_thread()
@@ -242,8 +343,26 @@ fn main() -> ExitCode {
                 {
                     Err(e) => Err(format!("cannot start runtime: {e}")),
                     Ok(rt) => rt
-                        .block_on(mailnode::serve::serve(cfg))
+                        .block_on(mailnode::serve::serve_with(cfg, &hash))
                         .map_err(|e| e.to_string()),
+                },
+            }
+        }
+        Cmd::Drain {
+            config,
+            queue_dir,
+            timeout,
+        } => {
+            init_tracing();
+            match (Config::load(&config), queue_dir) {
+                (Err(e), _) => Err(e.to_string()),
+                (Ok(cfg), None) => drain_running(&cfg, timeout),
+                (Ok(cfg), Some(dir)) => match tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Err(e) => Err(format!("cannot start runtime: {e}")),
+                    Ok(rt) => rt.block_on(drain_dir(cfg, dir, timeout)),
                 },
             }
         }

@@ -58,8 +58,15 @@ fn storage_ok(node: &Node) -> bool {
     }
 }
 
-/// Run the node until SIGTERM/SIGINT, then drain and return.
+/// Run the node until SIGTERM/SIGINT, then drain and return. The config hash shown in
+/// `/status` is that of the config rendered as YAML; [`serve_with`] takes the file's.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let yaml = config.to_yaml().unwrap_or_default();
+    serve_with(config, &crate::peer::sha256_hex(yaml.as_bytes())).await
+}
+
+/// Run the node; `config_hash` is the SHA-256 (hex) of the config file's bytes.
+pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let mode = match (config.queue.fsync, config.queue.group_commit) {
         (false, _) => SyncMode::None,
@@ -104,6 +111,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         active: AtomicUsize::new(0),
         shutdown,
         delivery: delivery.clone(),
+        peers: (config.peers.address.is_some() || !config.peers.members.is_empty())
+            .then(|| Arc::new(crate::peer::Peers::new(&config))),
+        drain_requested: tokio::sync::Notify::new(),
+        drained: AtomicBool::new(false),
+        config_hash: config_hash.to_owned(),
+        config_loaded_at: jiff::Timestamp::now().to_string(),
     });
     let engine = Arc::new(crate::delivery::attempt::Engine::new(
         config.clone(),
@@ -130,6 +143,34 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::info!(listener = %l.name, address = %sock.local_addr().unwrap_or(l.address), "listening");
         let ctx = Arc::new(ListenerCtx::new(&config, l, node.tls.is_some()));
         tokio::spawn(run_listener(Arc::clone(&node), ctx, sock));
+    }
+    if let (Some(addr), Some(peers)) = (config.peers.address, &node.peers) {
+        if config.peers.secret_file.is_none() {
+            tracing::warn!("peers.address is set but peers.secretFile is not: peer channel disabled");
+        } else {
+            let sock = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    name: "peers".into(),
+                    address: addr,
+                    source,
+                })?;
+            tracing::info!(address = %sock.local_addr().unwrap_or(addr), instance = %peers.instance, "peer channel listening");
+            let ctx = Arc::new(crate::peer::ServerCtx {
+                node: Arc::clone(&node),
+                peers: Arc::clone(peers),
+                max_size: config.limits.max_message_size.saturating_mul(2) + (1 << 20),
+            });
+            tokio::spawn(crate::peer::run_listener(ctx, sock));
+        }
+        let peers = Arc::clone(peers);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                peers.probe().await;
+            }
+        });
     }
     let admin = TcpListener::bind(config.admin.address)
         .await
@@ -204,12 +245,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    let by_request = tokio::select! {
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        () = node.drain_requested.notified() => true,
+    };
     tracing::info!(
         sessions = node.active.load(Ordering::SeqCst),
+        by_request,
         "shutdown requested: draining"
     );
     node.draining.store(true, Ordering::SeqCst);
@@ -231,6 +274,43 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "delivery scheduler failed"),
         Err(_) => tracing::warn!("delivery scheduler did not stop in time"),
+    }
+    // Hand the queue to the other members (delivery has stopped, so nothing is in flight).
+    if let Some(peers) = node.peers.clone() {
+        let mut round = 0u32;
+        loop {
+            round += 1;
+            match peers.hand_off(&node.queue).await {
+                Ok((moved, 0)) => {
+                    tracing::info!(moved, "queue handed off to peers; queue empty");
+                    break;
+                }
+                Ok((moved, left)) => {
+                    tracing::warn!(moved, left, round, "queue hand-off incomplete")
+                }
+                Err(e) => tracing::warn!(error = %e, round, "queue hand-off failed"),
+            }
+            // On SIGTERM try a few times (the messages stay on the volume otherwise); on a
+            // drain request keep trying until SIGTERM.
+            if !by_request && round >= 3 {
+                tracing::warn!("giving up the hand-off; messages stay in the queue directory");
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {},
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        let _ = node.queue.rescan();
+    }
+    node.drained.store(true, Ordering::SeqCst);
+    if by_request {
+        tracing::info!("drained; not accepting mail; waiting for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
     tracing::info!("mailnode stopped");
     Ok(())

@@ -52,6 +52,16 @@ pub struct Node {
     pub shutdown: watch::Sender<bool>,
     /// The delivery scheduler (new messages, ETRN).
     pub delivery: crate::delivery::Handle,
+    /// The peer channel (when `peers` is configured).
+    pub peers: Option<Arc<crate::peer::Peers>>,
+    /// Woken by `POST /drain`: hand the queue to the peers and stay draining.
+    pub drain_requested: tokio::sync::Notify,
+    /// The queue has been handed off (drain finished).
+    pub drained: AtomicBool,
+    /// SHA-256 of the config file bytes (hex).
+    pub config_hash: String,
+    /// When the config was loaded (RFC 3339).
+    pub config_loaded_at: String,
 }
 
 /// A listener's precomputed settings.
@@ -358,7 +368,11 @@ impl Driver {
                 }
                 Event::Etrn(domain) => {
                     tracing::info!(listener = %self.ctx.config.name, client = %client.addr, domain = %domain, "ETRN: running the queue for the domain");
-                    self.node.delivery.flush(Some(domain));
+                    self.node.delivery.flush(Some(domain.clone()));
+                    if let Some(p) = &self.node.peers {
+                        let p = Arc::clone(p);
+                        tokio::spawn(async move { p.broadcast_flush(Some(domain)).await });
+                    }
                 }
             }
         }

@@ -221,7 +221,7 @@ impl Engine {
             for &i in &pending {
                 self.fail(&mut state, i, "5.4.6", &why, None, &mut failed);
             }
-            self.save(id, &state).await?;
+            // The state is written (or the message deleted) below, after the DSN is queued.
         } else if backoff::expired(&d.retry, env.received_at, now) {
             for &i in &pending {
                 let last = state.recipients[i]
@@ -235,7 +235,7 @@ impl Engine {
                 tracing::warn!(id, rcpt = %state.recipients[i].address, reason = %why, "bouncing: lifetime expired");
                 self.fail(&mut state, i, "4.4.7", &why, None, &mut failed);
             }
-            self.save(id, &state).await?;
+            // The state is written (or the message deleted) below, after the DSN is queued.
         } else {
             let mut groups: Vec<(Route, String, Vec<usize>)> = Vec::new();
             for &i in &pending {
@@ -286,13 +286,22 @@ impl Engine {
                 // state is written below (retry) or the message is deleted (done), so a crash
                 // in between re-sends at most this attempt (at least once, never lost).
                 if g + 1 < n_groups {
+                    // Bounces of this group are queued before their "failed" state is written.
+                    if !failed.is_empty() {
+                        self.metrics.delivery("bounced", failed.len() as u64);
+                        self.report(&env, &msg, &failed, Action::Failed).await?;
+                        failed.clear();
+                    }
                     self.save(id, &state).await?;
                 }
             }
         }
         if !failed.is_empty() {
             self.metrics.delivery("bounced", failed.len() as u64);
-            self.report(&env, &msg, &failed, Action::Failed).await;
+            // Durably queue the DSN before "failed" is recorded (state write or delete): a
+            // crash in between may send the DSN twice but never loses it. If it cannot be
+            // queued, nothing is recorded and the attempt is retried.
+            self.report(&env, &msg, &failed, Action::Failed).await?;
         }
         let remaining: Vec<usize> = (0..state.recipients.len())
             .filter(|&i| {
@@ -333,8 +342,11 @@ impl Engine {
                     remote_mta: None,
                 })
                 .collect();
-            self.report(&env, &msg, &delayed, Action::Delayed).await;
-            state.delay_warned = true;
+            if let Err(e) = self.report(&env, &msg, &delayed, Action::Delayed).await {
+                tracing::warn!(id, error = %e, "delay warning not queued; will try again");
+            } else {
+                state.delay_warned = true;
+            }
         }
         self.save(id, &state).await?;
         let mut domains: Vec<String> = remaining
@@ -378,8 +390,15 @@ impl Engine {
         self.blocking(move |q| q.write_state(&id, &state)).await
     }
 
-    /// Queue a DSN to the sender (never to the null sender, never about a report).
-    async fn report(&self, env: &Envelope, msg: &[u8], rcpts: &[DsnRecipient], action: Action) {
+    /// Queue a DSN to the sender (never to the null sender, never about a report). Returns
+    /// only once the DSN is durably queued (or none is due).
+    async fn report(
+        &self,
+        env: &Envelope,
+        msg: &[u8],
+        rcpts: &[DsnRecipient],
+        action: Action,
+    ) -> Result<(), QueueError> {
         let kind = match action {
             Action::Failed => "failed",
             Action::Delayed => "delayed",
@@ -393,7 +412,7 @@ impl Engine {
                 )])
                 .inc();
             tracing::info!(id = %env.id, kind, "no DSN: the message has the null sender (or is a report)");
-            return;
+            return Ok(());
         }
         let fmt = |t: jiff::Timestamp| t.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string();
         let arrival = jiff::Timestamp::from_second(env.received_at)
@@ -438,10 +457,12 @@ impl Engine {
                 tracing::info!(id = %env.id, dsn_id = %id, to = %env.sender, kind, rcpts = rcpts.len(), "DSN queued");
                 self.handle
                     .queued(&id, std::slice::from_ref(&env.sender), now);
+                Ok(())
             }
             Err(e) => {
                 tracing::error!(id = %env.id, error = %e, "cannot queue DSN");
                 self.queue.discard(&id);
+                Err(e)
             }
         }
     }

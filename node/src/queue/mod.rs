@@ -340,6 +340,70 @@ impl Queue {
         res
     }
 
+    /// Take a message moved from a peer: its delivery state is written first, then the
+    /// message (durably, as [`Queue::enqueue`]). Keeps the peer's id unless this queue already
+    /// has that id; the same message sent again (a hand-off retried after a crash) is
+    /// recognized and not queued twice. Returns (id, duplicate).
+    pub async fn import(
+        self: Arc<Self>,
+        mut env: Envelope,
+        state: DeliveryState,
+        msg: Vec<u8>,
+        hold: bool,
+    ) -> Result<(String, bool), QueueError> {
+        if !is_id(&env.id) {
+            env.id = self.new_id();
+        }
+        if let Ok((_, path)) = self.locate(&env.id) {
+            let same = fs::read(&path).ok().is_some_and(|bytes| {
+                format::decode(&bytes)
+                    .is_ok_and(|(e, range)| e == env && bytes[range] == msg[..])
+            });
+            if same {
+                return Ok((env.id, true));
+            }
+            env.id = self.new_id();
+        }
+        let id = env.id.clone();
+        let me = Arc::clone(&self);
+        let (sid, st) = (id.clone(), state);
+        tokio::task::spawn_blocking(move || me.write_state(&sid, &st))
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))??;
+        if let Err(e) = self.enqueue(env, msg, Vec::new()).await {
+            self.discard(&id);
+            let _ = fs::remove_file(self.state_path(&id));
+            return Err(e);
+        }
+        if hold {
+            let me = Arc::clone(&self);
+            let hid = id.clone();
+            tokio::task::spawn_blocking(move || me.hold(&hid))
+                .await
+                .map_err(|e| QueueError::Task(e.to_string()))??;
+        }
+        Ok((id, false))
+    }
+
+    /// Age in seconds of the oldest message (by receive time), 0 when empty.
+    pub fn oldest_age_seconds(&self) -> i64 {
+        let now = jiff::Timestamp::now().as_second();
+        let Ok(list) = self.list() else { return 0 };
+        // Ids are time ordered per node, but messages moved from peers keep their ids: read
+        // the envelopes.
+        list.iter()
+            .filter_map(|e| self.read_envelope(&e.id))
+            .map(|env| (now - env.received_at).max(0))
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn read_envelope(&self, id: &str) -> Option<Envelope> {
+        let (_, path) = self.locate(id).ok()?;
+        let bytes = fs::read(path).ok()?;
+        format::decode(&bytes).ok().map(|(e, _)| e)
+    }
+
     /// Forget a message whose commit failed (best effort).
     pub fn discard(&self, id: &str) {
         let _ = fs::remove_file(self.root.join("active").join(id));

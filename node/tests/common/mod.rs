@@ -27,6 +27,8 @@ pub struct Node {
     pub ports: Vec<u16>,
     pub admin: u16,
     pub config: PathBuf,
+    /// Address the node's listeners and admin port are bound to (default 127.0.0.1).
+    pub ip: String,
 }
 
 /// Replace `{port0}`, `{port1}`, ..., `{admin}`, `{dir}` in `yaml`.
@@ -48,15 +50,22 @@ impl Node {
 
     pub fn start_in(dir: tempfile::TempDir, yaml: &str, nports: usize) -> Node {
         let ports: Vec<u16> = (0..nports).map(|_| free_port()).collect();
+        Self::start_with(dir, yaml, ports, "127.0.0.1")
+    }
+
+    /// Start with chosen ports, bound to `ip` (`{ip}` in the yaml).
+    pub fn start_with(dir: tempfile::TempDir, yaml: &str, ports: Vec<u16>, ip: &str) -> Node {
         let admin = free_port();
         let config = dir.path().join("mailnode.yaml");
-        std::fs::write(&config, render(yaml, &ports, admin, dir.path())).unwrap();
+        let yaml = yaml.replace("{ip}", ip);
+        std::fs::write(&config, render(&yaml, &ports, admin, dir.path())).unwrap();
         let mut node = Node {
             child: None,
             dir,
             ports,
             admin,
             config,
+            ip: ip.to_owned(),
         };
         node.spawn();
         node
@@ -80,7 +89,7 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in self.ports.iter().chain(std::iter::once(&self.admin)) {
             loop {
-                if TcpStream::connect(("127.0.0.1", *p)).is_ok() {
+                if TcpStream::connect((self.ip.as_str(), *p)).is_ok() {
                     break;
                 }
                 if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -105,7 +114,7 @@ impl Node {
     }
 
     pub fn addr(&self, i: usize) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.ports[i]))
+        SocketAddr::new(self.ip.parse().unwrap(), self.ports[i])
     }
 
     pub fn kill9(&mut self) {
@@ -161,7 +170,7 @@ impl Node {
     }
 
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(("127.0.0.1", self.admin)).unwrap();
+        let mut s = TcpStream::connect((self.ip.as_str(), self.admin)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,

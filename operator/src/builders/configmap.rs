@@ -194,6 +194,7 @@ pub fn node_config(
                 super::secret::KEY
             ))),
             self_addresses,
+            ..node::PeersConfig::default()
         },
         delivery: node::DeliveryConfig {
             // Empty smarthosts: the node delivers by MX.
