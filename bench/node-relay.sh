@@ -14,24 +14,15 @@ read -r -a SESSIONS <<<"${SESSIONS[*]}"
 SIZE=10240
 msgs_for() { case $1 in 1) echo 500 ;; 10) echo 2000 ;; *) echo 4000 ;; esac; }
 
-command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
-command -v smtp-source >/dev/null || { echo "smtp-source missing (apt-get install postfix)"; exit 1; }
-BIN=target/release/mailnode
-[ -x "$BIN" ] || cargo build --release -p mailnode
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_prepare
 T=$(mktemp -d /var/tmp/mailnode-relay.XXXXXX)
-MN_PID= ; PF= ; SINK_PID=
-cleanup() {
-  [ -n "$MN_PID" ] && kill "$MN_PID" 2>/dev/null || true
-  [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null || true
-  [ -n "$PF" ] && postfix -c "$T/postfix" stop >/dev/null 2>&1 || true
-  sleep 1; [ -n "${KEEP:-}" ] && cp "$T/postfix.log" /tmp/pf-relay.log 2>/dev/null; rm -rf "$T"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+trap bench_cleanup EXIT
 
 SINK_PORT=$(free_port); PROBE_PORT=$(free_port)
 SINK_USER=(); [ "$(id -u)" = 0 ] && SINK_USER=(-u nobody)
-smtp-sink "${SINK_USER[@]}" 127.0.0.1:$SINK_PORT 1000 &
+smtp-sink "${SINK_USER[@]}" "127.0.0.1:$SINK_PORT" 1000 &
 SINK_PID=$!
 
 # --- mailnode -------------------------------------------------------------------------
@@ -54,14 +45,6 @@ delivery:
   concurrencyPerDestination: 50
   idleConnectionSeconds: 10
 YAML
-start_mailnode() {
-  rm -rf "$T/mnq"
-  MAILNODE_LOG=warn "$BIN" serve --config "$T/mailnode.yaml" 2>>"$T/mailnode.log" &
-  MN_PID=$!
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$MN_PORT) 2>/dev/null && return; sleep 0.05; done
-  echo "mailnode did not start"; cat "$T/mailnode.log"; exit 1
-}
-stop_mailnode() { kill "$MN_PID"; wait "$MN_PID" 2>/dev/null || true; MN_PID=; }
 mailnode_queue() { find "$T/mnq/active" -type f 2>/dev/null | wc -l; }
 
 # --- postfix (private instance, relays everything to the sink) ---------------------------
@@ -112,25 +95,7 @@ anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
 CF
-start_postfix() {
-  rm -rf "$T/pfq" "$T/pfdata"; mkdir -p "$T/pfq" "$T/pfdata"
-  chmod 755 "$T"; chown postfix "$T/pfdata"
-  postfix -c "$T/postfix" check >/dev/null 2>&1 || true
-  script -qc "postfix -c $T/postfix start" /dev/null >"$T/pfstart.log" 2>&1 || { cat "$T/pfstart.log"; exit 1; }
-  PF=1
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$PF_PORT) 2>/dev/null && return; sleep 0.05; done
-  echo "postfix did not start"; cat "$T/postfix.log" 2>/dev/null; exit 1
-}
-stop_postfix() { postfix -c "$T/postfix" stop >/dev/null 2>&1 || true; PF=; sleep 1; }
 postfix_queue() { find "$T/pfq/incoming" "$T/pfq/active" "$T/pfq/deferred" "$T/pfq/maildrop" -type f 2>/dev/null | wc -l; }
-postfix_rss_kb() {
-  local master; master=$(head -1 "$T/pfq/pid/master.pid" 2>/dev/null | tr -d ' ')
-  local total=0 p
-  for p in $master $(pgrep -P "$master" 2>/dev/null); do
-    total=$((total + $(awk '/VmHWM/{print $2}' /proc/$p/status 2>/dev/null || echo 0)))
-  done
-  echo $total
-}
 
 run_one() { # port sessions queuefn -> "msgs/s p50 p99"
   local port=$1 s=$2 qfn=$3 n; n=$(msgs_for "$s")
@@ -139,36 +104,30 @@ run_one() { # port sessions queuefn -> "msgs/s p50 p99"
   local probe=$!
   local t0 t1
   t0=$(date +%s.%N)
-  smtp-source -d -s "$s" -m "$n" -l $SIZE -f bench@example.com -t sink@example.net 127.0.0.1:"$port"
+  smtp-source -d -s "$s" -m "$n" -l "$SIZE" -f bench@example.com -t sink@example.net 127.0.0.1:"$port"
   touch "$T/stop"   # the probe stops sending; the queue then drains
   local deadline=$((SECONDS + 300))
   while [ "$($qfn)" != 0 ] && [ $SECONDS -lt $deadline ]; do sleep 0.01; done
   t1=$(date +%s.%N)
   wait $probe || true
-  local rate; rate=$(python3 -c "print(f'{$n/($t1-$t0):.0f}')")
   read -r p50 p99 _ _ <"$T/probe.out"
-  echo "$rate $p50 $p99"
+  echo "$(rate_of "$n" "$t0" "$t1") $p50 $p99"
 }
 
-printf '%-9s %-9s %10s %9s %9s %12s\n' server sessions "msg/s e2e" "p50 ms" "p99 ms" "peak RSS MB"
-declare -A RATE
+row server sessions "msg/s e2e" "p50 ms" "p99 ms" "peak RSS MB"
 for s in "${SESSIONS[@]}"; do
-  start_mailnode
+  start_mailnode "$MN_PORT"
   read -r rate p50 p99 <<<"$(run_one "$MN_PORT" "$s" mailnode_queue)"
-  rss=$(awk '/VmHWM/{printf "%.1f", $2/1024}' /proc/$MN_PID/status)
+  rss=$(mailnode_rss_mb)
   stop_mailnode
   RATE[mn$s]=$rate
-  printf '%-9s %-9s %10s %9s %9s %12s\n' mailnode "$s" "$rate" "$p50" "$p99" "$rss"
-  start_postfix
+  row mailnode "$s" "$rate" "$p50" "$p99" "$rss"
+  start_postfix "$PF_PORT"
   read -r rate p50 p99 <<<"$(run_one "$PF_PORT" "$s" postfix_queue)"
-  rss=$(awk -v k="$(postfix_rss_kb)" 'BEGIN{printf "%.1f", k/1024}')
+  rss=$(postfix_rss_mb)
   stop_postfix
   RATE[pf$s]=$rate
-  printf '%-9s %-9s %10s %9s %9s %12s\n' postfix "$s" "$rate" "$p50" "$p99" "$rss"
+  row postfix "$s" "$rate" "$p50" "$p99" "$rss"
 done
-echo
-printf '%-9s %s\n' sessions "mailnode/postfix msg/s end to end"
-for s in "${SESSIONS[@]}"; do
-  python3 -c "print(f'{\"$s\":<9} {${RATE[mn$s]}/max(1,${RATE[pf$s]}):.2f}x')"
-done
+print_ratios "mailnode/postfix msg/s end to end" "${SESSIONS[@]}"
 echo "(Postfix peak RSS is the sum over its processes; both fsync; sink: Postfix smtp-sink)"

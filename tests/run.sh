@@ -22,7 +22,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "shellcheck"
 mapfile -t scripts < <(git ls-files '*.sh' .ci/run)
-shellcheck "${scripts[@]}"
+shellcheck -x "${scripts[@]}"
 
 step "cargo test --workspace"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${MAILCLUSTER_TEST_THREADS:-4}"

@@ -259,7 +259,10 @@ async fn drain_dir(cfg: Config, dir: PathBuf, timeout: u64) -> Result<(), String
             Ok((moved, left)) => {
                 total += moved;
                 if left == 0 {
-                    out!("drained {}: {total} messages handed to peers", dir.display());
+                    out!(
+                        "drained {}: {total} messages handed to peers",
+                        dir.display()
+                    );
                     return Ok(());
                 }
                 tracing::warn!(moved, left, "hand-off incomplete; retrying");
@@ -296,7 +299,10 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, St
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
     let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     Ok((code, body))
 }
 

@@ -229,14 +229,17 @@ impl Peers {
     pub async fn resolve(&self) -> Vec<(String, Vec<SocketAddr>)> {
         let mut out = Vec::new();
         for m in &self.cfg.peers.members {
-            let addrs = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(m.as_str())).await {
-                Ok(Ok(a)) => a.collect(),
-                Ok(Err(e)) => {
-                    tracing::debug!(member = %m, error = %e, "cannot resolve peer");
-                    Vec::new()
-                }
-                Err(_) => Vec::new(),
-            };
+            let addrs =
+                match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(m.as_str()))
+                    .await
+                {
+                    Ok(Ok(a)) => a.collect(),
+                    Ok(Err(e)) => {
+                        tracing::debug!(member = %m, error = %e, "cannot resolve peer");
+                        Vec::new()
+                    }
+                    Err(_) => Vec::new(),
+                };
             out.push((m.clone(), addrs));
         }
         let ips: HashSet<IpAddr> = out
@@ -259,7 +262,11 @@ impl Peers {
             .iter()
             .any(|a| crate::policy::canonical_ip(*a) == ip)
             || p.allowed_sources.iter().any(|n| n.contains(&ip))
-            || self.member_ips.read().map(|s| s.contains(&ip)).unwrap_or(false)
+            || self
+                .member_ips
+                .read()
+                .map(|s| s.contains(&ip))
+                .unwrap_or(false)
     }
 
     /// Whether a source address may use the peer channel (re-resolving the members, at most
@@ -647,12 +654,7 @@ async fn serve_conn(ctx: &ServerCtx, sock: TcpStream, peer: SocketAddr) -> Resul
     let mut io = BufReader::new(sock);
     if !ctx.peers.is_member(peer.ip()).await {
         tracing::warn!(peer = %peer, "peer channel: refused a connection from a non-member address");
-        let _ = write_all(
-            &mut io,
-            b"554 5.7.1 not a cluster member\r\n",
-            "refuse",
-        )
-        .await;
+        let _ = write_all(&mut io, b"554 5.7.1 not a cluster member\r\n", "refuse").await;
         return Ok(());
     }
     let snonce = nonce();
@@ -759,11 +761,19 @@ async fn receive(
     let pending: Vec<String> = state
         .recipients
         .iter()
-        .filter(|r| matches!(r.status, RecipientStatus::Pending | RecipientStatus::Deferred))
+        .filter(|r| {
+            matches!(
+                r.status,
+                RecipientStatus::Pending | RecipientStatus::Deferred
+            )
+        })
         .map(|r| r.address.clone())
         .collect();
     let received_ms = env.received_at * 1000;
-    match Arc::clone(&ctx.node.queue).import(env, state, msg, hold).await {
+    match Arc::clone(&ctx.node.queue)
+        .import(env, state, msg, hold)
+        .await
+    {
         Ok((id, dup)) => {
             tracing::info!(peer = %peer, peer_id = %old_id, id = %id, duplicate = dup, "message received from peer");
             if !hold && !dup {

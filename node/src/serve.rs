@@ -146,7 +146,9 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
     }
     if let (Some(addr), Some(peers)) = (config.peers.address, &node.peers) {
         if config.peers.secret_file.is_none() {
-            tracing::warn!("peers.address is set but peers.secretFile is not: peer channel disabled");
+            tracing::warn!(
+                "peers.address is set but peers.secretFile is not: peer channel disabled"
+            );
         } else {
             let sock = TcpListener::bind(addr)
                 .await

@@ -98,7 +98,11 @@ fn submit(node: &Node, ids: &[String], domain: &str) {
     assert!(banner.starts_with("220"), "{banner}");
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     for id in ids {
-        let r = c.mail("a@src.example", &[&format!("r@{domain}")], &body(id, domain));
+        let r = c.mail(
+            "a@src.example",
+            &[&format!("r@{domain}")],
+            &body(id, domain),
+        );
         assert!(r.starts_with("250"), "{r}\n{}", node.log());
     }
     c.cmd("QUIT");
@@ -112,7 +116,8 @@ fn flush(node: &Node) {
 fn counts(sink: &Sink) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for g in sink.got() {
-        *m.entry(g.message_id).or_default() += 1;
+        let id = g.message_id.trim_matches(['<', '>']).to_owned();
+        *m.entry(id).or_default() += 1;
     }
     m
 }
@@ -176,7 +181,11 @@ fn wait_all_delivered(c: &Cluster, sink: &Sink, ids: &[String]) {
         missing.len(),
         ids.len(),
         missing.first(),
-        c.nodes.iter().map(Node::log).collect::<Vec<_>>().join("\n----\n")
+        c.nodes
+            .iter()
+            .map(|n| tail(&n.log()))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
     // Give duplicates a moment to show up, then require exactly once.
     std::thread::sleep(Duration::from_secs(1));
@@ -184,6 +193,22 @@ fn wait_all_delivered(c: &Cluster, sink: &Sink, ids: &[String]) {
     let dups: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "delivered more than once: {dups:?}");
     assert_eq!(got.len(), ids.len());
+}
+
+/// The last lines of a log, without ANSI colours.
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let from = lines.len().saturating_sub(25);
+    lines[from..]
+        .iter()
+        .map(|l| {
+            l.replace("\u{1b}[", "")
+                .chars()
+                .take(300)
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn assert_queue_empty(dir: &Path) {
@@ -214,7 +239,10 @@ fn peer_channel_refuses_wrong_key_no_key_and_non_members() {
     );
     // No key at all: a raw client that skips AUTH.
     let (mut raw, greet) = Client::connect(&ip(1), peer_addr(n1));
-    assert!(greet.starts_with("220 ") && greet.contains("nonce="), "{greet}");
+    assert!(
+        greet.starts_with("220 ") && greet.contains("nonce="),
+        "{greet}"
+    );
     let r = raw.cmd("XFER 0 2 2 2");
     assert_eq!(code(&r), 535, "{r}");
     assert_eq!(raw.reply(), "", "connection closed after a failed AUTH");
@@ -289,10 +317,7 @@ fn drain_hands_queue_to_peers_and_everything_is_delivered_once() {
     // Trace headers kept: the moved messages carry their original Received header (one
     // hop, the member that accepted them).
     let g = sink.got();
-    assert!(
-        g.iter()
-            .all(|m| m.data.matches("Received:").count() == 1)
-    );
+    assert!(g.iter().all(|m| m.data.matches("Received:").count() == 1));
 }
 
 #[test]
@@ -344,8 +369,9 @@ fn kill9_then_drain_from_volume_loses_nothing() {
         c.nodes[0].queue_ids().len() + c.nodes[1].queue_ids().len(),
         60
     );
-    let sink = Sink::start_on(c.sink_addr);
+    let mut sink = Sink::start_on(c.sink_addr);
     wait_all_delivered(&c, &sink, &ids);
+    sink.stop();
 
     // With no reachable member the drain fails (non-zero) and keeps the messages.
     let yaml = std::fs::read_to_string(&c.nodes[2].config).unwrap();
@@ -403,7 +429,12 @@ fn etrn_at_one_member_flushes_another_members_queue() {
         let got = counts(&sink);
         a.iter().all(|i| got.contains_key(i))
     });
-    assert!(ok, "{}\n----\n{}", c.nodes[0].log(), c.nodes[1].log());
+    assert!(
+        ok,
+        "{}\n----\n{}",
+        tail(&c.nodes[0].log()),
+        tail(&c.nodes[1].log())
+    );
     std::thread::sleep(Duration::from_millis(500));
     let got = counts(&sink);
     assert!(

@@ -9,6 +9,7 @@ pub mod builders;
 pub mod controller;
 pub mod crd;
 pub mod leader;
+pub mod local;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;

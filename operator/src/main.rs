@@ -29,6 +29,9 @@ enum Command {
     Crd,
     /// Print every object the operator would create for a MailCluster manifest, offline.
     Render(RenderArgs),
+    /// Run the cluster a MailCluster manifest describes as local `mailnode` processes on
+    /// loopback (rendered by the operator's own builders); Ctrl-C stops it.
+    Local(LocalArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +80,27 @@ struct RenderArgs {
     addresses: Vec<String>,
 }
 
+#[derive(Debug, clap::Args)]
+struct LocalArgs {
+    /// A MailCluster manifest (YAML).
+    file: PathBuf,
+    /// Directory for queues, configs, logs, keys and the sink [default: ./.mailcluster-local/NAME].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The `mailnode` binary [default: next to this program, then PATH].
+    #[arg(long)]
+    mailnode: Option<PathBuf>,
+    /// Loopback address of the first member; member i listens on this address plus i.
+    #[arg(long, default_value = "127.0.0.10")]
+    listen_ip: std::net::Ipv4Addr,
+    /// Deliver to the local directory sink even when the manifest names smarthosts.
+    #[arg(long)]
+    sink: bool,
+    /// Namespace for a manifest that names none (shown in names only).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -100,6 +124,37 @@ fn main() -> ExitCode {
                     print!("{y}");
                     ExitCode::SUCCESS
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Local(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = mailcluster_operator::local::Options {
+                manifest: args.file,
+                namespace: args.namespace,
+                state_dir: args.state_dir,
+                mailnode: args.mailnode,
+                first_ip: args.listen_ip,
+                force_sink: args.sink,
+            };
+            match rt.block_on(mailcluster_operator::local::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE

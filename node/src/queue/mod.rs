@@ -356,8 +356,7 @@ impl Queue {
         }
         if let Ok((_, path)) = self.locate(&env.id) {
             let same = fs::read(&path).ok().is_some_and(|bytes| {
-                format::decode(&bytes)
-                    .is_ok_and(|(e, range)| e == env && bytes[range] == msg[..])
+                format::decode(&bytes).is_ok_and(|(e, range)| e == env && bytes[range] == msg[..])
             });
             if same {
                 return Ok((env.id, true));

@@ -22,29 +22,7 @@ use tokio::sync::{OnceCell, watch};
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
-pub async fn eventually<F, Fut>(
-    cp: &ControlPlane,
-    ns: &str,
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(true) => return,
-            Ok(false) => {}
-            Err(e) => eprintln!("{what}: {e}"),
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}\n{}", cp.diagnostics(ns));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+pub use mailcluster_testenv::eventually;
 
 /// Applies a CRD and waits until it is Established.
 pub async fn install_crd(client: &Client, crd: &CustomResourceDefinition) {

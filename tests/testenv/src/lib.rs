@@ -457,6 +457,39 @@ impl Drop for ControlPlane {
     }
 }
 
+/// Polls `check` every 250 ms until it returns `Ok(true)`; after `timeout` it panics with
+/// `what` and the [`ControlPlane::diagnostics`] of `namespace`. Errors are printed and retried:
+/// an apiserver that is still starting a watch cache answers with them.
+///
+/// # Panics
+/// When the condition is not met in time: the calling test fails with what was seen.
+pub async fn eventually<F, Fut>(
+    cp: &ControlPlane,
+    namespace: &str,
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => eprintln!("{what}: {e}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}\n{}",
+                cp.diagnostics(namespace)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Where the control-plane binaries are: `$MAILCLUSTER_CONTROLPLANE_BIN`, or what
 /// `tests/controlplane/build.sh` prints (it builds them on first use).
 pub fn binaries_dir() -> Result<PathBuf> {

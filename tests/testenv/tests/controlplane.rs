@@ -9,31 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
-use mailcluster_testenv::{ControlPlane, KUBERNETES_VERSION, Options};
-
-async fn eventually<F, Fut>(
-    cp: &ControlPlane,
-    ns: &str,
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, kube::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(true) => return,
-            Ok(false) => {}
-            Err(e) => eprintln!("{what}: {e}"),
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}\n{}", cp.diagnostics(ns));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
+use mailcluster_testenv::{ControlPlane, KUBERNETES_VERSION, Options, eventually};
 
 #[tokio::test]
 async fn apiserver_reports_the_pinned_version() {

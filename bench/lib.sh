@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Shared by the benchmark scripts: a scratch dir with cleanup, free ports, a mailnode and a
+# private Postfix instance started and stopped, peak RSS, and the result table.
+# The caller sets T (scratch dir) and writes $T/mailnode.yaml and $T/postfix/{main,master}.cf.
+
+MN_PID=
+PF=
+SINK_PID=
+declare -A RATE
+
+bench_prepare() { # builds the release binary if missing; puts smtp-source on PATH
+  command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
+  command -v smtp-source >/dev/null || { echo "smtp-source missing (apt-get install postfix)"; exit 1; }
+  BIN=target/release/mailnode
+  [ -x "$BIN" ] || cargo build --release -p mailnode
+}
+
+bench_cleanup() {
+  if [ -n "$MN_PID" ]; then kill "$MN_PID" 2>/dev/null || true; fi
+  if [ -n "$SINK_PID" ]; then kill "$SINK_PID" 2>/dev/null || true; fi
+  if [ -n "$PF" ]; then postfix -c "$T/postfix" stop >/dev/null 2>&1 || true; fi
+  sleep 1
+  rm -rf "$T"
+}
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+wait_port() { # port -> 0 when something listens on 127.0.0.1:port within 5 s
+  local _
+  for _ in $(seq 100); do
+    (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+start_mailnode() { # port
+  rm -rf "$T/mnq"
+  MAILNODE_LOG=warn "$BIN" serve --config "$T/mailnode.yaml" 2>>"$T/mailnode.log" &
+  MN_PID=$!
+  wait_port "$1" || { echo "mailnode did not start"; cat "$T/mailnode.log"; exit 1; }
+}
+stop_mailnode() { kill "$MN_PID"; wait "$MN_PID" 2>/dev/null || true; MN_PID=; }
+mailnode_rss_mb() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$MN_PID/status"; }
+
+start_postfix() { # port
+  rm -rf "$T/pfq" "$T/pfdata"
+  mkdir -p "$T/pfq" "$T/pfdata"
+  chmod 755 "$T"
+  chown postfix "$T/pfdata"
+  postfix -c "$T/postfix" check >/dev/null 2>&1 || true
+  script -qc "postfix -c $T/postfix start" /dev/null >"$T/pfstart.log" 2>&1 || { cat "$T/pfstart.log"; exit 1; }
+  PF=1
+  wait_port "$1" || { echo "postfix did not start"; cat "$T/postfix.log" 2>/dev/null; exit 1; }
+}
+stop_postfix() { postfix -c "$T/postfix" stop >/dev/null 2>&1 || true; PF=; sleep 1; }
+postfix_rss_mb() { # sum of the peak RSS of the instance's processes (master and children)
+  local master total=0 p
+  master=$(head -1 "$T/pfq/pid/master.pid" 2>/dev/null | tr -d ' ')
+  for p in $master $(pgrep -P "$master" 2>/dev/null); do
+    total=$((total + $(awk '/VmHWM/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+  done
+  awk -v k="$total" 'BEGIN{printf "%.1f", k/1024}'
+}
+
+rate_of() { python3 -c "print(f'{$1/($3-$2):.0f}')"; } # messages t0 t1 -> msg/s
+
+row() { printf '%-9s %-9s %10s %9s %9s %12s\n' "$@"; }
+
+print_ratios() { # title sessions...
+  local title=$1 s
+  shift
+  echo
+  printf '%-9s %s\n' sessions "$title"
+  for s in "$@"; do
+    python3 -c "print(f'{\"$s\":<9} {${RATE[mn$s]}/max(1,${RATE[pf$s]}):.2f}x')"
+  done
+}
