@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -59,6 +60,8 @@ pub async fn run_controller(
     .owns(api::<Service>(&client, ns), owned.clone())
     .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
     .owns(api::<NetworkPolicy>(&client, ns), owned.clone())
+    // Drain Jobs of orphaned queue volumes: their completion lets the volume go.
+    .owns(api::<Job>(&client, ns), owned.clone())
     .watches(api::<Pod>(&client, ns), owned, |pod: Pod| {
         let cluster = pod.labels().get(CLUSTER_LABEL)?.clone();
         Some(ObjectRef::<MailCluster>::new(&cluster).within(&pod.namespace()?))

@@ -138,7 +138,31 @@ pub struct MailClusterSpec {
     /// How many members voluntary disruptions (node drains, upgrades) may take down at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disruption_budget: Option<DisruptionBudget>,
+
+    /// The peer channel (port 7025) members use to hand queued mail to each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Peers>,
 }
+
+/// The peer channel between members.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Peers {
+    /// Source networks (CIDRs), besides the members themselves, allowed to open the peer
+    /// channel: the drain Job of an orphaned queue volume connects from a pod IP in this
+    /// network. Set it to your pod network (e.g. `10.244.0.0/16`). When unset, the private
+    /// ranges 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 and fc00::/7 are used; an empty list
+    /// admits members only (drain Jobs cannot hand mail over). Every connection must also
+    /// prove it holds the cluster key, and the NetworkPolicy admits only members and the
+    /// cluster's drain Jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub allowed_sources: Option<Vec<Cidr>>,
+}
+
+/// Source networks allowed on the peer channel when `spec.peers.allowedSources` is unset.
+pub const DEFAULT_PEER_SOURCES: [&str; 4] =
+    ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"];
 
 fn default_replicas() -> i32 {
     3
@@ -363,6 +387,22 @@ pub struct Storage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
+    /// What happens to the queue volume of a removed member (after a scale-down) once its pod
+    /// is gone: `Drain` (the default) runs a Job that hands the mail left on the volume to
+    /// the remaining members and deletes the volume after the Job succeeded; `Retain` keeps
+    /// the volume untouched.
+    #[serde(default)]
+    pub orphaned_volume_policy: OrphanedVolumePolicy,
+}
+
+/// What happens to the queue volume of a removed member.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OrphanedVolumePolicy {
+    /// Hand the queued mail to the members with a Job, then delete the volume.
+    #[default]
+    Drain,
+    /// Keep the volume.
+    Retain,
 }
 
 fn default_storage_size() -> String {
@@ -374,6 +414,7 @@ impl Default for Storage {
         Self {
             size: default_storage_size(),
             storage_class_name: None,
+            orphaned_volume_policy: OrphanedVolumePolicy::default(),
         }
     }
 }
@@ -548,6 +589,9 @@ pub struct MailClusterStatus {
     /// Hash of the node configuration members should run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// Queue volumes of removed members and what is being done with them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphaned_volumes: Vec<OrphanedVolumeStatus>,
 }
 
 /// A published DNS record.
@@ -582,6 +626,37 @@ pub struct MemberStatus {
     pub version: Option<String>,
     /// Whether the member runs the current configuration.
     pub config_in_sync: bool,
+    /// Hash of the configuration the member loaded (its `/status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// When the member loaded its configuration (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_loaded_at: Option<String>,
+    /// Messages in the member's queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<i64>,
+    /// Age of the oldest queued message in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_message_age_seconds: Option<i64>,
+    /// Peers this member reached over the peer channel at its last probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_reachable: Option<i32>,
+    /// Why the member's `/status` could not be read, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_error: Option<String>,
+}
+
+/// A queue volume of a removed member.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanedVolumeStatus {
+    /// The PersistentVolumeClaim.
+    pub claim: String,
+    /// The drain Job, if one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// `Draining`, `Failed`, `Drained` (the volume is being deleted) or `Retained`.
+    pub phase: String,
 }
 
 macro_rules! string_newtype {

@@ -10,8 +10,10 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod local;
+pub mod member_status;
 pub mod metrics;
 pub mod reconcile;
+pub mod reference;
 pub mod render;
 pub mod status;
 

@@ -101,7 +101,10 @@ pub enum LocalError {
     Yaml(#[from] serde_yaml::Error),
 }
 
-fn io(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> LocalError {
+fn io(
+    what: &'static str,
+    path: impl std::fmt::Display,
+) -> impl FnOnce(std::io::Error) -> LocalError {
     let path = path.to_string();
     move |source| LocalError::Io { what, path, source }
 }
@@ -178,8 +181,11 @@ pub struct Adjustments {
 
 /// The loopback network that may relay and use the peer channel locally.
 fn loopback_net() -> ipnet::IpNet {
-    ipnet::IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::LOCALHOST.to_bits().into(), 8))
-        .trunc()
+    ipnet::IpNet::V4(ipnet::Ipv4Net::new_assert(
+        Ipv4Addr::LOCALHOST.to_bits().into(),
+        8,
+    ))
+    .trunc()
 }
 
 fn has_loopback(nets: &[ipnet::IpNet]) -> bool {
@@ -196,12 +202,7 @@ pub fn localize(
     files: &SharedFiles,
     sink: Option<SocketAddr>,
 ) -> Result<(node::Config, Adjustments), LocalError> {
-    let distinct_ips = members
-        .iter()
-        .map(|m| m.ip)
-        .collect::<HashSet<_>>()
-        .len()
-        == members.len();
+    let distinct_ips = members.iter().map(|m| m.ip).collect::<HashSet<_>>().len() == members.len();
     // Member addresses are "self" (never a next hop), as the load balancer addresses are in
     // the cluster. With one shared address the exact listener sockets say it instead.
     let self_ips: Vec<IpAddr> = if distinct_ips {
@@ -304,11 +305,7 @@ fn layout(
     first_ip: Ipv4Addr,
     state: &Path,
 ) -> Result<Vec<MemberLayout>, LocalError> {
-    let name = mc
-        .metadata
-        .name
-        .clone()
-        .ok_or(BuildError::MissingName)?;
+    let name = mc.metadata.name.clone().ok_or(BuildError::MissingName)?;
     let n = usize::try_from(mc.spec.replicas.max(1)).unwrap_or(1);
     // 127.0.0.x other than .1 exists on Linux; elsewhere every member uses 127.0.0.1.
     let distinct = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(first_ip), 0)).is_ok();
@@ -316,7 +313,9 @@ fn layout(
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let ip = if distinct {
-            let bits = first_ip.to_bits().checked_add(u32::try_from(i).unwrap_or(u32::MAX));
+            let bits = first_ip
+                .to_bits()
+                .checked_add(u32::try_from(i).unwrap_or(u32::MAX));
             match bits.map(Ipv4Addr::from_bits) {
                 Some(ip) if ip.is_loopback() => IpAddr::V4(ip),
                 _ => {
@@ -511,7 +510,9 @@ impl Sink {
         let listener = TcpListener::bind(bind)
             .await
             .map_err(io("cannot listen on", bind))?;
-        let addr = listener.local_addr().map_err(io("cannot listen on", bind))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("cannot listen on", bind))?;
         let counter = Arc::new(AtomicU64::new(0));
         let d = dir.clone();
         let task = tokio::spawn(async move {
@@ -562,11 +563,7 @@ fn angle(arg: &str) -> String {
     }
 }
 
-async fn sink_session(
-    stream: TcpStream,
-    dir: &Path,
-    counter: &AtomicU64,
-) -> std::io::Result<()> {
+async fn sink_session(stream: TcpStream, dir: &Path, counter: &AtomicU64) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     w.write_all(b"220 mailcluster-local-sink ESMTP\r\n").await?;
@@ -855,11 +852,7 @@ pub fn swaks_command(
 /// Runs the cluster until SIGINT or SIGTERM.
 pub async fn run(opts: Options) -> Result<(), LocalError> {
     let mc = render::read(&opts.manifest, &opts.namespace)?;
-    let name = mc
-        .metadata
-        .name
-        .clone()
-        .ok_or(BuildError::MissingName)?;
+    let name = mc.metadata.name.clone().ok_or(BuildError::MissingName)?;
     let mailnode = find_mailnode(opts.mailnode.as_deref())?;
     let state = opts
         .state_dir
@@ -871,7 +864,13 @@ pub async fn run(opts: Options) -> Result<(), LocalError> {
 
     let use_sink = opts.force_sink || mc.spec.delivery.smarthosts.is_empty();
     let sink = if use_sink {
-        Some(Sink::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), state.join("sink")).await?)
+        Some(
+            Sink::start(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                state.join("sink"),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -1094,7 +1093,11 @@ mod tests {
                 } else {
                     "127.0.0.1".parse().unwrap()
                 };
-                let k = if distinct { 0 } else { u16::try_from(i).unwrap() * 10 };
+                let k = if distinct {
+                    0
+                } else {
+                    u16::try_from(i).unwrap() * 10
+                };
                 MemberLayout {
                     name: format!("relay-{i}"),
                     ip,
@@ -1186,7 +1189,10 @@ mod tests {
         assert!(devices.contains("--to test@example.com"), "{devices}");
         assert!(!devices.contains("--auth"), "{devices}");
         let apps = swaks_command(&c, &c.listeners[1], Some("pw")).unwrap();
-        assert!(apps.contains("--tls") && apps.contains("--auth-password pw"), "{apps}");
+        assert!(
+            apps.contains("--tls") && apps.contains("--auth-password pw"),
+            "{apps}"
+        );
         let mx = swaks_command(&c, &c.listeners[2], None).unwrap();
         assert!(mx.contains("--to postmaster@example.com"), "{mx}");
     }
@@ -1235,6 +1241,10 @@ mod tests {
     fn a_missing_mailnode_is_named() {
         let e = find_mailnode(Some(Path::new("/nonexistent/mailnode"))).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/mailnode"), "{e}");
-        assert!(LocalError::MailnodeMissing.to_string().contains("--mailnode"));
+        assert!(
+            LocalError::MailnodeMissing
+                .to_string()
+                .contains("--mailnode")
+        );
     }
 }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
@@ -22,9 +23,11 @@ use serde_json::json;
 use crate::apply::{self, ApplyError};
 use crate::builders::{
     self, BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, certificate, configmap,
-    dnsendpoint, listener_service, networkpolicy, pdb, peer_service, secret, statefulset,
+    dnsendpoint, drain_job, listener_service, networkpolicy, pdb, peer_service, secret,
+    statefulset,
 };
-use crate::crd::{MailCluster, MailClusterStatus};
+use crate::crd::{MailCluster, MailClusterStatus, OrphanedVolumePolicy, OrphanedVolumeStatus};
+use crate::member_status::{self, MemberAddress};
 use crate::metrics::Metrics;
 use crate::status::{self, DEGRADED, Observed, Problem};
 
@@ -100,6 +103,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Where a member's admin port is reached for its `/status`.
+    pub member_address: MemberAddress,
+    /// How long a member's `/status` may take.
+    pub status_timeout: Duration,
     failures: Arc<Mutex<HashMap<ObjectRef<MailCluster>, u32>>>,
 }
 
@@ -123,8 +130,17 @@ impl Context {
             client,
             settings,
             metrics,
+            member_address: member_status::pod_admin_address(),
+            status_timeout: Duration::from_secs(2),
             failures: Arc::default(),
         }
+    }
+
+    /// The same context reaching members' admin ports through `address` (tests serve real
+    /// or fake nodes on loopback, since fake pods' IPs are not reachable).
+    pub fn with_member_address(mut self, address: MemberAddress) -> Self {
+        self.member_address = address;
+        self
     }
 
     /// Backoff after `n` consecutive failures: 2s doubling to 5 minutes.
@@ -285,7 +301,14 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         ..Observed::default()
     };
 
-    // The cluster key: generated once, kept afterwards.
+    // The cluster key: generated once, kept afterwards, rotated on request (see
+    // `builders::secret`): a new key in front of the old one, the old one dropped once every
+    // member rolled onto a pod template with the new key's hash.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let live_sts = sts_api
+        .get_opt(&names.statefulset())
+        .await
+        .map_err(kube_err("reading the StatefulSet"))?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let live_secret = secrets
         .get_opt(&names.cluster_secret())
@@ -294,17 +317,54 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
             "reading Secret {}",
             names.cluster_secret()
         )))?;
-    let key = match live_secret.as_ref().and_then(secret::existing_key) {
-        Some(k) => k,
-        None => secret::generate_key().map_err(Error::Random)?,
+    let keys = live_secret
+        .as_ref()
+        .map(secret::existing_keys)
+        .unwrap_or_default();
+    let served = live_secret.as_ref().and_then(secret::served_request);
+    let request = mc.annotations().get(secret::ROTATE_ANNOTATION).cloned();
+    let rolled = keys
+        .first()
+        .is_some_and(|k| members_rolled(mc, live_sts.as_ref(), &secret::key_hash(k)));
+    let step = secret::key_step(&keys, request.as_deref(), served.as_deref(), rolled);
+    let keys = secret::apply_key_step(&keys, &step, secret::generate_key).map_err(Error::Random)?;
+    let served = if step == secret::KeyStep::Add {
+        request.or(served)
+    } else {
+        served
     };
     apply_counted(
         ctx,
         &secrets,
-        &secret::cluster_secret(mc, &key)?,
+        &secret::cluster_secret_keys(mc, &keys, served.as_deref())?,
         &mut changes,
     )
     .await?;
+    match step {
+        secret::KeyStep::Add if keys.len() > 1 => {
+            ctx.event(
+                mc,
+                EventType::Normal,
+                "RotatingKey",
+                "added a new cluster key; members accept the old and the new key until all of them restarted with it".to_string(),
+            )
+            .await;
+        }
+        secret::KeyStep::DropOld => {
+            ctx.event(
+                mc,
+                EventType::Normal,
+                "KeyRotated",
+                "every member runs with the new cluster key; dropped the old key".to_string(),
+            )
+            .await;
+        }
+        _ => {}
+    }
+    let key_hash = keys
+        .first()
+        .map(|k| secret::key_hash(k))
+        .unwrap_or_default();
 
     // Listener Services first: their load balancer addresses go into config and DNS.
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -351,7 +411,6 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         }
     };
 
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     if let Some(rendered) = &rendered {
         observed.config_hash = Some(rendered.hash.clone());
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -370,12 +429,13 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         )
         .await?;
         let tls_secret = certificate::tls_secret_name(mc)?;
-        let sts = statefulset::statefulset(
+        let mut sts = statefulset::statefulset(
             mc,
             &rendered.hash,
             tls_secret.as_deref(),
             &ctx.settings.default_image,
         )?;
+        statefulset::annotate_template(&mut sts, secret::KEY_HASH_ANNOTATION, &key_hash);
         observed.statefulset = Some(apply_counted(ctx, &sts_api, &sts, &mut changes).await?);
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
         apply_counted(ctx, &pdbs, &pdb::pdb(mc)?, &mut changes).await?;
@@ -396,10 +456,7 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
             None => delete_optional(ctx, &certs, &names.certificate(), &mut changes).await?,
         }
     } else {
-        observed.statefulset = sts_api
-            .get_opt(&names.statefulset())
-            .await
-            .map_err(kube_err("reading the StatefulSet"))?;
+        observed.statefulset = live_sts;
     }
 
     // DNS records, once load balancer addresses exist.
@@ -428,6 +485,23 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         .await
         .map_err(kube_err("listing member pods"))?
         .items;
+    observed.reports = member_reports(ctx, &observed.pods).await;
+
+    // Queue volumes of removed members.
+    observed.orphaned_volumes = orphaned_volumes(mc, ctx, &observed.pods, &mut changes).await?;
+    for v in &observed.orphaned_volumes {
+        if v.phase == "Failed" {
+            observed.problems.push(Problem::new(
+                "DrainFailed",
+                format!(
+                    "the drain Job {} of the removed member's volume {} failed; see `kubectl logs job/{}`. The volume is kept; delete the Job to retry",
+                    v.job.as_deref().unwrap_or_default(),
+                    v.claim,
+                    v.job.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+    }
 
     let new_status = status::compute(mc, &observed, Timestamp::now());
     if !changes.0.is_empty() {
@@ -448,12 +522,178 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         .conditions
         .iter()
         .any(|c| c.type_ == status::READY && c.status == "True");
-    if observed.spec_valid && !ready {
+    let draining = new_status
+        .orphaned_volumes
+        .iter()
+        .any(|v| v.phase == "Draining" || v.phase == "Drained");
+    if draining {
+        // Job status changes are not watched.
+        Ok(Action::requeue(Duration::from_secs(10)))
+    } else if observed.spec_valid && !ready {
         // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
         Ok(Action::requeue(Duration::from_secs(30)))
     } else {
         Ok(Action::requeue(ctx.settings.resync))
     }
+}
+
+/// Whether every member runs a pod template whose key hash is `key_hash` and is Ready: the
+/// StatefulSet saw its current spec, has one revision and all replicas updated and ready.
+fn members_rolled(mc: &MailCluster, sts: Option<&StatefulSet>, key_hash: &str) -> bool {
+    let Some(sts) = sts else { return false };
+    let template_has_key = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(secret::KEY_HASH_ANNOTATION))
+        .is_some_and(|h| h == key_hash);
+    let Some(st) = sts.status.as_ref() else {
+        return false;
+    };
+    let want = mc.spec.replicas;
+    template_has_key
+        && st.observed_generation.is_some()
+        && st.observed_generation == sts.metadata.generation
+        && st.current_revision.is_some()
+        && st.current_revision == st.update_revision
+        && st.updated_replicas.unwrap_or(0) >= want
+        && st.ready_replicas.unwrap_or(0) >= want
+}
+
+/// Read `/status` of every ready member, concurrently, each with the context's timeout.
+async fn member_reports(
+    ctx: &Context,
+    pods: &[Pod],
+) -> std::collections::BTreeMap<String, Result<member_status::NodeStatus, String>> {
+    let asks = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && status::pod_ready(p))
+        .filter_map(|p| Some((p.name_any(), (ctx.member_address)(p)?)))
+        .map(|(name, addr)| {
+            let timeout = ctx.status_timeout;
+            async move {
+                let report = member_status::fetch(addr, timeout).await;
+                if let Err(e) = &report {
+                    tracing::debug!(pod = %name, error = %e, "cannot read member status");
+                }
+                (name, report)
+            }
+        });
+    futures::future::join_all(asks).await.into_iter().collect()
+}
+
+/// Queue volumes of members at or above `spec.replicas` whose pod is gone: drained by a Job and
+/// deleted once it succeeded (`Drain`), or kept (`Retain`). Drain Jobs of volumes that are no
+/// longer orphaned (scaled up again) or gone are deleted.
+async fn orphaned_volumes(
+    mc: &MailCluster,
+    ctx: &Context,
+    pods: &[Pod],
+    changes: &mut Changes,
+) -> Result<Vec<OrphanedVolumeStatus>, Error> {
+    let names = Names::of(mc)?;
+    let ns = names.namespace.as_str();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let sel = builders::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let claims: Vec<String> = pvcs
+        .list_metadata(&ListParams::default().labels(&sel))
+        .await
+        .map_err(kube_err("listing queue volumes"))?
+        .items
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .map(|c| c.name_any())
+        .collect();
+    let pod_names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    let orphans = drain_job::orphaned_claims(&names, mc.spec.replicas, &claims, &pod_names);
+    let policy = mc.spec.storage.orphaned_volume_policy;
+    let mut out = Vec::new();
+    for (ordinal, claim) in &orphans {
+        if policy == OrphanedVolumePolicy::Retain {
+            out.push(OrphanedVolumeStatus {
+                claim: claim.clone(),
+                job: None,
+                phase: "Retained".to_string(),
+            });
+            continue;
+        }
+        let job_name = drain_job::job_name(&names, *ordinal);
+        let job = match jobs
+            .get_opt(&job_name)
+            .await
+            .map_err(kube_err(format!("reading Job {job_name}")))?
+        {
+            Some(j) => j,
+            None => {
+                let desired = drain_job::drain_job(mc, *ordinal, &ctx.settings.default_image)?;
+                let created = apply_counted(ctx, &jobs, &desired, changes).await?;
+                ctx.event(
+                    mc,
+                    EventType::Normal,
+                    "DrainingVolume",
+                    format!("started Job {job_name} to hand the mail on the removed member's volume {claim} to the members"),
+                )
+                .await;
+                created
+            }
+        };
+        let phase = if drain_job::succeeded(&job) {
+            if apply::delete_if_exists(&pvcs, claim).await? {
+                ctx.metrics.writes.inc();
+                changes
+                    .0
+                    .push(format!("deleted PersistentVolumeClaim {claim}"));
+                ctx.event(
+                    mc,
+                    EventType::Normal,
+                    "VolumeDrained",
+                    format!("Job {job_name} handed the mail on {claim} to the members; deleted the volume"),
+                )
+                .await;
+            }
+            "Drained"
+        } else if drain_job::failed(&job) {
+            "Failed"
+        } else {
+            "Draining"
+        };
+        out.push(OrphanedVolumeStatus {
+            claim: claim.clone(),
+            job: Some(job_name),
+            phase: phase.to_string(),
+        });
+    }
+    // Drain Jobs whose volume is gone (done) or belongs to a member again.
+    let job_sel = drain_job::job_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let live_jobs = jobs
+        .list_metadata(&ListParams::default().labels(&job_sel))
+        .await
+        .map_err(kube_err("listing drain Jobs"))?;
+    for j in live_jobs {
+        let name = j.name_any();
+        let still_needed = orphans
+            .iter()
+            .any(|(o, claim)| drain_job::job_name(&names, *o) == name && claims.contains(claim))
+            && policy == OrphanedVolumePolicy::Drain;
+        if !still_needed
+            && j.metadata.deletion_timestamp.is_none()
+            && apply::delete_if_exists(&jobs, &name).await?
+        {
+            ctx.metrics.writes.inc();
+            changes.0.push(format!("deleted Job {name}"));
+        }
+    }
+    Ok(out)
 }
 
 async fn delete_optional<K>(

@@ -9,7 +9,12 @@ use kube::ResourceExt;
 
 use crate::builders::CONFIG_HASH_ANNOTATION;
 use crate::builders::statefulset::CONTAINER;
-use crate::crd::{DnsRecordStatus, MailCluster, MailClusterStatus, MemberStatus};
+use std::collections::BTreeMap;
+
+use crate::crd::{
+    DnsRecordStatus, MailCluster, MailClusterStatus, MemberStatus, OrphanedVolumeStatus,
+};
+use crate::member_status::NodeStatus;
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -54,9 +59,15 @@ pub struct Observed {
     pub problems: Vec<Problem>,
     /// Whether the spec could be turned into objects (if not, `problems` says why).
     pub spec_valid: bool,
+    /// What ready members reported on `/status`, by pod name (an error when it could not be
+    /// read). Members not in the map were not asked.
+    pub reports: BTreeMap<String, Result<NodeStatus, String>>,
+    /// Queue volumes of removed members.
+    pub orphaned_volumes: Vec<OrphanedVolumeStatus>,
 }
 
-fn pod_ready(p: &Pod) -> bool {
+/// Whether a pod has the Ready condition.
+pub fn pod_ready(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -70,8 +81,12 @@ fn ordinal(name: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// The member table.
-pub fn members(pods: &[Pod], config_hash: Option<&str>) -> Vec<MemberStatus> {
+/// The member table: what the pods say, completed with what the members reported.
+pub fn members(
+    pods: &[Pod],
+    config_hash: Option<&str>,
+    reports: &BTreeMap<String, Result<NodeStatus, String>>,
+) -> Vec<MemberStatus> {
     let mut rows: Vec<MemberStatus> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -82,18 +97,43 @@ pub fn members(pods: &[Pod], config_hash: Option<&str>) -> Vec<MemberStatus> {
                 .as_ref()
                 .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
                 .and_then(|c| c.image.clone());
-            MemberStatus {
+            let template_in_sync = config_hash.is_some()
+                && p.annotations()
+                    .get(CONFIG_HASH_ANNOTATION)
+                    .map(String::as_str)
+                    == config_hash;
+            let mut row = MemberStatus {
                 pod: p.name_any(),
                 ip: status.and_then(|s| s.pod_ip.clone()),
                 node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
                 ready: pod_ready(p),
                 version,
-                config_in_sync: config_hash.is_some()
-                    && p.annotations()
-                        .get(CONFIG_HASH_ANNOTATION)
-                        .map(String::as_str)
-                        == config_hash,
+                config_in_sync: template_in_sync,
+                config_hash: None,
+                config_loaded_at: None,
+                queue_depth: None,
+                oldest_message_age_seconds: None,
+                peers_reachable: None,
+                status_error: None,
+            };
+            match reports.get(&row.pod) {
+                Some(Ok(r)) => {
+                    if !r.version.is_empty() {
+                        row.version = Some(r.version.clone());
+                    }
+                    // What the member loaded wins over what its pod template says.
+                    row.config_in_sync = config_hash.is_some_and(|h| r.runs_config(h));
+                    row.config_hash = (!r.config_hash.is_empty()).then(|| r.config_hash.clone());
+                    row.config_loaded_at = r.config_loaded_at.clone();
+                    row.queue_depth = Some(r.queue_depth);
+                    row.oldest_message_age_seconds = Some(r.oldest_message_age_seconds);
+                    row.peers_reachable =
+                        Some(i32::try_from(r.peers_reachable).unwrap_or(i32::MAX));
+                }
+                Some(Err(e)) => row.status_error = Some(e.clone()),
+                None => {}
             }
+            row
         })
         .collect();
     rows.sort_by_key(|m| ordinal(&m.pod));
@@ -132,7 +172,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     let generation = mc.metadata.generation;
     let desired = mc.spec.replicas;
     let name = mc.name_any();
-    let members = members(&o.pods, o.config_hash.as_deref());
+    let members = members(&o.pods, o.config_hash.as_deref(), &o.reports);
     let ready_members =
         i32::try_from(members.iter().filter(|m| m.ready).count()).unwrap_or(i32::MAX);
     let in_sync = members.iter().filter(|m| m.config_in_sync).count();
@@ -149,12 +189,19 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
         && updated >= desired;
     let member_count = i32::try_from(members.len()).unwrap_or(i32::MAX);
 
+    let disagreement = member_disagreement(o);
     let (ready, ready_reason, ready_msg) = if !o.spec_valid {
         (
             false,
             "InvalidSpec",
             "the spec cannot be turned into a cluster; see the Degraded condition".to_string(),
         )
+    } else if ready_members >= desired
+        && member_count == desired
+        && rolled_out
+        && let Some((reason, message)) = disagreement
+    {
+        (false, reason, message)
     } else if ready_members >= desired && member_count == desired && rolled_out {
         (
             true,
@@ -265,7 +312,82 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
         dns_records: o.dns_records.clone(),
         members,
         config_hash: o.config_hash.clone(),
+        orphaned_volumes: o.orphaned_volumes.clone(),
     }
+}
+
+/// Why members that are all ready still do not form a healthy cluster: they run different
+/// configurations or versions, or cannot reach each other. From the members' own `/status`.
+fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
+    let reports: Vec<(&String, &NodeStatus)> = o
+        .reports
+        .iter()
+        .filter_map(|(pod, r)| r.as_ref().ok().map(|r| (pod, r)))
+        .collect();
+    if let Some(hash) = o.config_hash.as_deref() {
+        let stale: Vec<String> = reports
+            .iter()
+            .filter(|(_, r)| !r.runs_config(hash))
+            .map(|(pod, r)| format!("{pod} runs {}", short(&r.config_hash)))
+            .collect();
+        if !stale.is_empty() {
+            return Some((
+                "ConfigMismatch",
+                format!(
+                    "members run different configurations: {} instead of {hash}; they pick up the current one when restarted (`kubectl rollout restart statefulset`)",
+                    stale.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut versions: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (pod, r) in &reports {
+        versions
+            .entry(r.version.as_str())
+            .or_default()
+            .push(pod.as_str());
+    }
+    if versions.len() > 1 {
+        let list: Vec<String> = versions
+            .iter()
+            .map(|(v, pods)| format!("{v} on {}", pods.join(", ")))
+            .collect();
+        return Some((
+            "VersionMismatch",
+            format!("members run different versions: {}", list.join("; ")),
+        ));
+    }
+    let unreachable: Vec<String> = reports
+        .iter()
+        .flat_map(|(pod, r)| {
+            r.unreachable_peers().into_iter().map(move |p| {
+                format!(
+                    "{pod} cannot reach {} ({})",
+                    if p.address.is_empty() {
+                        &p.member
+                    } else {
+                        &p.address
+                    },
+                    p.error.as_deref().unwrap_or("no answer")
+                )
+            })
+        })
+        .collect();
+    if !unreachable.is_empty() {
+        return Some((
+            "PeersUnreachable",
+            format!(
+                "members cannot reach each other on the peer channel (port {}): {}; check the NetworkPolicy and the cluster key Secret",
+                crate::crd::PEER_PORT,
+                unreachable.join(", ")
+            ),
+        ));
+    }
+    None
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..16).unwrap_or(hash)
 }
 
 #[cfg(test)]
@@ -394,6 +516,99 @@ mod tests {
             ("True", "DNSEndpointCRDMissing")
         );
         assert_eq!(cond(&s, READY).status, "True", "mail still flows");
+    }
+
+    fn report(version: &str, hash: &str, reachable: bool) -> Result<NodeStatus, String> {
+        Ok(NodeStatus {
+            version: version.into(),
+            config_hash: format!("{hash}0123456789abcdef"),
+            queue_depth: 4,
+            oldest_message_age_seconds: 60,
+            config_loaded_at: Some("2026-01-01T00:00:00Z".into()),
+            peers_reachable: i64::from(reachable),
+            peers: vec![crate::member_status::PeerView {
+                member: "relay-peers.mail.svc:7025".into(),
+                address: "10.0.0.9:7025".into(),
+                reachable,
+                error: (!reachable).then(|| "connection refused".into()),
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn healthy(reports: [Result<NodeStatus, String>; 3]) -> Observed {
+        Observed {
+            statefulset: Some(sts(3, 3, true)),
+            pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
+            config_hash: Some("h".into()),
+            spec_valid: true,
+            reports: reports
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (format!("relay-{i}"), r))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn member_reports_fill_the_table() {
+        let o = healthy([
+            report("0.2.0", "h", true),
+            report("0.2.0", "h", true),
+            Err("timeout".into()),
+        ]);
+        let s = compute(&sample(), &o, Timestamp::now());
+        assert_eq!(cond(&s, READY).status, "True");
+        let m = &s.members[0];
+        assert_eq!(m.version.as_deref(), Some("0.2.0"));
+        assert_eq!(m.queue_depth, Some(4));
+        assert_eq!(m.oldest_message_age_seconds, Some(60));
+        assert_eq!(m.peers_reachable, Some(1));
+        assert!(m.config_in_sync && m.config_hash.as_deref().unwrap().starts_with('h'));
+        assert_eq!(s.members[2].status_error.as_deref(), Some("timeout"));
+        assert_eq!(s.members[2].version.as_deref(), Some("mailnode:1"));
+    }
+
+    #[test]
+    fn members_that_disagree_are_not_ready() {
+        let o = healthy([
+            report("0.2.0", "h", true),
+            report("0.2.0", "old", true),
+            report("0.2.0", "h", true),
+        ]);
+        let s = compute(&sample(), &o, Timestamp::now());
+        let r = cond(&s, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "ConfigMismatch")
+        );
+        assert!(r.message.contains("relay-1 runs old"), "{}", r.message);
+        assert!(!s.members[1].config_in_sync);
+
+        let o = healthy([
+            report("0.2.0", "h", true),
+            report("0.3.0", "h", true),
+            report("0.2.0", "h", true),
+        ]);
+        let r = compute(&sample(), &o, Timestamp::now());
+        let r = cond(&r, READY);
+        assert_eq!(r.reason, "VersionMismatch");
+        assert!(r.message.contains("0.3.0 on relay-1"), "{}", r.message);
+
+        let o = healthy([
+            report("0.2.0", "h", true),
+            report("0.2.0", "h", false),
+            report("0.2.0", "h", true),
+        ]);
+        let r = compute(&sample(), &o, Timestamp::now());
+        let r = cond(&r, READY);
+        assert_eq!(r.reason, "PeersUnreachable");
+        assert!(
+            r.message.contains("relay-1 cannot reach 10.0.0.9:7025"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]

@@ -650,3 +650,305 @@ async fn a_missing_cert_manager_is_reported_and_the_rest_goes_on() {
     assert_eq!(errors(&op), 0, "a missing CRD is not a reconcile error");
     op.stop().await;
 }
+
+/// A fake member admin port on loopback answering `GET /status` with `body`.
+async fn fake_status_server(
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let body = body.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut req = Vec::new();
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+fn status_body(pod: &str, hash: &str, depth: i64) -> String {
+    json!({
+        "name": pod, "version": "0.9.0", "configHash": format!("{hash}00112233445566778899aabbccddeeff"),
+        "configLoadedAt": "2026-01-01T00:00:00Z", "queueDepth": depth,
+        "oldestMessageAgeSeconds": 42, "draining": false, "drained": false, "ready": true,
+        "peers": [], "peersReachable": 1
+    })
+    .to_string()
+}
+
+async fn poke(api: &Api<MailCluster>, name: &str, value: &str) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"poke": value}}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn members_status_is_read_from_their_admin_port() {
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("memberstatus").await.unwrap();
+    let op = Operator::start(client.clone(), &ns, None, "status-operator");
+    let api: Api<MailCluster> = Api::namespaced(client.clone(), &ns);
+    create(&api, &set(manifest("ms", &ns), "/spec/replicas", json!(2)))
+        .await
+        .unwrap();
+    eventually(cp, &ns, "Ready", TIMEOUT, || async {
+        let mc = api.get("ms").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    let hash = api
+        .get("ms")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .config_hash
+        .unwrap();
+
+    // ms-1 runs another configuration.
+    let bodies: Vec<_> = [
+        status_body("ms-0", &hash, 2),
+        status_body("ms-1", "0badc0ffee0badc0", 0),
+    ]
+    .into_iter()
+    .map(|b| std::sync::Arc::new(std::sync::Mutex::new(b)))
+    .collect();
+    for (i, b) in bodies.iter().enumerate() {
+        let addr = fake_status_server(b.clone()).await;
+        op.member_ports
+            .lock()
+            .unwrap()
+            .insert(format!("ms-{i}"), addr);
+    }
+    poke(&api, "ms", "1").await;
+    eventually(cp, &ns, "Ready False: ConfigMismatch", TIMEOUT, || async {
+        let mc = api.get("ms").await?;
+        Ok(condition(&mc, READY).is_some_and(|(s, reason, msg)| {
+            s == "False" && reason == "ConfigMismatch" && msg.contains("ms-1 runs 0badc0ffee0badc0")
+        }))
+    })
+    .await;
+    let st = api.get("ms").await.unwrap().status.unwrap();
+    assert_eq!(st.members[0].queue_depth, Some(2));
+    assert_eq!(st.members[0].oldest_message_age_seconds, Some(42));
+    assert_eq!(st.members[0].version.as_deref(), Some("0.9.0"));
+    assert_eq!(st.members[0].peers_reachable, Some(1));
+    assert!(st.members[0].config_in_sync);
+    assert!(!st.members[1].config_in_sync);
+
+    // Restarted with the current configuration: Ready again.
+    *bodies[1].lock().unwrap() = status_body("ms-1", &hash, 0);
+    poke(&api, "ms", "2").await;
+    eventually(cp, &ns, "Ready again", TIMEOUT, || async {
+        let mc = api.get("ms").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_members_volume_is_drained_then_deleted() {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("drain").await.unwrap();
+    let op = Operator::start(client.clone(), &ns, None, "drain-operator");
+    let api: Api<MailCluster> = Api::namespaced(client.clone(), &ns);
+    create(&api, &manifest("dr", &ns)).await.unwrap();
+    eventually(cp, &ns, "Ready with 3 members", TIMEOUT, || async {
+        let mc = api.get("dr").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    assert!(pvcs.get_opt("queue-dr-2").await.unwrap().is_some());
+
+    api.patch(
+        "dr",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 2}})),
+    )
+    .await
+    .unwrap();
+    eventually(cp, &ns, "the drain Job of queue-dr-2", TIMEOUT, || async {
+        Ok(jobs.get_opt("dr-drain-2").await?.is_some())
+    })
+    .await;
+    let job = jobs.get("dr-drain-2").await.unwrap();
+    assert_eq!(job.owner_references()[0].kind, "MailCluster");
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.volumes
+            .unwrap()
+            .iter()
+            .find_map(|v| v.persistent_volume_claim.clone())
+            .unwrap()
+            .claim_name,
+        "queue-dr-2"
+    );
+    assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "drain");
+    eventually(cp, &ns, "status says Draining", TIMEOUT, || async {
+        let st = api.get("dr").await?.status.unwrap_or_default();
+        Ok(st
+            .orphaned_volumes
+            .iter()
+            .any(|v| v.claim == "queue-dr-2" && v.phase == "Draining"))
+    })
+    .await;
+    assert!(
+        pvcs.get_opt("queue-dr-2").await.unwrap().is_some(),
+        "kept until drained"
+    );
+
+    // kwok runs no containers: the Job succeeds by a status patch (its pod counts as active;
+    // the start time is the Job controller's).
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    jobs.patch_status(
+        "dr-drain-2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "active": 0, "ready": 0, "completionTime": now, "succeeded": 1,
+            "conditions": [
+                {"type": "SuccessCriteriaMet", "status": "True", "lastTransitionTime": now, "lastProbeTime": now},
+                {"type": "Complete", "status": "True", "lastTransitionTime": now, "lastProbeTime": now}
+            ]
+        }})),
+    )
+    .await
+    .unwrap();
+    eventually(cp, &ns, "queue-dr-2 deleted", TIMEOUT, || async {
+        Ok(pvcs
+            .get_opt("queue-dr-2")
+            .await?
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some()))
+    })
+    .await;
+    assert!(pvcs.get_opt("queue-dr-1").await.unwrap().is_some());
+
+    // Retain: scaling down keeps the volume and starts no Job.
+    api.patch(
+        "dr",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"spec": {"replicas": 1, "storage": {"orphanedVolumePolicy": "Retain"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually(cp, &ns, "queue-dr-1 Retained", TIMEOUT, || async {
+        let st = api.get("dr").await?.status.unwrap_or_default();
+        Ok(st
+            .orphaned_volumes
+            .iter()
+            .any(|v| v.claim == "queue-dr-1" && v.phase == "Retained"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(jobs.get_opt("dr-drain-1").await.unwrap().is_none());
+    let kept = pvcs.get_opt("queue-dr-1").await.unwrap().unwrap();
+    assert!(kept.metadata.deletion_timestamp.is_none());
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_rotation_adds_a_key_and_drops_the_old_one_after_the_roll() {
+    let (cp, client) = setup().await;
+    let ns = cp.new_namespace("rotate").await.unwrap();
+    let op = Operator::start(client.clone(), &ns, None, "rotate-operator");
+    let api: Api<MailCluster> = Api::namespaced(client.clone(), &ns);
+    create(&api, &set(manifest("rot", &ns), "/spec/replicas", json!(2)))
+        .await
+        .unwrap();
+    eventually(cp, &ns, "Ready", TIMEOUT, || async {
+        let mc = api.get("rot").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let keys = |s: Secret| -> Vec<String> {
+        String::from_utf8(s.data.unwrap()["cluster-key"].0.clone())
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let old = keys(secrets.get("rot-cluster").await.unwrap());
+    assert_eq!(old.len(), 1);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let key_hash = |s: StatefulSet| {
+        s.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()["mailcluster.dev/key-hash"]
+            .clone()
+    };
+    let hash_before = key_hash(sts_api.get("rot").await.unwrap());
+
+    api.patch(
+        "rot",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"metadata": {"annotations": {"mailcluster.dev/rotate-key": "2026-11"}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let both = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    eventually(cp, &ns, "new and old key", TIMEOUT, || async {
+        let k = keys(secrets.get("rot-cluster").await?);
+        let ok = k.len() == 2 && k[1] == old[0] && k[0] != old[0];
+        if ok {
+            *both.lock().unwrap() = k;
+        }
+        Ok(ok)
+    })
+    .await;
+    let new = both.lock().unwrap()[0].clone();
+    eventually(
+        cp,
+        &ns,
+        "the roll, then only the new key",
+        TIMEOUT,
+        || async { Ok(keys(secrets.get("rot-cluster").await?) == [new.clone()]) },
+    )
+    .await;
+    assert_ne!(
+        key_hash(sts_api.get("rot").await.unwrap()),
+        hash_before,
+        "the members rolled"
+    );
+    eventually(cp, &ns, "Ready after the rotation", TIMEOUT, || async {
+        let mc = api.get("rot").await?;
+        Ok(condition(&mc, READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    // Served: later reconciles keep the key.
+    poke(&api, "rot", "1").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(keys(secrets.get("rot-cluster").await.unwrap()), [new]);
+    op.stop().await;
+}

@@ -69,6 +69,26 @@ fn next_hops(field: &str, hosts: &[crd::Smarthost]) -> Result<Vec<node::Smarthos
         .collect()
 }
 
+/// Source networks besides the members allowed on the peer channel: `spec.peers.allowedSources`,
+/// or the private ranges when unset.
+pub fn peer_sources(mc: &MailCluster) -> Result<Vec<ipnet::IpNet>, BuildError> {
+    match mc
+        .spec
+        .peers
+        .as_ref()
+        .and_then(|p| p.allowed_sources.as_ref())
+    {
+        Some(cidrs) => nets("spec.peers.allowedSources".into(), cidrs),
+        None => {
+            let defaults: Vec<Cidr> = crd::DEFAULT_PEER_SOURCES
+                .iter()
+                .map(|s| Cidr::from(*s))
+                .collect();
+            nets("default peer sources".into(), &defaults)
+        }
+    }
+}
+
 /// The node configuration of a MailCluster. `self_addresses` are the load balancer addresses of
 /// its listeners: a node never delivers to them.
 pub fn node_config(
@@ -194,7 +214,7 @@ pub fn node_config(
                 super::secret::KEY
             ))),
             self_addresses,
-            ..node::PeersConfig::default()
+            allowed_sources: peer_sources(mc)?,
         },
         delivery: node::DeliveryConfig {
             // Empty smarthosts: the node delivers by MX.
@@ -338,6 +358,44 @@ mod tests {
         );
         assert_eq!(c.delivery.mx_port, 2526);
         node::Config::from_yaml(&render(&c).unwrap().yaml).unwrap();
+    }
+
+    #[test]
+    fn peer_channel_is_rendered() {
+        let mut mc = sample();
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.peers.address.unwrap().port() as i32, PEER_PORT);
+        assert!(c.peers.address.unwrap().ip().is_unspecified());
+        assert_eq!(
+            c.peers.secret_file.as_deref(),
+            Some(std::path::Path::new("/etc/mailnode/cluster/cluster-key"))
+        );
+        let defaults: Vec<String> = c
+            .peers
+            .allowed_sources
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(defaults, crd::DEFAULT_PEER_SOURCES);
+        mc.spec.peers = Some(crd::Peers {
+            allowed_sources: Some(vec!["10.244.0.0/16".into()]),
+        });
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.peers.allowed_sources[0].to_string(), "10.244.0.0/16");
+        mc.spec.peers = Some(crd::Peers {
+            allowed_sources: Some(vec![]),
+        });
+        assert!(
+            node_config(&mc, &[])
+                .unwrap()
+                .peers
+                .allowed_sources
+                .is_empty()
+        );
+        mc.spec.peers = Some(crd::Peers {
+            allowed_sources: Some(vec!["nonsense".into()]),
+        });
+        assert!(node_config(&mc, &[]).is_err());
     }
 
     #[test]

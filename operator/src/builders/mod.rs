@@ -13,6 +13,7 @@ use crate::crd::MailCluster;
 pub mod certificate;
 pub mod configmap;
 pub mod dnsendpoint;
+pub mod drain_job;
 pub mod listener_service;
 pub mod networkpolicy;
 pub mod pdb;

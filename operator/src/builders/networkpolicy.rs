@@ -30,10 +30,17 @@ pub fn network_policy(mc: &MailCluster) -> Result<NetworkPolicy, BuildError> {
             policy_types: Some(vec!["Ingress".to_string()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
-                    from: Some(vec![NetworkPolicyPeer {
-                        pod_selector: Some(member_selector(&names)),
-                        ..NetworkPolicyPeer::default()
-                    }]),
+                    from: Some(vec![
+                        NetworkPolicyPeer {
+                            pod_selector: Some(member_selector(&names)),
+                            ..NetworkPolicyPeer::default()
+                        },
+                        // The drain Jobs of orphaned queue volumes hand their mail over.
+                        NetworkPolicyPeer {
+                            pod_selector: Some(super::drain_job::pod_selector(&names)),
+                            ..NetworkPolicyPeer::default()
+                        },
+                    ]),
                     ports: Some(vec![tcp(PEER_PORT)]),
                 },
                 NetworkPolicyIngressRule {
@@ -68,8 +75,19 @@ mod tests {
             .unwrap();
         assert_eq!(peer_rule.ports.as_ref().unwrap().len(), 1);
         let from = peer_rule.from.as_ref().unwrap();
-        assert_eq!(from.len(), 1);
+        assert_eq!(from.len(), 2);
         assert_eq!(from[0].pod_selector, spec.pod_selector);
+        assert_eq!(
+            from[1]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()[crate::builders::COMPONENT_LABEL],
+            "drain"
+        );
+        assert!(from[1].namespace_selector.is_none());
         assert!(from[0].namespace_selector.is_none() && from[0].ip_block.is_none());
         let open = rules.iter().find(|r| r.from.is_none()).unwrap();
         let ports: Vec<_> = open

@@ -311,6 +311,18 @@ pub fn statefulset(
     })
 }
 
+/// Set an annotation on the pod template (a change rolls the members).
+pub fn annotate_template(sts: &mut StatefulSet, key: &str, value: &str) {
+    if let Some(spec) = sts.spec.as_mut() {
+        spec.template
+            .metadata
+            .get_or_insert_with(ObjectMeta::default)
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.to_string(), value.to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

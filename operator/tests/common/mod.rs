@@ -94,23 +94,38 @@ pub async fn counting_client(cp: &ControlPlane) -> (Client, Arc<AtomicUsize>) {
     (client, writes)
 }
 
+/// Where the test serves each member's admin port (fake pods' IPs are not reachable); members
+/// not in it are not asked for `/status`.
+pub type MemberPorts =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, std::net::SocketAddr>>>;
+
 pub struct Operator {
     pub ctx: Arc<Context>,
+    pub member_ports: MemberPorts,
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Operator {
     pub fn start(client: Client, ns: &str, elector: Option<Elector>, identity: &str) -> Self {
-        let ctx = Arc::new(Context::new(
-            client,
-            Settings {
-                default_image: "mailnode:test".into(),
-                resync: Duration::from_secs(300),
-            },
-            Arc::new(Metrics::default()),
-            identity,
-        ));
+        let member_ports = MemberPorts::default();
+        let ports = member_ports.clone();
+        let ctx = Arc::new(
+            Context::new(
+                client,
+                Settings {
+                    default_image: "mailnode:test".into(),
+                    resync: Duration::from_secs(300),
+                },
+                Arc::new(Metrics::default()),
+                identity,
+            )
+            .with_member_address(Arc::new(
+                move |pod: &k8s_openapi::api::core::v1::Pod| {
+                    ports.lock().unwrap().get(&pod.name_any()).copied()
+                },
+            )),
+        );
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(mailcluster_operator::controller::run(
             ctx.clone(),
@@ -118,7 +133,12 @@ impl Operator {
             elector,
             rx,
         ));
-        Self { ctx, stop, task }
+        Self {
+            ctx,
+            member_ports,
+            stop,
+            task,
+        }
     }
 
     pub fn reconciles(&self) -> u64 {

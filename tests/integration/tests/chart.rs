@@ -20,7 +20,7 @@ use mailcluster_testenv::ControlPlane;
 use serde_json::Value;
 
 /// What the operator does with each resource (operator/src/controller.rs, reconcile.rs,
-/// apply.rs, status.rs): the cluster-wide (or watched-namespace) rules, exactly. Server-side
+/// apply.rs, status.rs, drain Jobs of removed members' volumes): the cluster-wide (or watched-namespace) rules, exactly. Server-side
 /// apply of a missing object is authorized as create as well as patch.
 const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
     ("mailcluster.dev", "mailclusters", &["list", "watch"]),
@@ -35,6 +35,12 @@ const OPERATOR_RULES: &[(&str, &str, &[&str])] = &[
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
     ("", "pods", &["list", "watch"]),
+    ("", "persistentvolumeclaims", &["get", "list", "delete"]),
+    (
+        "batch",
+        "jobs",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    ),
     ("policy", "poddisruptionbudgets", WATCH_AND_APPLY),
     ("networking.k8s.io", "networkpolicies", WATCH_AND_APPLY),
     ("cert-manager.io", "certificates", APPLY_AND_DELETE),
