@@ -67,6 +67,29 @@ rate_of() { python3 -c "print(f'{$1/($3-$2):.0f}')"; } # messages t0 t1 -> msg/s
 
 row() { printf '%-9s %-9s %10s %9s %9s %12s\n' "$@"; }
 
+# For each session count in SESSIONS: mailnode, then Postfix, each started fresh and measured by
+# `measure SERVER SESSIONS` (prints "msg/s p50 p99"); one table row each, then the ratios.
+# Needs MN_PORT and PF_PORT.
+bench_table() { # rate-column-title ratio-title measure-function
+  local column=$1 title=$2 measure=$3 s rate p50 p99 rss
+  row server sessions "$column" "p50 ms" "p99 ms" "peak RSS MB"
+  for s in "${SESSIONS[@]}"; do
+    start_mailnode "$MN_PORT"
+    read -r rate p50 p99 <<<"$("$measure" mailnode "$s")"
+    rss=$(mailnode_rss_mb)
+    stop_mailnode
+    RATE[mn$s]=$rate
+    row mailnode "$s" "$rate" "$p50" "$p99" "$rss"
+    start_postfix "$PF_PORT"
+    read -r rate p50 p99 <<<"$("$measure" postfix "$s")"
+    rss=$(postfix_rss_mb)
+    stop_postfix
+    RATE[pf$s]=$rate
+    row postfix "$s" "$rate" "$p50" "$p99" "$rss"
+  done
+  print_ratios "$title" "${SESSIONS[@]}"
+}
+
 print_ratios() { # title sessions...
   local title=$1 s
   shift

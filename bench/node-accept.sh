@@ -86,20 +86,8 @@ run_one() { # name port sessions -> "msgs/s p50 p99"
   echo "$(rate_of "$n" "$t0" "$t1") $p50 $p99"
 }
 
-row server sessions "msg/s" "p50 ms" "p99 ms" "peak RSS MB"
-for s in "${SESSIONS[@]}"; do
-  start_mailnode "$MN_PORT"
-  read -r rate p50 p99 <<<"$(run_one mailnode "$MN_PORT" "$s")"
-  rss=$(mailnode_rss_mb)
-  stop_mailnode
-  RATE[mn$s]=$rate
-  row mailnode "$s" "$rate" "$p50" "$p99" "$rss"
-  start_postfix "$PF_PORT"
-  read -r rate p50 p99 <<<"$(run_one postfix "$PF_PORT" "$s")"
-  rss=$(postfix_rss_mb)
-  stop_postfix
-  RATE[pf$s]=$rate
-  row postfix "$s" "$rate" "$p50" "$p99" "$rss"
-done
-print_ratios "mailnode/postfix msg/s" "${SESSIONS[@]}"
+measure() { # server sessions
+  if [ "$1" = mailnode ]; then run_one mailnode "$MN_PORT" "$2"; else run_one postfix "$PF_PORT" "$2"; fi
+}
+bench_table "msg/s" "mailnode/postfix msg/s" measure
 echo "(group commit: $GROUP; Postfix peak RSS is the sum over its processes)"

@@ -114,20 +114,12 @@ run_one() { # port sessions queuefn -> "msgs/s p50 p99"
   echo "$(rate_of "$n" "$t0" "$t1") $p50 $p99"
 }
 
-row server sessions "msg/s e2e" "p50 ms" "p99 ms" "peak RSS MB"
-for s in "${SESSIONS[@]}"; do
-  start_mailnode "$MN_PORT"
-  read -r rate p50 p99 <<<"$(run_one "$MN_PORT" "$s" mailnode_queue)"
-  rss=$(mailnode_rss_mb)
-  stop_mailnode
-  RATE[mn$s]=$rate
-  row mailnode "$s" "$rate" "$p50" "$p99" "$rss"
-  start_postfix "$PF_PORT"
-  read -r rate p50 p99 <<<"$(run_one "$PF_PORT" "$s" postfix_queue)"
-  rss=$(postfix_rss_mb)
-  stop_postfix
-  RATE[pf$s]=$rate
-  row postfix "$s" "$rate" "$p50" "$p99" "$rss"
-done
-print_ratios "mailnode/postfix msg/s end to end" "${SESSIONS[@]}"
+measure() { # server sessions
+  if [ "$1" = mailnode ]; then
+    run_one "$MN_PORT" "$2" mailnode_queue
+  else
+    run_one "$PF_PORT" "$2" postfix_queue
+  fi
+}
+bench_table "msg/s e2e" "mailnode/postfix msg/s end to end" measure
 echo "(Postfix peak RSS is the sum over its processes; both fsync; sink: Postfix smtp-sink)"

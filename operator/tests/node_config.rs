@@ -3,47 +3,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::mailnode_bin;
+
 use std::process::Command;
-use std::sync::OnceLock;
 
 use mailcluster_operator::builders::configmap;
 use mailcluster_operator::crd::{MailCluster, MailClusterSpec};
-
-/// The `mailnode` binary of this workspace, built once (on demand) into this test's target dir.
-fn mailnode_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MAILNODE_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/node_config-HASH -> target/<profile>/mailnode
-        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args([
-                "build",
-                "-p",
-                "mailnode",
-                "--bin",
-                "mailnode",
-                "--target-dir",
-            ])
-            .arg(target_dir);
-        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build -p mailnode");
-        assert!(status.success(), "building mailnode failed");
-        let bin = profile_dir.join("mailnode");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
-}
 
 fn cluster(spec_yaml: &str) -> MailCluster {
     let spec: MailClusterSpec = serde_yaml::from_str(spec_yaml).expect("spec parses");

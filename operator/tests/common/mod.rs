@@ -3,7 +3,10 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use tokio::sync::{OnceCell, watch};
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
+#[allow(unused_imports)] // not every test binary waits
 pub use mailcluster_testenv::eventually;
 
 /// Applies a CRD and waits until it is Established.
@@ -212,4 +216,39 @@ pub fn condition(mc: &MailCluster, type_: &str) -> Option<(String, String, Strin
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The `mailnode` binary of this workspace, built once (on demand) into this test's target dir.
+pub fn mailnode_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MAILNODE_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/TEST-HASH -> target/<profile>/mailnode
+        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "build",
+                "-p",
+                "mailnode",
+                "--bin",
+                "mailnode",
+                "--target-dir",
+            ])
+            .arg(target_dir);
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build -p mailnode");
+        assert!(status.success(), "building mailnode failed");
+        let bin = profile_dir.join("mailnode");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+    .clone()
 }
