@@ -49,8 +49,10 @@ cargo build --locked --target x86_64-unknown-linux-musl -p mailnode -p mailclust
 for b in mailnode mailcluster-operator; do
   exe=$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/debug/$b
   "$exe" --version
-  if ldd "$exe" >/dev/null 2>&1; then
-    echo "$exe is dynamically linked" >&2
+  # A static(-pie) binary names no shared library ("lib.so => path") in ldd's output.
+  if ldd "$exe" 2>&1 | grep -q '=>'; then
+    echo "$exe is dynamically linked:" >&2
+    ldd "$exe" >&2
     exit 1
   fi
 done

@@ -98,14 +98,26 @@ async fn scale() {
     let resync = poke.elapsed();
     let noop_writes = writes.load(Ordering::SeqCst) - w0;
 
+    // Peak RSS of this process: the operator and its caches, plus the test's own client.
+    let peak_rss_mb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0;
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
     println!(
         "operator-scale: clusters={n} members={} created_in={:.2}s all_ready_in={:.2}s \
-         ready_p50={:.2}s ready_max={:.2}s reconciles={reconciles} mean_reconcile={mean_ms:.1}ms \
+         ready_p50={:.2}s ready_p99={:.2}s ready_max={:.2}s peak_rss={peak_rss_mb:.1}MB reconciles={reconciles} mean_reconcile={mean_ms:.1}ms \
          writes_until_steady={steady_writes} ({:.1}/cluster) noop_resync_in={:.2}s noop_writes={noop_writes}",
         3 * n,
         created.as_secs_f64(),
         all_ready.as_secs_f64(),
         times[times.len() / 2].as_secs_f64(),
+        p99.as_secs_f64(),
         times[times.len() - 1].as_secs_f64(),
         steady_writes as f64 / n as f64,
         resync.as_secs_f64(),

@@ -436,8 +436,8 @@ impl ControlPlane {
                     },
                 },
                 "status": {
-                    "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                    "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                    "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "1000"},
+                    "capacity": {"cpu": "64", "memory": "512Gi", "pods": "1000"},
                 },
             }))
             .map_err(|e| Error::Binaries(format!("fake node manifest: {e}")))?;
