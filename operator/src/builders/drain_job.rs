@@ -9,14 +9,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::configmap::{CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, config_path};
-use super::statefulset::{CONTAINER, QUEUE_VOLUME, RUN_AS};
+use super::statefulset::{CONTAINER, QUEUE_VOLUME, non_root_pod_security};
 use super::{BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, image, owner_refs};
 use crate::crd::MailCluster;
 
@@ -195,17 +194,7 @@ pub fn drain_job(mc: &MailCluster, ordinal: u32, default_image: &str) -> Result<
                     restart_policy: Some("Never".to_string()),
                     enable_service_links: Some(false),
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(RUN_AS),
-                        run_as_group: Some(RUN_AS),
-                        fs_group: Some(RUN_AS),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_string(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(non_root_pod_security()),
                     ..PodSpec::default()
                 }),
             },

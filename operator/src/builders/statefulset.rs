@@ -243,20 +243,12 @@ pub fn statefulset(
             enable_service_links: Some(false),
             automount_service_account_token: Some(false),
             security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(RUN_AS),
-                run_as_group: Some(RUN_AS),
-                fs_group: Some(RUN_AS),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".to_string(),
-                    ..SeccompProfile::default()
-                }),
                 // Lets the non-root node bind port 25 without any capability.
                 sysctls: Some(vec![Sysctl {
                     name: "net.ipv4.ip_unprivileged_port_start".to_string(),
                     value: "0".to_string(),
                 }]),
-                ..PodSecurityContext::default()
+                ..non_root_pod_security()
             }),
             node_selector: (!scheduling.node_selector.is_empty())
                 .then(|| scheduling.node_selector.clone()),
@@ -320,6 +312,22 @@ pub fn annotate_template(sts: &mut StatefulSet, key: &str, value: &str) {
             .annotations
             .get_or_insert_with(BTreeMap::new)
             .insert(key.to_string(), value.to_string());
+    }
+}
+
+/// The pod security of every pod that runs `mailnode` (members and drain Jobs): non-root as
+/// [`RUN_AS`], volumes group-owned by it, the runtime's default seccomp profile.
+pub(crate) fn non_root_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
     }
 }
 
