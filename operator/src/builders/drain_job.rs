@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::configmap::{CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, config_path};
-use super::statefulset::{CONTAINER, QUEUE_VOLUME, non_root_pod_security};
+use super::statefulset::{CONTAINER, QUEUE_VOLUME, locked_down_container, non_root_pod_security};
 use super::{BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, image, owner_refs};
 use crate::crd::MailCluster;
 
@@ -133,16 +133,7 @@ pub fn drain_job(mc: &MailCluster, ordinal: u32, default_image: &str) -> Result<
                 ..VolumeMount::default()
             },
         ]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(locked_down_container()),
         ..Container::default()
     };
     let volumes = vec![

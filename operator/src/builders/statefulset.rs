@@ -196,16 +196,7 @@ pub fn statefulset(
         liveness_probe: Some(probe("/healthz", 10, 6)),
         startup_probe: Some(probe("/healthz", 2, 60)),
         resources: Some(resources),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(locked_down_container()),
         volume_mounts: Some(mounts),
         ..Container::default()
     };
@@ -312,6 +303,21 @@ pub fn annotate_template(sts: &mut StatefulSet, key: &str, value: &str) {
             .annotations
             .get_or_insert_with(BTreeMap::new)
             .insert(key.to_string(), value.to_string());
+    }
+}
+
+/// The container security of every `mailnode` container: no privilege escalation, a read-only
+/// root filesystem, no capabilities.
+pub(crate) fn locked_down_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
     }
 }
 
