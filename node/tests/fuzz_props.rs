@@ -2,9 +2,6 @@
 //! parser, the DATA decoder, the PROXY header parser and the session never panic.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
-
-use mailnode::smtp::session::{ClientInfo, Next, Session, SessionConfig};
 use proptest::prelude::*;
 
 fn smtpish() -> impl Strategy<Value = Vec<u8>> {
@@ -54,28 +51,6 @@ proptest! {
 
     #[test]
     fn session_never_panics(lines in proptest::collection::vec(smtpish(), 0..20)) {
-        let cfg = SessionConfig {
-            hostname: "fuzz.example".into(),
-            listener: "fuzz".into(),
-            max_message_size: 1000,
-            max_recipients: 5,
-            max_errors: 1000,
-            starttls: true,
-            tls_required: false,
-            auth: true,
-            policy: Arc::new(mailnode::policy::Policy::default()),
-        };
-        let mut s = Session::new(cfg, ClientInfo { addr: "127.0.0.2:1".parse().unwrap(), proxy: None });
-        for line in &lines {
-            let step = s.line(line);
-            match step.next {
-                Next::StartTls => s.tls_started(),
-                Next::Authenticate(_) => { let _ = s.auth_done(line.len() % 2 == 0); }
-                Next::Data => { let _ = s.data_done(b"x\r\n".to_vec(), Default::default()); }
-                Next::Chunk { accept: true, .. } => { let _ = s.chunk_done(b"x"); }
-                Next::Close => break,
-                _ => {}
-            }
-        }
+        mailnode::smtp::fuzzing::drive_session(lines.iter().map(Vec::as_slice));
     }
 }
