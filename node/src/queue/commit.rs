@@ -1,8 +1,9 @@
 //! Group commit: one syncer thread makes a batch of written messages durable together. For a
-//! batch it `fdatasync`s every message file in parallel (so the file system merges them into
-//! one journal commit) and then `fsync`s the `active/` directory once for all their renames.
-//! Concurrent sessions thus share the directory sync and the journal commit instead of paying
-//! both each. Unlike `syncfs`, the cost does not depend on unrelated dirty data on the volume.
+//! batch it `fdatasync`s every message file and `fsync`s the `active/` directory once, all in
+//! parallel (the files are already in the directory, so the order does not matter and the
+//! block layer merges the cache flushes), then marks each durable file complete. Concurrent
+//! sessions thus share the directory sync and the flushes instead of paying both each. Unlike
+//! `syncfs`, the cost does not depend on unrelated dirty data on the volume.
 
 use std::fs::File;
 use std::sync::mpsc;
@@ -22,20 +23,21 @@ pub struct GroupCommit {
     tx: mpsc::Sender<(File, Waiter)>,
 }
 
+fn sync_file(f: &File) -> Result<(), String> {
+    f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+    super::mark_complete(f).map_err(|e| format!("mark complete: {e}"))
+}
+
+/// Sync `files` and `dir` in parallel; a file is marked complete only after its own data is
+/// durable, and its result is an error if the directory sync failed.
 fn sync_batch(files: &[File], dir: &File) -> Vec<Result<(), String>> {
     let per = files.len().div_ceil(SYNC_THREADS).max(1);
     let mut results: Vec<Result<(), String>> = Vec::with_capacity(files.len());
-    std::thread::scope(|s| {
+    let dir_result = std::thread::scope(|s| {
+        let dir_sync = s.spawn(|| dir.sync_all().map_err(|e| format!("fsync directory: {e}")));
         let handles: Vec<_> = files
             .chunks(per)
-            .map(|chunk| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|f| f.sync_data().map_err(|e| format!("fdatasync: {e}")))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|chunk| s.spawn(move || chunk.iter().map(sync_file).collect::<Vec<_>>()))
             .collect();
         for h in handles {
             match h.join() {
@@ -43,13 +45,15 @@ fn sync_batch(files: &[File], dir: &File) -> Vec<Result<(), String>> {
                 Err(_) => results.push(Err("sync thread panicked".into())),
             }
         }
+        dir_sync
+            .join()
+            .unwrap_or_else(|_| Err("sync thread panicked".into()))
     });
     results.resize_with(files.len(), || Err("sync thread panicked".into()));
-    if let Err(e) = dir.sync_all() {
-        let msg = format!("fsync directory: {e}");
-        return vec![Err(msg); files.len()];
+    match dir_result {
+        Ok(()) => results,
+        Err(msg) => vec![Err(msg); files.len()],
     }
-    results
 }
 
 impl GroupCommit {
@@ -81,8 +85,8 @@ impl GroupCommit {
         Ok(Self { tx })
     }
 
-    /// Wait until `file` (already renamed into the directory) and its directory entry are
-    /// durable.
+    /// Wait until `file` (already in the directory) and its directory entry are durable and
+    /// the file is marked complete.
     pub async fn commit(&self, file: File) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.tx

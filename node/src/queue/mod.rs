@@ -1,23 +1,28 @@
 //! The durable queue on a directory (the pod's volume).
 //!
 //! Layout under the queue path:
-//! - `tmp/`: files being written; emptied at start-up.
-//! - `active/ID`: complete messages waiting for delivery ([`format`]).
+//! - `tmp/`: delivery-state files being written; emptied at start-up.
+//! - `active/ID`: messages waiting for delivery ([`format`]).
 //! - `hold/ID`: messages put on hold by an operator.
 //! - `state/ID.json`: delivery progress ([`DeliveryState`]), written by the delivery engine.
 //!
-//! A message is written to `tmp/`, renamed into `active/`, and made durable before the 250:
-//! either `fdatasync` of the file and `fsync` of `active/` per message, or (group commit) one
-//! batch of parallel `fdatasync`s plus one directory `fsync`, shared by every
-//! message written meanwhile ([`commit`]). Each file carries lengths and a
-//! SHA-256, so start-up recovery keeps complete files and removes partial ones (which can only
-//! be messages that never got their 250).
+//! A message file is created in `active/` under its final name by the writer thread
+//! ([`writer`]) with mode 0600, made durable (its data and the directory entry) and only then
+//! marked complete by setting the owner's execute bit (mode 0700, as Postfix marks its queue
+//! files); the 250 follows. Files without the mark are being written: listings and the delivery
+//! engine skip them. Durability is either `fdatasync` of the file and `fsync` of `active/` per
+//! message, or (group commit) one batch of parallel `fdatasync`s plus one directory `fsync`,
+//! shared by every message written meanwhile ([`commit`]). Each file carries lengths and a
+//! SHA-256, so start-up recovery keeps complete files (making unmarked ones durable and marking
+//! them) and removes partial ones, which can only be messages that never got their 250.
 
 pub mod commit;
 pub mod format;
+pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -28,6 +33,21 @@ use prometheus_client::metrics::histogram::Histogram;
 pub use format::{DeliveryState, Envelope, RecipientState, RecipientStatus};
 
 use commit::GroupCommit;
+use writer::WriterLane;
+
+/// Mode of a message file being written.
+const WRITING_MODE: u32 = 0o600;
+/// Mode of a complete, durable message file: the owner's execute bit is the mark.
+const COMPLETE_MODE: u32 = 0o700;
+
+fn is_complete(mode: u32) -> bool {
+    mode & 0o100 != 0
+}
+
+/// Mark a durable message file complete.
+pub(crate) fn mark_complete(file: &File) -> std::io::Result<()> {
+    file.set_permissions(fs::Permissions::from_mode(COMPLETE_MODE))
+}
 
 /// Queue errors, with the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +155,7 @@ pub enum SyncMode {
 pub struct Queue {
     root: PathBuf,
     mode: SyncMode,
+    writer: WriterLane,
     group: Option<GroupCommit>,
     fsync_seconds: Histogram,
     seq: AtomicU64,
@@ -162,6 +183,7 @@ impl Queue {
         Ok(Self {
             root: root.to_owned(),
             mode: SyncMode::PerMessage,
+            writer: WriterLane::start().map_err(io("start writer thread", root))?,
             group: None,
             fsync_seconds: Histogram::new([0.001]),
             seq: AtomicU64::new(0),
@@ -246,6 +268,7 @@ impl Queue {
                         Ok(bytes) => match format::decode(&bytes) {
                             Ok(_) => {
                                 rec.bytes += bytes.len() as u64;
+                                self.complete_recovered(&path)?;
                                 true
                             }
                             Err(err) => {
@@ -277,11 +300,28 @@ impl Queue {
         Ok(rec)
     }
 
+    /// A whole message file found at start-up without the complete mark was written but maybe
+    /// not made durable before the process stopped: make it durable now, then mark it.
+    fn complete_recovered(&self, path: &Path) -> Result<(), QueueError> {
+        let meta = fs::metadata(path).map_err(io("stat", path))?;
+        if is_complete(meta.permissions().mode()) {
+            return Ok(());
+        }
+        let f = File::open(path).map_err(io("open", path))?;
+        f.sync_data().map_err(io("fdatasync", path))?;
+        mark_complete(&f).map_err(io("mark complete", path))?;
+        if let Some(dir) = path.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(())
+    }
+
     fn state_path(&self, id: &str) -> PathBuf {
         self.root.join("state").join(format!("{id}.json"))
     }
 
-    /// Write a message durably. Returns when it is safe to answer 250.
+    /// Write a message durably. Returns when it is safe to answer 250. On an error the
+    /// caller removes the file ([`Queue::discard`]).
     pub async fn enqueue(
         self: &Arc<Self>,
         env: Envelope,
@@ -289,12 +329,20 @@ impl Queue {
         body: Vec<u8>,
     ) -> Result<(), QueueError> {
         let me = Arc::clone(self);
-        let (size, file) =
-            tokio::task::spawn_blocking(move || me.write_message(&env, &header, &body))
-                .await
-                .map_err(|e| QueueError::Task(e.to_string()))??;
-        if let (Some(g), Some(file)) = (&self.group, file) {
-            g.commit(file).await.map_err(QueueError::Commit)?;
+        let (size, file) = self
+            .writer
+            .run(move || me.write_message(&env, &header, &body))
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))??;
+        match (&self.group, self.mode) {
+            (Some(g), _) => g.commit(file).await.map_err(QueueError::Commit)?,
+            (None, SyncMode::PerMessage) => {
+                let me = Arc::clone(self);
+                tokio::task::spawn_blocking(move || me.sync_one(&file))
+                    .await
+                    .map_err(|e| QueueError::Task(e.to_string()))??
+            }
+            (None, _) => mark_complete(&file).map_err(io("mark complete", &self.root))?,
         }
         self.depth.fetch_add(1, Ordering::Relaxed);
         self.bytes
@@ -302,42 +350,37 @@ impl Queue {
         Ok(())
     }
 
-    /// Write tmp file and rename into `active/`; returns the size and, in group mode, the open
-    /// file for the syncer.
+    /// Per-message durability: the file's data, the directory entry, then the mark.
+    fn sync_one(&self, file: &File) -> Result<(), QueueError> {
+        let active = self.root.join("active");
+        let t = Instant::now();
+        file.sync_data().map_err(io("fdatasync", &active))?;
+        fsync_dir(&active)?;
+        self.fsync_seconds.observe(t.elapsed().as_secs_f64());
+        mark_complete(file).map_err(io("mark complete", &active))
+    }
+
+    /// Create `active/ID` (mode 0600, not yet complete) and write the message into it; returns
+    /// the size and the open file for the durability step.
     fn write_message(
         &self,
         env: &Envelope,
         header: &[u8],
         body: &[u8],
-    ) -> Result<(u64, Option<File>), QueueError> {
+    ) -> Result<(u64, File), QueueError> {
         let data = format::encode(env, &[header, body])?;
-        let tmp = self.root.join("tmp").join(&env.id);
         let dst = self.root.join("active").join(&env.id);
-        let res = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io("create", &tmp))?;
-            f.write_all(&data).map_err(io("write", &tmp))?;
-            if self.mode == SyncMode::PerMessage {
-                let t = Instant::now();
-                f.sync_data().map_err(io("fdatasync", &tmp))?;
-                drop(f);
-                fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
-                fsync_dir(&self.root.join("active"))?;
-                self.fsync_seconds.observe(t.elapsed().as_secs_f64());
-                Ok((data.len() as u64, None))
-            } else {
-                fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
-                let keep = (self.mode == SyncMode::Group).then_some(f);
-                Ok((data.len() as u64, keep))
-            }
-        })();
-        if res.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(WRITING_MODE)
+            .open(&dst)
+            .map_err(io("create", &dst))?;
+        if let Err(e) = f.write_all(&data) {
+            let _ = fs::remove_file(&dst);
+            return Err(io("write", &dst)(e));
         }
-        res
+        Ok((data.len() as u64, f))
     }
 
     /// Take a message moved from a peer: its delivery state is written first, then the
@@ -419,7 +462,11 @@ impl Queue {
                 if !is_id(&name) {
                     continue;
                 }
-                let file_size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let Ok(meta) = e.metadata() else { continue };
+                if !is_complete(meta.permissions().mode()) {
+                    continue; // being written
+                }
+                let file_size = meta.len();
                 out.push(Entry {
                     id: name,
                     location: loc,
@@ -597,8 +644,20 @@ mod tests {
             q.write_state(&id, &st2).unwrap();
             assert_eq!(q.read(&id).unwrap().1.attempts, 3);
 
+            // The durable file carries the complete mark.
+            let path = dir.path().join("active").join(&id);
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, COMPLETE_MODE, "{mode:o}");
+
+            // A whole file without the mark (the process stopped before its sync) is not
+            // listed while the queue runs; recovery makes it durable and marks it.
+            let full = fs::read(&path).unwrap();
+            let unmarked = dir.path().join("active").join("UNMARKED1");
+            fs::write(&unmarked, &full).unwrap();
+            fs::set_permissions(&unmarked, fs::Permissions::from_mode(WRITING_MODE)).unwrap();
+            assert_eq!(q.list().unwrap().len(), 1);
+
             // A partial file in active/ and a leftover in tmp/ are removed on recovery.
-            let full = fs::read(dir.path().join("active").join(&id)).unwrap();
             fs::write(
                 dir.path().join("active").join("PARTIAL1"),
                 &full[..full.len() - 10],
@@ -612,9 +671,11 @@ mod tests {
                 Histogram::new([1.0]),
             )
             .unwrap();
-            assert_eq!(rec.kept, 1);
+            assert_eq!(rec.kept, 2);
             assert_eq!(rec.removed, 1);
             assert_eq!(rec.tmp_removed, 1);
+            assert_eq!(q2.list().unwrap().len(), 2);
+            q2.delete("UNMARKED1").unwrap();
             q2.delete(&id).unwrap();
             assert!(q2.list().unwrap().is_empty());
             assert!(matches!(q2.delete(&id), Err(QueueError::NotFound(_))));
