@@ -44,6 +44,9 @@ def sink():
     ls.bind(("127.0.0.1", sink_port)); ls.listen(100)
     while True:
         c, _ = ls.accept()
+        # Without this, the sink's separate replies to a pipelined MAIL/RCPT/DATA wait for the
+        # relay's delayed ACK (Nagle): a 40 ms floor in every latency, whichever relay.
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 def reply(f):
@@ -59,7 +62,9 @@ time.sleep(0.2)
 sent = 0
 while not os.path.exists(stopfile):
     try:
-        s = socket.create_connection(("127.0.0.1", relay_port)); f = s.makefile("rb"); reply(f)
+        s = socket.create_connection(("127.0.0.1", relay_port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = s.makefile("rb"); reply(f)
         s.sendall(b"EHLO probe\r\n"); reply(f)
         msg = b"X-Probe-Sent: %.6f\r\nSubject: probe\r\n\r\n" % time.time() + pad
         s.sendall(b"MAIL FROM:<probe@example.com>\r\nRCPT TO:<p@probe.example>\r\nDATA\r\n")

@@ -313,7 +313,7 @@ impl Engine {
             .collect();
         if remaining.is_empty() {
             let id_owned = id.to_owned();
-            match self.blocking(move |q| q.delete(&id_owned)).await {
+            match self.blocking(move |q| q.remove_done(&id_owned)).await {
                 Ok(()) | Err(QueueError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -214,10 +214,7 @@ impl Queue {
         if mode == SyncMode::Group {
             let active = root.join("active");
             let dir = File::open(&active).map_err(io("open", &active))?;
-            q.group = Some(
-                GroupCommit::start(dir, fsync_seconds, batch_size)
-                    .map_err(io("start syncer", root))?,
-            );
+            q.group = Some(GroupCommit::start(dir, fsync_seconds, batch_size));
         }
         Ok((q, rec))
     }
@@ -528,17 +525,29 @@ impl Queue {
         fsync_dir(&self.root.join("state"))
     }
 
-    /// Delete a message and its state.
+    /// Delete a message and its state, durably (the `queue delete` command).
     pub fn delete(&self, id: &str) -> Result<(), QueueError> {
+        let loc = self.remove(id)?;
+        fsync_dir(&self.root.join(loc.dir()))
+    }
+
+    /// Remove a message whose every recipient is done. The directory is not synced: the
+    /// removal reaches the disk with the next sync or writeback, and a crash of the machine
+    /// before that only delivers the message again (at least once), while a process exit,
+    /// clean or not, loses nothing of the page cache. Postfix does the same.
+    pub fn remove_done(&self, id: &str) -> Result<(), QueueError> {
+        self.remove(id).map(|_| ())
+    }
+
+    fn remove(&self, id: &str) -> Result<Location, QueueError> {
         let (loc, path) = self.locate(id)?;
         let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         fs::remove_file(&path).map_err(io("remove", &path))?;
         let _ = fs::remove_file(self.state_path(id));
-        fsync_dir(&self.root.join(loc.dir()))?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
         self.bytes
             .fetch_sub(i64::try_from(size).unwrap_or(0), Ordering::Relaxed);
-        Ok(())
+        Ok(loc)
     }
 
     fn move_to(&self, id: &str, to: Location) -> Result<bool, QueueError> {
