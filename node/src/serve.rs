@@ -124,6 +124,7 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         Arc::clone(&node.metrics),
         delivery,
     )?);
+    let final_reply_wait = crate::delivery::scheduler::final_reply_wait(&engine);
     let scheduler = tokio::spawn(crate::delivery::scheduler::run(
         engine,
         delivery_rx,
@@ -272,7 +273,7 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
             "grace period over, closing remaining sessions"
         );
     }
-    match tokio::time::timeout(grace + Duration::from_secs(2), scheduler).await {
+    match tokio::time::timeout(grace + final_reply_wait + Duration::from_secs(2), scheduler).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "delivery scheduler failed"),
         Err(_) => tracing::warn!("delivery scheduler did not stop in time"),

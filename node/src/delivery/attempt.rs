@@ -12,7 +12,9 @@ use crate::config::{Config, DEFAULT_MAX_HOPS, OutboundTlsMode};
 use crate::metrics::Metrics;
 use crate::queue::{DeliveryState, Envelope, Location, Queue, QueueError, RecipientStatus};
 
-use super::client::{ClientError, ConnectOptions, Connection, RcptResult, TxOutcome, tls_config};
+use super::client::{
+    self, ClientError, ConnectOptions, Connection, RcptResult, TxOutcome, tls_config,
+};
 use super::dns::{Dns, DnsError};
 use super::dsn::{self, Action, DsnRecipient};
 use super::pool::Pool;
@@ -69,6 +71,9 @@ pub struct Engine {
     seed: AtomicU64,
     tls_any: Arc<rustls::ClientConfig>,
     tls_verified: HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>,
+    /// Turns true when the shutdown grace is over: attempts that have not sent their
+    /// message give up; those that have wait for the answer.
+    abandon: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -121,11 +126,19 @@ impl Engine {
             seed: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
             tls_any,
             tls_verified,
+            abandon: tokio::sync::watch::Sender::new(false),
             cfg,
             queue,
             metrics,
             handle,
         })
+    }
+
+    /// Shutdown grace over: attempts that have not yet sent their message give up (they are
+    /// deferred and retried after the restart); attempts that have sent it keep waiting for
+    /// the next hop's answer, so a clean shutdown never delivers a message twice.
+    pub fn abandon_unsent(&self) {
+        self.abandon.send_replace(true);
     }
 
     /// Add addresses that are self (the machine's own, peers found by DNS).
@@ -592,6 +605,15 @@ impl Engine {
                         })
                         .collect();
                 }
+                Err(ClientError::Abandoned) => {
+                    return all(Res::Deferred(
+                        "451 4.3.2 not sent: the node is shutting down".into(),
+                    ));
+                }
+                Err(e @ ClientError::AfterData(_)) => {
+                    tracing::warn!(id = %env.id, hop = %host, address = %addr, error = %e, "connection lost after the message was sent; deferring, not trying another hop now");
+                    return all(Res::Deferred(format!("451 4.4.2 {host} ({addr}): {e}")));
+                }
                 Err(e) => {
                     tracing::info!(id = %env.id, hop = %host, address = %addr, error = %e, "next hop failed; trying the next one");
                     last = Some(format!("{host} ({addr}): {e}"));
@@ -659,24 +681,45 @@ impl Engine {
             "{addr}|{host}|{:?}|{:?}|{:?}",
             r.tls.mode, r.tls.ca_file, r.auth_file
         );
+        let abandon = self.abandon.subscribe();
         if let Some(mut c) = self.pool.take(&key) {
             match c
-                .send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8)
+                .send(
+                    &env.sender,
+                    rcpts,
+                    msg,
+                    env.eight_bit,
+                    env.smtputf8,
+                    &abandon,
+                )
                 .await
             {
                 Ok(o) => {
                     self.keep(&key, c).await;
                     return Ok(o);
                 }
+                // Only a failure before the message was sent is safe to retry at once.
+                Err(e @ (ClientError::AfterData(_) | ClientError::Abandoned)) => return Err(e),
                 Err(e) => {
                     tracing::debug!(hop = %host, error = %e, "reused connection failed; opening a new one")
                 }
             }
         }
         let opts = self.connect_options(r)?;
-        let mut c = Connection::open(addr, host, &opts).await?;
+        let mut stop = abandon.clone();
+        let mut c = tokio::select! {
+            c = Connection::open(addr, host, &opts) => c?,
+            () = client::abandoned(&mut stop) => return Err(ClientError::Abandoned),
+        };
         let o = c
-            .send(&env.sender, rcpts, msg, env.eight_bit, env.smtputf8)
+            .send(
+                &env.sender,
+                rcpts,
+                msg,
+                env.eight_bit,
+                env.smtputf8,
+                &abandon,
+            )
             .await?;
         self.keep(&key, c).await;
         Ok(o)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 /// A reply from the next hop.
@@ -77,6 +78,21 @@ pub enum ClientError {
     /// TLS required but not offered or failed.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The node is shutting down and gave up this attempt before the message was sent.
+    #[error("given up before the message was sent: the node is shutting down")]
+    Abandoned,
+    /// The connection failed after the message was sent, before the next hop answered: it
+    /// may have the message. Not retried at once, nor on another hop (a retry later may
+    /// deliver it twice, as with any MTA; RFC 1047).
+    #[error("no answer after the message was sent (the next hop may have it): {0}")]
+    AfterData(Box<ClientError>),
+}
+
+/// Resolves once `abandon` turns true; never if its sender is gone without that.
+pub async fn abandoned(abandon: &mut watch::Receiver<bool>) {
+    if abandon.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Parse one complete reply at the start of `buf`: the reply and the bytes it used, or
@@ -430,6 +446,7 @@ impl Connection {
         msg: &[u8],
         eight_bit: bool,
         smtputf8: bool,
+        abandon: &watch::Receiver<bool>,
     ) -> Result<TxOutcome, ClientError> {
         self.last_used = Instant::now();
         if let Some(max) = self.caps.size
@@ -459,39 +476,11 @@ impl Connection {
             mail.push_str(" SMTPUTF8");
         }
         mail.push_str("\r\n");
-        let pipelining = self.caps.pipelining;
-        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
-        let mail_reply;
-        let data_reply;
-        if pipelining {
-            let mut batch = mail.into_bytes();
-            for r in rcpts {
-                batch.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
-            }
-            batch.extend_from_slice(b"DATA\r\n");
-            self.write(&batch, "MAIL").await?;
-            mail_reply = self.read_reply("MAIL").await?;
-            for _ in rcpts {
-                rcpt_replies.push(self.read_reply("RCPT").await?);
-            }
-            data_reply = self.read_reply("DATA").await?;
-        } else {
-            self.write(mail.as_bytes(), "MAIL").await?;
-            mail_reply = self.read_reply("MAIL").await?;
-            if mail_reply.code == 250 {
-                for r in rcpts {
-                    let rr = self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?;
-                    rcpt_replies.push(rr);
-                }
-                if rcpt_replies.iter().any(|r| r.code / 100 == 2) {
-                    data_reply = self.command("DATA", "DATA").await?;
-                } else {
-                    data_reply = SmtpReply::synthetic(554, "no valid recipients");
-                }
-            } else {
-                data_reply = SmtpReply::synthetic(503, "not sent");
-            }
-        }
+        let mut stop = abandon.clone();
+        let (mail_reply, rcpt_replies, data_reply) = tokio::select! {
+            r = self.envelope(mail, rcpts) => r?,
+            () = abandoned(&mut stop) => return Err(ClientError::Abandoned),
+        };
         if mail_reply.code != 250 {
             if data_reply.code == 354 {
                 self.write(b".\r\n", "DATA").await?;
@@ -515,7 +504,7 @@ impl Connection {
                     }
                 })
                 .collect();
-            if pipelining || accepted.iter().any(|a| *a) {
+            if self.caps.pipelining || accepted.iter().any(|a| *a) {
                 self.rset().await?;
             }
             return Ok(TxOutcome {
@@ -532,9 +521,16 @@ impl Connection {
                 mail_failed: false,
             });
         }
+        if *abandon.borrow() {
+            return Err(ClientError::Abandoned);
+        }
         let payload = dot_stuff(msg);
-        self.write(&payload, "end of data").await?;
-        let end = self.read_reply("end of data").await?;
+        let end = async {
+            self.write(&payload, "end of data").await?;
+            self.read_reply("end of data").await
+        }
+        .await
+        .map_err(|e| ClientError::AfterData(Box::new(e)))?;
         self.messages += 1;
         self.last_used = Instant::now();
         Ok(TxOutcome {
@@ -550,6 +546,49 @@ impl Connection {
                 .collect(),
             mail_failed: false,
         })
+    }
+
+    /// MAIL, RCPT and DATA (pipelined when offered): the replies to MAIL, each RCPT and
+    /// DATA. Nothing is delivered yet, so this part may be abandoned.
+    async fn envelope(
+        &mut self,
+        mail: String,
+        rcpts: &[String],
+    ) -> Result<(SmtpReply, Vec<SmtpReply>, SmtpReply), ClientError> {
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        if self.caps.pipelining {
+            let mut batch = mail.into_bytes();
+            for r in rcpts {
+                batch.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+            }
+            batch.extend_from_slice(b"DATA\r\n");
+            self.write(&batch, "MAIL").await?;
+            let mail_reply = self.read_reply("MAIL").await?;
+            for _ in rcpts {
+                rcpt_replies.push(self.read_reply("RCPT").await?);
+            }
+            let data_reply = self.read_reply("DATA").await?;
+            return Ok((mail_reply, rcpt_replies, data_reply));
+        }
+        self.write(mail.as_bytes(), "MAIL").await?;
+        let mail_reply = self.read_reply("MAIL").await?;
+        if mail_reply.code != 250 {
+            return Ok((
+                mail_reply,
+                rcpt_replies,
+                SmtpReply::synthetic(503, "not sent"),
+            ));
+        }
+        for r in rcpts {
+            let rr = self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?;
+            rcpt_replies.push(rr);
+        }
+        let data_reply = if rcpt_replies.iter().any(|r| r.code / 100 == 2) {
+            self.command("DATA", "DATA").await?
+        } else {
+            SmtpReply::synthetic(554, "no valid recipients")
+        };
+        Ok((mail_reply, rcpt_replies, data_reply))
     }
 
     /// RSET, to reuse the connection for the next message.

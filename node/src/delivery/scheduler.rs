@@ -177,7 +177,14 @@ fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
         .set((now - oldest).max(0) / 1000);
 }
 
-/// Run until `shutdown` is true; then wait (at most `grace`) for running attempts.
+/// How long a shutdown waits, after the grace period, for attempts that have sent their
+/// message: the reply timeout, plus a little for the attempt to record the answer.
+pub fn final_reply_wait(engine: &Engine) -> Duration {
+    Duration::from_secs(engine.cfg.delivery.command_timeout_seconds.max(1) + 2)
+}
+
+/// Run until `shutdown` is true; then wait (at most `grace`) for running attempts, then give
+/// up the ones that have not sent their message and wait for the others' answers.
 pub async fn run(
     engine: Arc<Engine>,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
@@ -290,17 +297,34 @@ pub async fn run(
         "delivery: shutting down, letting running attempts finish"
     );
     let until = tokio::time::Instant::now() + grace;
+    let mut abandoned = false;
     while !tasks.is_empty() {
         match tokio::time::timeout_at(until, tasks.join_next()).await {
             Ok(_) => {}
-            Err(_) => {
+            Err(_) if !abandoned => {
                 tracing::warn!(
                     running = tasks.len(),
-                    "delivery: grace period over; aborting attempts (they will be retried)"
+                    "delivery: grace period over; attempts that have not sent their message give up (retried after the restart), the others wait for the next hop's answer"
                 );
-                tasks.abort_all();
-                break;
+                engine.abandon_unsent();
+                abandoned = true;
+                // An attempt past the final dot ends within one reply timeout.
+                let until = tokio::time::Instant::now() + final_reply_wait(&engine);
+                while !tasks.is_empty() {
+                    if tokio::time::timeout_at(until, tasks.join_next())
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            running = tasks.len(),
+                            "delivery: attempts still unanswered after the reply timeout; aborting them (those messages may be delivered twice)"
+                        );
+                        tasks.abort_all();
+                        break;
+                    }
+                }
             }
+            Err(_) => break,
         }
     }
     for c in engine.pool.drain() {
