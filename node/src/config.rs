@@ -248,6 +248,14 @@ impl Default for QueueConfig {
 pub struct Limits {
     /// Maximum concurrent SMTP sessions; more get `421` and are closed.
     pub max_sessions: usize,
+    /// Maximum concurrent sessions from one client address (after PROXY protocol); more get
+    /// `421 4.7.0`. Clients a listener lets relay by source (`relay.allowedSources`) are
+    /// exempt, as Postfix exempts `mynetworks`. `0`: no limit.
+    pub max_sessions_per_client: usize,
+    /// Bytes of message content all sessions together may hold in memory while receiving
+    /// it. Content beyond this is read to its end and discarded, and the message gets
+    /// `452 4.3.1` (the client retries later). At least `maxMessageSize`.
+    pub max_in_flight_bytes: u64,
     /// Maximum recipients per message.
     pub max_recipients: usize,
     /// Maximum message size in bytes (announced with SIZE).
@@ -268,6 +276,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_sessions: 1000,
+            max_sessions_per_client: 50,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             max_recipients: 100,
             max_message_size: 25 * 1024 * 1024,
             max_command_line: 2048,
@@ -619,6 +629,21 @@ impl Config {
         }
         if self.queue.min_free_percent > 100 {
             return Err(invalid("queue.minFreePercent".into(), "must be 0..=100"));
+        }
+        let largest = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.max_message_size)
+            .chain(std::iter::once(self.limits.max_message_size))
+            .max()
+            .unwrap_or(0);
+        if self.limits.max_in_flight_bytes < largest {
+            return Err(invalid(
+                "limits.maxInFlightBytes".into(),
+                &format!(
+                    "must be at least the largest message size allowed ({largest} bytes), or no such message could ever be received"
+                ),
+            ));
         }
         self.validate_delivery()?;
         if let Some(tls) = &self.tls

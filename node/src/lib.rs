@@ -5,6 +5,7 @@
 //! durable queue; [`config`] is the configuration the operator renders.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod delivery;

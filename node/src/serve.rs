@@ -109,6 +109,8 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         draining: AtomicBool::new(false),
         storage_ok: AtomicBool::new(true),
         active: AtomicUsize::new(0),
+        client_slots: crate::admission::ClientSlots::new(config.limits.max_sessions_per_client),
+        budget: crate::admission::MemoryBudget::new(config.limits.max_in_flight_bytes),
         shutdown,
         delivery: delivery.clone(),
         peers: (config.peers.address.is_some() || !config.peers.members.is_empty())
@@ -142,7 +144,12 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
                 source,
             })?;
         tracing::info!(listener = %l.name, address = %sock.local_addr().unwrap_or(l.address), "listening");
-        let ctx = Arc::new(ListenerCtx::new(&config, l, node.tls.is_some()));
+        let ctx = Arc::new(ListenerCtx::new(
+            &config,
+            l,
+            node.tls.is_some(),
+            Arc::clone(&node.budget),
+        ));
         tokio::spawn(run_listener(Arc::clone(&node), ctx, sock));
     }
     if let (Some(addr), Some(peers)) = (config.peers.address, &node.peers) {

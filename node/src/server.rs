@@ -48,6 +48,10 @@ pub struct Node {
     pub storage_ok: AtomicBool,
     /// Open sessions.
     pub active: AtomicUsize,
+    /// Open sessions per client address.
+    pub client_slots: Arc<crate::admission::ClientSlots>,
+    /// Memory budget for content being received.
+    pub budget: Arc<crate::admission::MemoryBudget>,
     /// Shutdown signal for sessions.
     pub shutdown: watch::Sender<bool>,
     /// The delivery scheduler (new messages, ETRN).
@@ -75,7 +79,12 @@ pub struct ListenerCtx {
 
 impl ListenerCtx {
     /// Build from the node config.
-    pub fn new(cfg: &Config, l: &Listener, tls_available: bool) -> Self {
+    pub fn new(
+        cfg: &Config,
+        l: &Listener,
+        tls_available: bool,
+        budget: Arc<crate::admission::MemoryBudget>,
+    ) -> Self {
         let starttls = tls_available && l.tls.mode == TlsMode::Starttls;
         Self {
             config: l.clone(),
@@ -89,6 +98,7 @@ impl ListenerCtx {
                 tls_required: l.tls.required,
                 auth: starttls && cfg.auth.is_some(),
                 policy: Arc::new(Policy::from_listener(l)),
+                budget: Some(budget),
             },
         }
     }
@@ -295,6 +305,26 @@ async fn handle(
         ClientInfo {
             addr: peer,
             proxy: None,
+        }
+    };
+    let exempt = ctx.session.policy.source_may_relay(client.addr.ip());
+    let _slot = if exempt {
+        None
+    } else {
+        match node.client_slots.try_take(client.addr.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                node.metrics.connection_refused("client_limit");
+                tracing::warn!(listener = %ctx.config.name, client = %client.addr, limit = node.config.limits.max_sessions_per_client, "too many sessions from this client, refusing");
+                let host = &node.config.hostname;
+                let reply = Reply::new(
+                    421,
+                    "4.7.0",
+                    format!("{host} Too many connections from your address, try again later"),
+                );
+                refuse_connection(sock, reply).await;
+                return Ok(());
+            }
         }
     };
     tracing::debug!(listener = %ctx.config.name, client = %client.addr, proxy = ?client.proxy, "session start");
@@ -560,7 +590,10 @@ impl Driver {
     }
 
     async fn read_data(&mut self) -> Result<(Vec<u8>, crate::smtp::data::BodyFlaws), SessionEnd> {
-        let mut dec = DataDecoder::new(self.ctx.session.max_message_size);
+        let mut dec = DataDecoder::with_budget(
+            self.ctx.session.max_message_size,
+            self.ctx.session.budget.clone(),
+        );
         loop {
             if !self.buf.is_empty() {
                 if let Some(n) = dec.feed(&self.buf) {

@@ -10,6 +10,10 @@
 //! behaviour Postfix adopted (`smtpd_forbid_bare_newline`). Lines longer than 998 octets plus
 //! CRLF (RFC 5321 section 4.5.3.1.6) are refused the same way.
 
+use std::sync::Arc;
+
+use crate::admission::MemoryBudget;
+
 /// Longest allowed line without its CRLF.
 pub const MAX_LINE: usize = 998;
 
@@ -22,12 +26,14 @@ pub struct BodyFlaws {
     pub bare_newline: bool,
     /// A line was longer than [`MAX_LINE`].
     pub long_line: bool,
+    /// The content did not fit in the node's memory budget for content being received.
+    pub no_memory: bool,
 }
 
 impl BodyFlaws {
     /// No flaw.
     pub fn is_clean(&self) -> bool {
-        !self.too_big && !self.bare_newline && !self.long_line
+        !self.too_big && !self.bare_newline && !self.long_line && !self.no_memory
     }
 }
 
@@ -40,11 +46,20 @@ pub struct BodyCheck {
     prev_cr: bool,
     line_len: usize,
     flaws: BodyFlaws,
+    budget: Option<Arc<MemoryBudget>>,
+    /// Bytes of `budget` held for `body`.
+    held: u64,
 }
 
 impl BodyCheck {
     /// A collector for at most `max` bytes.
     pub fn new(max: u64) -> Self {
+        Self::with_budget(max, None)
+    }
+
+    /// A collector for at most `max` bytes whose kept bytes are reserved from `budget`; when
+    /// the budget is spent, the content is still checked to its end but no longer kept.
+    pub fn with_budget(max: u64, budget: Option<Arc<MemoryBudget>>) -> Self {
         Self {
             body: Vec::with_capacity(16 * 1024),
             size: 0,
@@ -52,7 +67,33 @@ impl BodyCheck {
             prev_cr: false,
             line_len: 0,
             flaws: BodyFlaws::default(),
+            budget,
+            held: 0,
         }
+    }
+
+    fn give_back(&mut self) {
+        if let Some(b) = &self.budget {
+            b.release(std::mem::take(&mut self.held));
+        }
+    }
+
+    /// Keep `data` if the budget allows.
+    fn keep(&mut self, data: &[u8]) {
+        if self.flaws.no_memory {
+            return;
+        }
+        if let Some(b) = &self.budget {
+            let n = data.len() as u64;
+            if !b.try_reserve(n) {
+                self.flaws.no_memory = true;
+                self.body = Vec::new();
+                self.give_back();
+                return;
+            }
+            self.held += n;
+        }
+        self.body.extend_from_slice(data);
     }
 
     /// Add content bytes.
@@ -78,8 +119,9 @@ impl BodyCheck {
         if self.size > self.max {
             self.flaws.too_big = true;
             self.body = Vec::new();
+            self.give_back();
         } else {
-            self.body.extend_from_slice(data);
+            self.keep(data);
         }
     }
 
@@ -88,12 +130,21 @@ impl BodyCheck {
         self.size
     }
 
-    /// Finish: the body and its flaws. A trailing lone CR counts as bare.
+    /// Finish: the body and its flaws. A trailing lone CR counts as bare. The budget is
+    /// given back here: it bounds content being received, which is what can pile up (slow
+    /// clients, large messages); a finished body is queued or dropped within milliseconds.
     pub fn finish(mut self) -> (Vec<u8>, BodyFlaws) {
         if self.prev_cr {
             self.flaws.bare_newline = true;
         }
-        (self.body, self.flaws)
+        self.give_back();
+        (std::mem::take(&mut self.body), self.flaws)
+    }
+}
+
+impl Drop for BodyCheck {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -118,10 +169,15 @@ pub struct DataDecoder {
 impl DataDecoder {
     /// A decoder for a message of at most `max` bytes.
     pub fn new(max: u64) -> Self {
+        Self::with_budget(max, None)
+    }
+
+    /// A decoder whose kept content is reserved from `budget` (see [`BodyCheck::with_budget`]).
+    pub fn with_budget(max: u64, budget: Option<Arc<MemoryBudget>>) -> Self {
         Self {
             st: St::Bol,
             out: Vec::with_capacity(8192),
-            check: BodyCheck::new(max),
+            check: BodyCheck::with_budget(max, budget),
         }
     }
 
@@ -254,5 +310,32 @@ mod tests {
         assert!(decode(&long, 10_000).1.long_line);
         let ok = [b"x".repeat(998), b"\r\n.\r\n".to_vec()].concat();
         assert!(decode(&ok, 10_000).1.is_clean());
+    }
+
+    #[test]
+    fn budget_is_reserved_while_receiving_and_given_back() {
+        let budget = MemoryBudget::new(100);
+        let mut fits = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
+        assert_eq!(fits.feed(b"0123456789\r\n"), None);
+        assert_eq!(budget.used(), 12);
+        let mut over = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
+        let big = "y".repeat(95) + "\r\n.\r\n";
+        assert!(over.feed(big.as_bytes()).is_some());
+        let (body, flaws) = over.finish();
+        assert!(flaws.no_memory && body.is_empty());
+        assert_eq!(budget.used(), 12, "the refused body holds nothing");
+        assert!(fits.feed(b".\r\n").is_some());
+        let (body, flaws) = fits.finish();
+        assert!(flaws.is_clean());
+        assert_eq!(body, b"0123456789\r\n");
+        assert_eq!(budget.used(), 0);
+        let mut dropped = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
+        dropped.feed(b"abc\r\n");
+        drop(dropped);
+        assert_eq!(
+            budget.used(),
+            0,
+            "a session that ends mid-DATA gives its bytes back"
+        );
     }
 }

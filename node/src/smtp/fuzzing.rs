@@ -18,6 +18,7 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
         tls_required: false,
         auth: true,
         policy: Arc::new(crate::policy::Policy::default()),
+        budget: Some(crate::admission::MemoryBudget::new(4000)),
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),

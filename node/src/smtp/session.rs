@@ -41,6 +41,8 @@ pub struct SessionConfig {
     pub auth: bool,
     /// Relay policy.
     pub policy: Arc<Policy>,
+    /// Memory budget for content being received (shared by all sessions).
+    pub budget: Option<Arc<crate::admission::MemoryBudget>>,
 }
 
 /// Who is connected.
@@ -770,7 +772,10 @@ impl Session {
                 discard(self, Reply::new(554, "5.5.1", "No valid recipients"))
             }
             Some(tx) => {
-                let check = tx.chunks.get_or_insert_with(|| BodyCheck::new(max));
+                let budget = self.cfg.budget.clone();
+                let check = tx
+                    .chunks
+                    .get_or_insert_with(|| BodyCheck::with_budget(max, budget));
                 if check.size().saturating_add(size) > max {
                     self.tx = None;
                     self.events.push(Event::Refused {
@@ -834,6 +839,17 @@ impl Session {
                         "Message size exceeds fixed limit of {} bytes",
                         self.cfg.max_message_size
                     ),
+                ),
+            );
+        }
+        if flaws.no_memory {
+            return self.refuse(
+                "insufficient_memory",
+                "content over the node's in-flight memory budget".into(),
+                Reply::new(
+                    452,
+                    "4.3.1",
+                    "Insufficient system resources; try again later",
                 ),
             );
         }
@@ -910,6 +926,7 @@ mod tests {
             tls_required,
             auth: true,
             policy: Arc::new(Policy::from_listener(&l)),
+            budget: None,
         };
         Session::new(
             cfg,
