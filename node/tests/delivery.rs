@@ -436,3 +436,150 @@ fn delivers_to_postfix_smtp_sink_with_connection_reuse() {
     assert!(ok, "{}", node.log());
     assert_eq!(delivered, 20.0);
 }
+
+/// Submit one message; returns its queue id.
+fn submit_id(node: &Node, from: &str, rcpts: &[&str], body: &str) -> String {
+    let (mut c, banner) = Client::connect("127.0.0.2", node.addr(0));
+    assert!(banner.starts_with("220"), "{banner}");
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let r = c.mail(from, rcpts, body);
+    assert!(r.starts_with("250"), "{r}\n{}", node.log());
+    c.cmd("QUIT");
+    r.trim().rsplit(' ').next().unwrap().to_owned()
+}
+
+/// The delivery state of a queued message (`queue show`), or None once it is gone.
+fn state_of(node: &Node, id: &str) -> Option<serde_json::Value> {
+    if !node.queue_ids().iter().any(|x| x == id) {
+        return None;
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["queue", "--dir"])
+        .arg(node.queue_dir())
+        .args(["show", id])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(v["state"].clone())
+}
+
+fn attempts(node: &Node, id: &str) -> u64 {
+    state_of(node, id)
+        .and_then(|s| s["attempts"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn delay_warning_once_then_delivered_once_and_none_for_null_sender() {
+    let sink = Sink::start("127.0.0.1");
+    sink.set_mode(Mode::Tempfail451);
+    let reports = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:\n  smarthosts: [{{host: 127.0.0.1, port: {}, priority: 1}}]\n  routes:\n    - domains: [sender.example]\n      smarthosts: [{{host: 127.0.0.1, port: {}, priority: 1}}]\n  retry: {{firstSeconds: 1, maxSeconds: 1}}\n  delayWarningSeconds: 3\n  idleConnectionSeconds: 0\n",
+            sink.addr.port(),
+            reports.addr.port()
+        )),
+        1,
+    );
+    let id = submit_id(&node, "s@sender.example", &["r@far.example"], &msg("w1@t"));
+    let null_id = submit_id(&node, "", &["r@far.example"], &msg("w2@t"));
+
+    // Tempfailed and retried, but not yet waiting for 3 s: no warning yet.
+    assert!(
+        wait_until(WAIT, || attempts(&node, &id) >= 2),
+        "{}",
+        node.log()
+    );
+    assert!(
+        reports.got().is_empty(),
+        "warned too early: {:?}",
+        reports.got()
+    );
+
+    // After 3 s in the queue: one delay warning to the sender.
+    assert!(
+        wait_until(WAIT, || !reports.got().is_empty()),
+        "{}",
+        node.log()
+    );
+    let st = state_of(&node, &id).expect("still queued");
+    assert_eq!(st["delayWarned"], true, "{st}");
+    // Several more retries: still one warning, and the messages stay queued.
+    let n = attempts(&node, &id);
+    assert!(
+        wait_until(WAIT, || attempts(&node, &id) >= n + 3),
+        "{}",
+        node.log()
+    );
+    let got = reports.got();
+    assert_eq!(got.len(), 1, "one warning, not one per retry: {got:?}");
+    let mut ids = node.queue_ids();
+    ids.sort();
+    let mut want = vec![id.clone(), null_id.clone()];
+    want.sort();
+    assert_eq!(ids, want, "both still queued");
+    assert!(sink.got().is_empty());
+
+    let dsn = &got[0];
+    assert_eq!(dsn.sender, "", "a DSN has the null sender");
+    assert_eq!(dsn.rcpts, ["s@sender.example"]);
+    let d = &dsn.data;
+    // RFC 3464: multipart/report with a message/delivery-status part.
+    assert!(
+        d.contains("Content-Type: multipart/report; report-type=delivery-status"),
+        "{d}"
+    );
+    assert!(d.contains("Content-Type: message/delivery-status"), "{d}");
+    assert!(d.contains("Reporting-MTA: dns; relay.test.example"), "{d}");
+    assert!(d.contains("Arrival-Date: "), "{d}");
+    assert!(d.contains("Final-Recipient: rfc822; r@far.example"), "{d}");
+    assert!(d.contains("Action: delayed"), "{d}");
+    assert!(!d.contains("Action: failed"), "{d}");
+    let status = d
+        .lines()
+        .find_map(|l| l.strip_prefix("Status: "))
+        .unwrap_or("");
+    assert!(status.starts_with("4."), "a delay is transient: {status:?}");
+    assert!(
+        d.lines()
+            .any(|l| l.starts_with("Diagnostic-Code: smtp; ") && l.contains("451")),
+        "the last reply: {d}"
+    );
+    assert!(d.contains("Message-ID: <w1@t>"), "original headers: {d}");
+    assert!(!d.contains("hello w1@t"), "no body returned: {d}");
+    assert!(
+        !reports.got().iter().any(|g| g.data.contains("<w2@t>")),
+        "no warning about a null-sender message"
+    );
+    assert!(
+        node.log()
+            .lines()
+            .any(|l| l.contains("no DSN: the message has the null sender") && l.contains("delayed")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(metric(&node, "mailnode_dsn_total{kind=\"delayed\"}"), 1.0);
+
+    // The next hop accepts again: each message delivered exactly once, no further report.
+    sink.set_mode(Mode::Accept);
+    assert!(
+        wait_until(WAIT, || node.queue_ids().is_empty()),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.rcpts_of("<w1@t>"), ["r@far.example"]);
+    assert_eq!(sink.rcpts_of("<w2@t>"), ["r@far.example"]);
+    assert_eq!(sink.got().len(), 2, "{:?}", sink.got());
+    let w2 = sink
+        .got()
+        .into_iter()
+        .find(|g| g.message_id == "<w2@t>")
+        .unwrap();
+    assert_eq!(w2.sender, "", "the null sender is kept");
+    assert_eq!(reports.got().len(), 1, "{:?}", reports.got());
+}

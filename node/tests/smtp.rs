@@ -384,3 +384,163 @@ delivery: {enabled: false}
         "{m}"
     );
 }
+
+/// A raw PROXY v2 header: version 2, `cmd` (0 LOCAL, 1 PROXY), family/protocol byte `fam`,
+/// then `block` (addresses and TLVs) with its length.
+fn proxy_v2(cmd: u8, fam: u8, block: &[u8]) -> Vec<u8> {
+    let mut v = mailnode::proxy_protocol::V2_SIGNATURE.to_vec();
+    v.push(0x20 | cmd);
+    v.push(fam);
+    v.extend_from_slice(&u16::try_from(block.len()).unwrap().to_be_bytes());
+    v.extend_from_slice(block);
+    v
+}
+
+/// TCP over IPv4 address block claiming `src` -> `dst`.
+fn tcp4_block(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&src.ip().octets());
+    b.extend_from_slice(&dst.ip().octets());
+    b.extend_from_slice(&src.port().to_be_bytes());
+    b.extend_from_slice(&dst.port().to_be_bytes());
+    b
+}
+
+#[test]
+fn proxy_protocol_v2_local_uses_the_proxy_address() {
+    // 127.0.0.7 is a trusted proxy that may also relay itself; 127.0.0.5 is trusted but may
+    // not relay; 127.0.0.6 is not trusted.
+    const CONF: &str = r#"
+hostname: smtp.test.example
+listeners:
+  - name: proxied
+    address: 127.0.0.1:{port0}
+    proxyProtocol: true
+    trustedProxies: [127.0.0.5/32, 127.0.0.7/32]
+    relay: {allowedSources: [127.0.0.7/32]}
+queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0}
+admin: {address: "127.0.0.1:{admin}"}
+delivery: {enabled: false}
+"#;
+    let node = Node::start(CONF, 1);
+    let dst = match node.addr(0) {
+        std::net::SocketAddr::V4(a) => a,
+        std::net::SocketAddr::V6(_) => unreachable!(),
+    };
+    let claim = |ip: &str| tcp4_block(format!("{ip}:40000").parse().unwrap(), dst);
+
+    // 1. LOCAL, family UNSPEC, empty block (a proxy health check), with the EHLO in the same
+    // write: the session runs with the proxy's own address, which may relay.
+    let s = connect_from("127.0.0.7", node.addr(0));
+    let local_port = s.local_addr().unwrap().port();
+    let mut c = Client::raw(s);
+    let mut first = proxy_v2(0x0, 0x00, &[]);
+    first.extend_from_slice(b"EHLO health.example\r\n");
+    c.send(&first);
+    let banner = c.reply();
+    assert!(banner.starts_with("220 smtp.test.example"), "{banner}");
+    let ehlo = c.reply();
+    assert!(ehlo.starts_with("250-smtp.test.example"), "{ehlo}");
+    let r = c.mail("a@b.example", &["r@external.example"], MSG);
+    assert!(r.starts_with("250"), "{r}\n{}", node.log());
+    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let show = node.queue(&["show", &id, "--body"]);
+    assert!(
+        show.contains(&format!("([127.0.0.7]:{local_port})")),
+        "the real connection endpoint: {show}"
+    );
+    assert!(!show.contains("via proxy"), "{show}");
+
+    // 2. LOCAL with a TCP4 address block (and a NOOP TLV) claiming a client that may not
+    // relay: the block is ignored, the proxy's address (allowed) is used.
+    let mut block = claim("127.0.0.3");
+    block.extend_from_slice(&[0x04, 0x00, 0x03, 0, 0, 0]); // PP2_TYPE_NOOP, 3 bytes
+    let s = connect_from("127.0.0.7", node.addr(0));
+    let local_port = s.local_addr().unwrap().port();
+    let mut c = Client::raw(s);
+    // The EHLO in the same write: the whole block, TLV included, must be skipped.
+    let mut hdr = proxy_v2(0x0, 0x11, &block);
+    hdr.extend_from_slice(b"EHLO health.example\r\n");
+    c.send(&hdr);
+    assert!(c.reply().starts_with("220"));
+    let ehlo = c.reply();
+    assert!(ehlo.starts_with("250-smtp.test.example"), "{ehlo}");
+    let r = c.mail("a@b.example", &["r@external.example"], MSG);
+    assert!(r.starts_with("250"), "address block not ignored: {r}");
+    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let show = node.queue(&["show", &id, "--body"]);
+    assert!(
+        show.contains(&format!("([127.0.0.7]:{local_port})")) && !show.contains("127.0.0.3"),
+        "{show}"
+    );
+
+    // 3. From 127.0.0.5 (trusted, may not relay), LOCAL claiming 127.0.0.7 (may relay): the
+    // claim is ignored, relaying is refused. The same claim as PROXY is believed.
+    for (fam, block) in [
+        (0x11, claim("127.0.0.7")),
+        (0x00, claim("127.0.0.7")),
+        // AF_UNIX stream: 216 bytes of addresses, also ignored for LOCAL.
+        (0x31, vec![0u8; 216]),
+    ] {
+        let mut c = Client::raw(connect_from("127.0.0.5", node.addr(0)));
+        let mut hdr = proxy_v2(0x0, fam, &block);
+        hdr.extend_from_slice(b"EHLO health.example\r\n");
+        c.send(&hdr);
+        let banner = c.reply();
+        assert!(banner.starts_with("220"), "LOCAL fam {fam:#x}: {banner}");
+        let ehlo = c.reply();
+        assert!(ehlo.starts_with("250-"), "LOCAL fam {fam:#x}: {ehlo}");
+        assert!(c.cmd("MAIL FROM:<a@b.example>").starts_with("250"));
+        let r = c.cmd("RCPT TO:<r@external.example>");
+        assert!(r.starts_with("550 5.7.1"), "LOCAL fam {fam:#x}: {r}");
+        assert!(c.cmd("QUIT").starts_with("221"));
+    }
+    let mut c = Client::raw(connect_from("127.0.0.5", node.addr(0)));
+    c.send(&proxy_v2(0x1, 0x11, &claim("127.0.0.7")));
+    assert!(c.reply().starts_with("220"));
+    c.cmd("EHLO proxied.example");
+    c.cmd("MAIL FROM:<a@b.example>");
+    let r = c.cmd("RCPT TO:<r@external.example>");
+    assert!(r.starts_with("250"), "PROXY command is believed: {r}");
+
+    // 4. A health check that only says LOCAL and QUIT.
+    let mut c = Client::raw(connect_from("127.0.0.5", node.addr(0)));
+    let mut hc = proxy_v2(0x0, 0x00, &[]);
+    hc.extend_from_slice(b"QUIT\r\n");
+    c.send(&hc);
+    assert!(c.reply().starts_with("220"));
+    assert!(c.reply().starts_with("221"));
+    assert_eq!(c.reply(), "");
+
+    // 5. Unassigned command (0x2) or version (0x1) from the trusted proxy: dropped without a
+    // banner (the spec: receivers must drop such connections).
+    for hdr in [proxy_v2(0x2, 0x00, &[]), {
+        let mut h = proxy_v2(0x0, 0x00, &[]);
+        h[12] = 0x10;
+        h
+    }] {
+        let mut c = Client::raw(connect_from("127.0.0.7", node.addr(0)));
+        c.send(&hdr);
+        assert_eq!(c.reply(), "", "{hdr:?}");
+    }
+
+    // 6. LOCAL from an untrusted address is refused like any header there.
+    for hdr in [
+        proxy_v2(0x0, 0x00, &[]),
+        proxy_v2(0x0, 0x11, &claim("127.0.0.7")),
+    ] {
+        let mut c = Client::raw(connect_from("127.0.0.6", node.addr(0)));
+        assert!(c.reply().starts_with("220"));
+        c.send(&hdr);
+        let r = c.reply();
+        assert!(r.starts_with("554 5.7.0"), "{r}");
+        assert_eq!(c.reply(), "", "connection should be closed");
+    }
+    assert_eq!(node.queue_ids().len(), 2);
+    let (_, m) = node.http_get("/metrics");
+    assert!(
+        m.contains("mailnode_refused_total{reason=\"proxy_header_invalid\"} 2"),
+        "{m}"
+    );
+}

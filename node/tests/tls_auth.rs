@@ -236,3 +236,287 @@ fn swaks_starttls_auth() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("535"));
     assert_eq!(node.queue_ids().len(), 2);
 }
+
+/// A test certificate authority.
+struct Ca {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn make_ca(name: &str) -> Ca {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+/// Write `dir/tls.crt` and `dir/tls.key`: a server certificate for `host` issued by `ca`.
+fn issue(ca: &Ca, host: &str, dir: &std::path::Path) {
+    let mut params = rcgen::CertificateParams::new(vec![host.to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, host);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+}
+
+fn metric_sum(node: &Node, name: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The delivery state of a queued message (`queue show`), if it is still queued.
+fn queued_state(node: &Node, id: &str) -> Option<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["queue", "--dir"])
+        .arg(node.queue_dir())
+        .args(["show", id])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(v["state"].clone())
+}
+
+/// The log without terminal colour codes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut esc = false;
+    for ch in log.chars() {
+        match (esc, ch) {
+            (false, '\x1b') => esc = true,
+            (false, c) => out.push(c),
+            (true, 'm') => esc = false,
+            (true, _) => {}
+        }
+    }
+    out
+}
+
+/// Wait for two failed attempts of `qid` at `a`; it must still be queued there, deferred.
+/// Returns the recorded reason.
+fn deferred(a: &Node, b: &Node, qid: &str) -> String {
+    let ok = common::sink::wait_until(Duration::from_secs(20), || {
+        queued_state(a, qid)
+            .and_then(|s| s["attempts"].as_u64())
+            .is_some_and(|n| n >= 2)
+    });
+    assert!(ok, "A:\n{}\nB:\n{}", a.log(), b.log());
+    let st = queued_state(a, qid).expect("still queued at A");
+    assert_eq!(st["recipients"][0]["status"], "deferred", "{st}");
+    st["recipients"][0]["lastReply"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[test]
+fn two_nodes_tls_required_and_auth_to_smarthost() {
+    use common::dns::{Rec, TestDns};
+    use common::sink::{Sink, wait_until};
+    const WAIT: Duration = Duration::from_secs(20);
+
+    let dns = TestDns::start("127.0.0.1");
+    dns.add("mx.b.test", Rec::Ip("127.0.0.1".parse().unwrap()));
+    let sink = Sink::start("127.0.0.1");
+    let ca = make_ca("mailnode test CA");
+    let other_ca = make_ca("someone else's CA");
+
+    // B: the smarthost, STARTTLS required and AUTH required to relay, delivering to the sink.
+    let (bdir, _) = setup();
+    issue(&ca, "mx.b.test", bdir.path());
+    let b_conf = format!(
+        r#"
+hostname: mx.b.test
+tls: {{certFile: "{{dir}}/tls.crt", keyFile: "{{dir}}/tls.key", reloadIntervalSeconds: 60}}
+auth: {{usersFile: "{{dir}}/users"}}
+listeners:
+  - name: smarthost
+    address: 127.0.0.1:{{port0}}
+    tls: {{mode: starttls, required: true}}
+    relay: {{requireAuth: true}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+limits: {{shutdownGraceSeconds: 5}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {sink}, priority: 1}}]
+  retry: {{firstSeconds: 1, maxSeconds: 1}}
+"#,
+        sink = sink.addr.port()
+    );
+    let mut b = Node::start_in(bdir, &b_conf, 1);
+
+    // A: routes b.example to B by name, TLS required (trusting only `ca`), AUTH as bob.
+    let adir = tempfile::tempdir().unwrap();
+    std::fs::write(adir.path().join("ca.pem"), &ca.pem).unwrap();
+    let cred = adir.path().join("b.cred");
+    std::fs::write(&cred, "bob:pw-bob\n").unwrap();
+    let a_conf = format!(
+        r#"
+hostname: relay.a.test
+listeners:
+  - name: open
+    address: 127.0.0.1:{{port0}}
+    relay: {{allowedSources: [127.0.0.2/32]}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+limits: {{shutdownGraceSeconds: 5}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+delivery:
+  routes:
+    - domains: [b.example]
+      smarthosts: [{{host: mx.b.test, port: {bport}, priority: 1}}]
+      tls: {{mode: required, caFile: "{{dir}}/ca.pem"}}
+      authFile: "{{dir}}/b.cred"
+  retry: {{firstSeconds: 1, maxSeconds: 1}}
+  idleConnectionSeconds: 0
+  dns: {{nameservers: ["{dns}"], timeoutSeconds: 2}}
+"#,
+        bport = b.ports[0],
+        dns = dns.addr
+    );
+    let a = Node::start_in(adir, &a_conf, 1);
+    let submit = |id: &str| -> String {
+        let (mut c, _) = Client::connect("127.0.0.2", a.addr(0));
+        c.cmd("EHLO client.test");
+        let body = format!("Message-ID: <{id}>\r\nSubject: {id}\r\n\r\nhello\r\n");
+        let r = c.mail("s@a.example", &["u@b.example"], &body);
+        assert!(r.starts_with("250"), "{r}");
+        c.cmd("QUIT");
+        r.trim().rsplit(' ').next().unwrap().to_owned()
+    };
+    let restart_b_with_cert = |b: &mut Node, ca: &Ca, host: &str| {
+        assert_eq!(b.term(Duration::from_secs(15)), Some(0));
+        issue(ca, host, b.dir.path());
+        b.spawn();
+    };
+
+    // 1. Verified TLS and AUTH: delivered once through B.
+    submit("t1@t");
+    assert!(
+        wait_until(WAIT, || sink.rcpts_of("<t1@t>") == ["u@b.example"]),
+        "A:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(wait_until(WAIT, || a.queue_ids().is_empty()));
+    assert!(wait_until(WAIT, || b.queue_ids().is_empty()));
+    let t1 = sink
+        .got()
+        .into_iter()
+        .find(|g| g.message_id == "<t1@t>")
+        .unwrap();
+    assert!(
+        t1.data
+            .contains("Received: from relay.a.test ([127.0.0.1]:")
+            && t1.data.contains("by mx.b.test (mailnode) with ESMTPSA id"),
+        "B received it over TLS with AUTH: {}",
+        t1.data
+    );
+    let blog = plain(&b.log());
+    assert!(
+        blog.lines()
+            .any(|l| l.contains("authenticated") && l.contains("user=bob")),
+        "{blog}"
+    );
+
+    // 2. Wrong password: B answers 535, A defers (no bounce), nothing reaches the sink.
+    std::fs::write(&cred, "bob:not-the-password\n").unwrap();
+    let t2 = submit("t2@t");
+    let why = deferred(&a, &b, &t2);
+    assert!(why.contains("535"), "{why}");
+    assert!(
+        plain(&b.log())
+            .lines()
+            .any(|l| l.contains("authentication failed") && l.contains("user=bob")),
+        "{}",
+        b.log()
+    );
+    assert!(sink.rcpts_of("<t2@t>").is_empty());
+    // The password fixed: delivered, once.
+    std::fs::write(&cred, "bob:pw-bob\n").unwrap();
+    assert!(
+        wait_until(WAIT, || sink.rcpts_of("<t2@t>") == ["u@b.example"]),
+        "{}",
+        a.log()
+    );
+
+    let auth_lines = |b: &Node| {
+        plain(&b.log())
+            .lines()
+            .filter(|l| l.contains("authenticat"))
+            .count()
+    };
+    let auth_before = auth_lines(&b);
+
+    // 3. B's certificate is for another name: A refuses the TLS session and defers.
+    restart_b_with_cert(&mut b, &ca, "wrong.b.test");
+    let t3 = submit("t3@t");
+    let why = deferred(&a, &b, &t3);
+    assert!(
+        why.contains("invalid peer certificate") && why.contains("not valid for name"),
+        "{why}"
+    );
+
+    // 4. B's certificate for the right name from a CA that A does not trust.
+    restart_b_with_cert(&mut b, &other_ca, "mx.b.test");
+    let t4 = submit("t4@t");
+    let why = deferred(&a, &b, &t4);
+    assert!(
+        why.contains("invalid peer certificate") && why.contains("UnknownIssuer"),
+        "{why}"
+    );
+    assert_eq!(
+        metric_sum(&b, "mailnode_messages_accepted_total"),
+        0.0,
+        "B got nothing over an unverified session"
+    );
+    assert!(sink.rcpts_of("<t3@t>").is_empty() && sink.rcpts_of("<t4@t>").is_empty());
+    assert_eq!(
+        auth_lines(&b),
+        auth_before,
+        "no AUTH attempted over an unverified session"
+    );
+    // Deferred, never bounced.
+    assert_eq!(metric_sum(&a, "mailnode_dsn_total"), 0.0, "{}", a.log());
+    assert_eq!(
+        metric_sum(&a, "mailnode_deliveries_total{result=\"bounced\"}"),
+        0.0
+    );
+
+    // 5. B's good certificate back: both delivered, each once.
+    restart_b_with_cert(&mut b, &ca, "mx.b.test");
+    assert!(
+        wait_until(WAIT, || sink.rcpts_of("<t3@t>").len() == 1
+            && sink.rcpts_of("<t4@t>").len() == 1),
+        "A:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(wait_until(WAIT, || a.queue_ids().is_empty()));
+    assert!(wait_until(WAIT, || b.queue_ids().is_empty()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut ids: Vec<String> = sink.got().into_iter().map(|g| g.message_id).collect();
+    ids.sort();
+    assert_eq!(ids, ["<t1@t>", "<t2@t>", "<t3@t>", "<t4@t>"], "each once");
+    assert_eq!(metric_sum(&a, "mailnode_dsn_total"), 0.0);
+}
