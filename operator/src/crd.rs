@@ -72,7 +72,8 @@ pub const PEER_PORT: i32 = 7025;
 #[x_kube(
     validation = Rule::new("!self.listeners.exists(l, has(l.tls) && l.tls.mode != 'None') || has(self.tls)").message("a listener uses TLS: set spec.tls (secretName or issuerRef) so members have a certificate"),
     validation = Rule::new("!self.listeners.exists(l, has(l.relay) && has(l.relay.requireAuth) && l.relay.requireAuth) || (has(self.auth) && has(self.tls))").message("a listener sets relay.requireAuth: set spec.auth.secretName to the Secret with the users, and spec.tls (AUTH is offered only after STARTTLS)"),
-    validation = Rule::new("!has(self.disruptionBudget) || !has(self.disruptionBudget.maxUnavailable) || self.disruptionBudget.maxUnavailable <= self.replicas").message("disruptionBudget.maxUnavailable cannot be larger than replicas")
+    validation = Rule::new("!has(self.disruptionBudget) || !has(self.disruptionBudget.maxUnavailable) || self.disruptionBudget.maxUnavailable <= self.replicas").message("disruptionBudget.maxUnavailable cannot be larger than replicas"),
+    validation = Rule::new("!has(self.limits) || !has(self.limits.maxInFlightBytes) || self.listeners.all(l, (has(l.maxMessageSize) ? l.maxMessageSize : 26214400) <= self.limits.maxInFlightBytes)").message("limits.maxInFlightBytes must be at least every listener's maxMessageSize (default 26214400), or such a message could never be received")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailClusterSpec {
@@ -134,6 +135,10 @@ pub struct MailClusterSpec {
     /// Where members may run. By default members are spread over nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduling: Option<Scheduling>,
+
+    /// Limits every member applies to its SMTP clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
 
     /// How many members voluntary disruptions (node drains, upgrades) may take down at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -548,6 +553,30 @@ pub enum Spread {
     Required,
     /// No spreading.
     Disabled,
+}
+
+/// Limits every member applies to its SMTP clients.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// SMTP sessions a member serves at once; more get `421` (try again later). Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_sessions: Option<i32>,
+    /// Sessions one client address may hold open on a member; more get `421 4.7.0`. Clients
+    /// that a listener lets relay by source address (`relay.allowedSources`) are exempt.
+    /// 0 means no limit. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_sessions_per_client: Option<i32>,
+    /// Bytes of message content a member holds in memory while receiving it, over all
+    /// sessions. A message that does not fit is read to its end and answered `452 4.3.1`,
+    /// and the client retries later, instead of the member running out of memory. Keep it
+    /// well under the container's memory limit and at least the largest `maxMessageSize`.
+    /// Default 268435456 (256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 68719476736_i64))]
+    pub max_in_flight_bytes: Option<i64>,
 }
 
 /// The PodDisruptionBudget of the members.

@@ -150,6 +150,27 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             set(base.clone(), "/spec/listeners", json!([])),
             &["spec.listeners", "at least 1"],
         ),
+        (
+            "in-flight memory below the message size",
+            set(
+                base.clone(),
+                "/spec/limits",
+                json!({"maxInFlightBytes": 1048576}),
+            ),
+            &["limits.maxInFlightBytes", "maxMessageSize"],
+        ),
+        (
+            "negative per-client limit",
+            set(
+                base.clone(),
+                "/spec/limits",
+                json!({"maxSessionsPerClient": -1}),
+            ),
+            &[
+                "spec.limits.maxSessionsPerClient",
+                "greater than or equal to 0",
+            ],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, v, needles) in cases {

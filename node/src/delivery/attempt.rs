@@ -345,14 +345,16 @@ impl Engine {
         {
             let delayed: Vec<DsnRecipient> = remaining
                 .iter()
-                .map(|&i| DsnRecipient {
-                    address: state.recipients[i].address.clone(),
-                    status: "4.4.7".into(),
-                    diagnostic: state.recipients[i]
-                        .last_reply
-                        .clone()
-                        .unwrap_or_else(|| "not yet delivered".into()),
-                    remote_mta: None,
+                .map(|&i| {
+                    let last = state.recipients[i].last_reply.as_deref();
+                    let (remote_mta, diagnostic, status) =
+                        dsn::deferral_parts(last.unwrap_or("not yet delivered"));
+                    DsnRecipient {
+                        address: state.recipients[i].address.clone(),
+                        status,
+                        diagnostic,
+                        remote_mta,
+                    }
                 })
                 .collect();
             if let Err(e) = self.report(&env, &msg, &delayed, Action::Delayed).await {

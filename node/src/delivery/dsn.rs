@@ -121,6 +121,29 @@ pub fn status_of(code: u16, text: &str) -> String {
     }
 }
 
+/// A recorded deferral (`"host (address): 451 4.3.0 text"` for a next hop's reply, or a reply
+/// of our own such as `"451 4.4.1 no next hop ..."`) as what a delay report needs: the remote
+/// host if any, the reply itself, and its enhanced status (`4.0.0` when it has none).
+pub fn deferral_parts(last: &str) -> (Option<String>, String, String) {
+    let remote_host = last
+        .split_once("): ")
+        .and_then(|(head, reply)| Some((head.split_once(" (")?.0, reply)))
+        .filter(|(host, _)| !host.is_empty() && !host.contains(char::is_whitespace));
+    let (remote, reply) = match remote_host {
+        Some((host, reply)) => (Some(host.to_owned()), reply),
+        None => (None, last),
+    };
+    let mut words = reply.split_whitespace();
+    let status = match (words.next(), words.next()) {
+        (Some(code), rest) if code.len() == 3 && code.starts_with('4') => {
+            let code = code.parse::<u16>().unwrap_or(400);
+            status_of(code, rest.unwrap_or(""))
+        }
+        _ => "4.0.0".to_owned(),
+    };
+    (remote, reply.to_owned(), status)
+}
+
 fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -211,6 +234,28 @@ pub fn build(d: &DsnInput<'_>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deferral_parts_of_remote_and_own_replies() {
+        assert_eq!(
+            deferral_parts("mx.example (192.0.2.1:25): 451 4.3.0 try later"),
+            (
+                Some("mx.example".to_owned()),
+                "451 4.3.0 try later".to_owned(),
+                "4.3.0".to_owned()
+            )
+        );
+        assert_eq!(
+            deferral_parts("451 4.4.1 no next hop accepted the message; last: x (y): z"),
+            (
+                None,
+                "451 4.4.1 no next hop accepted the message; last: x (y): z".to_owned(),
+                "4.4.1".to_owned()
+            )
+        );
+        assert_eq!(deferral_parts("mx (a): 421 closing").2, "4.0.0");
+        assert_eq!(deferral_parts("not yet delivered").2, "4.0.0");
+    }
 
     #[test]
     fn report_has_parts_and_only_the_failed_recipient() {

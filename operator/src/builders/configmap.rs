@@ -69,6 +69,25 @@ fn next_hops(field: &str, hosts: &[crd::Smarthost]) -> Result<Vec<node::Smarthos
         .collect()
 }
 
+/// The node's limits: `spec.limits` over the node defaults (negative values cannot pass the
+/// schema and fall back to the defaults).
+fn limits(spec: Option<&crd::Limits>) -> node::Limits {
+    let d = node::Limits::default();
+    let spec = spec.cloned().unwrap_or_default();
+    let size =
+        |v: Option<i32>, default: usize| v.and_then(|n| usize::try_from(n).ok()).unwrap_or(default);
+    node::Limits {
+        shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
+        max_sessions: size(spec.max_sessions, d.max_sessions),
+        max_sessions_per_client: size(spec.max_sessions_per_client, d.max_sessions_per_client),
+        max_in_flight_bytes: spec
+            .max_in_flight_bytes
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(d.max_in_flight_bytes),
+        ..d
+    }
+}
+
 /// Source networks besides the members allowed on the peer channel: `spec.peers.allowedSources`,
 /// or the private ranges when unset.
 pub fn peer_sources(mc: &MailCluster) -> Result<Vec<ipnet::IpNet>, BuildError> {
@@ -190,10 +209,7 @@ pub fn node_config(
             path: PathBuf::from(QUEUE_DIR),
             ..node::QueueConfig::default()
         },
-        limits: node::Limits {
-            shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
-            ..node::Limits::default()
-        },
+        limits: limits(spec.limits.as_ref()),
         tls,
         auth,
         admin: node::AdminConfig {
@@ -291,6 +307,26 @@ mod tests {
         assert_eq!(c.peers.members, ["relay-peers.mail.svc:7025"]);
         assert!(c.tls.is_some() && c.auth.is_some());
         assert_eq!(c.queue.path, PathBuf::from(QUEUE_DIR));
+    }
+
+    #[test]
+    fn limits_default_to_the_node_defaults_and_follow_the_spec() {
+        let d = node::Limits::default();
+        let c = node_config(&sample(), &[]).unwrap();
+        assert_eq!(c.limits.max_sessions_per_client, d.max_sessions_per_client);
+        assert_eq!(c.limits.max_in_flight_bytes, d.max_in_flight_bytes);
+        assert_eq!(c.limits.shutdown_grace_seconds, SHUTDOWN_GRACE_SECONDS);
+        let mut mc = sample();
+        mc.spec.limits = Some(crd::Limits {
+            max_sessions: Some(200),
+            max_sessions_per_client: Some(0),
+            max_in_flight_bytes: Some(64 << 20),
+        });
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.limits.max_sessions, 200);
+        assert_eq!(c.limits.max_sessions_per_client, 0);
+        assert_eq!(c.limits.max_in_flight_bytes, 64 << 20);
+        assert_eq!(c.limits.max_recipients, d.max_recipients);
     }
 
     #[test]
