@@ -145,15 +145,21 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Encode a message file from the message parts (written in order) and the envelope.
 pub fn encode(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
+    let trailer = trailer(env, parts)?;
+    let mut out = parts.concat();
+    out.extend_from_slice(&trailer);
+    Ok(out)
+}
+
+/// What follows the message parts in the file (envelope JSON and footer), so a writer can
+/// write the parts as they are instead of copying them into one buffer first.
+pub fn trailer(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
     let env_json = serde_json::to_vec(env)?;
     let msg_len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut out = Vec::with_capacity(msg_len + env_json.len() + FOOTER_LEN);
     let mut h = Sha256::new();
     for p in parts {
-        out.extend_from_slice(p);
         h.update(p);
     }
-    out.extend_from_slice(&env_json);
     h.update(&env_json);
     let footer = format!(
         "\nMNQ1 {:016x} {:08x} {}\n",
@@ -161,6 +167,7 @@ pub fn encode(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Er
         env_json.len(),
         hex(&h.finalize())
     );
+    let mut out = env_json;
     out.extend_from_slice(footer.as_bytes());
     Ok(out)
 }

@@ -21,7 +21,7 @@ pub mod format;
 pub mod writer;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::io::{IoSlice, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -167,6 +167,20 @@ fn fsync_dir(path: &Path) -> Result<(), QueueError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", path))
+}
+
+/// `write_all` for several buffers in as few system calls as the kernel allows.
+fn write_all_vectored(f: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match f.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn is_id(name: &str) -> bool {
@@ -365,7 +379,7 @@ impl Queue {
         header: &[u8],
         body: &[u8],
     ) -> Result<(u64, File), QueueError> {
-        let data = format::encode(env, &[header, body])?;
+        let trailer = format::trailer(env, &[header, body])?;
         let dst = self.root.join("active").join(&env.id);
         let mut f = OpenOptions::new()
             .write(true)
@@ -373,11 +387,17 @@ impl Queue {
             .mode(WRITING_MODE)
             .open(&dst)
             .map_err(io("create", &dst))?;
-        if let Err(e) = f.write_all(&data) {
+        let mut bufs = [
+            IoSlice::new(header),
+            IoSlice::new(body),
+            IoSlice::new(&trailer),
+        ];
+        if let Err(e) = write_all_vectored(&mut f, &mut bufs) {
             let _ = fs::remove_file(&dst);
             return Err(io("write", &dst)(e));
         }
-        Ok((data.len() as u64, f))
+        let size = header.len() + body.len() + trailer.len();
+        Ok((size as u64, f))
     }
 
     /// Take a message moved from a peer: its delivery state is written first, then the
