@@ -6,11 +6,16 @@
 # Needs: postfix (smtp-source), python3, a release build (built here if missing).
 # Usage: bench/node-accept.sh [sessions...]   (default: 1 10 50)
 #        MAILNODE_GROUP_COMMIT=false bench/node-accept.sh   (per-message fsync pair)
+#        MAILNODE_SYNC_FS=false bench/node-accept.sh   (group commit by file syncs, not syncfs)
+# By default mailnode runs as the operator deploys it: group commit made durable by one
+# syncfs of the queue's file system (each member has a volume of its own). Here the queue
+# shares the machine's file system, so keep the machine otherwise quiet while it runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SESSIONS=("${@:-1 10 50}")
 read -r -a SESSIONS <<<"${SESSIONS[*]}"
 GROUP=${MAILNODE_GROUP_COMMIT:-true}
+SYNCFS=${MAILNODE_SYNC_FS:-true}
 SIZE=10240
 msgs_for() { case $1 in 1) echo 1000 ;; 10) echo 4000 ;; *) echo 8000 ;; esac; }
 
@@ -28,7 +33,7 @@ listeners:
   - name: bench
     address: 127.0.0.1:$MN_PORT
     relay: {allowedSources: [127.0.0.0/8]}
-queue: {path: $T/mnq, fsync: true, groupCommit: $GROUP, minFreeBytes: 0, minFreePercent: 0}
+queue: {path: $T/mnq, fsync: true, groupCommit: $GROUP, syncFilesystem: $SYNCFS, minFreeBytes: 0, minFreePercent: 0}
 limits: {maxSessions: 1000}
 admin: {address: 127.0.0.1:$MN_ADMIN}
 delivery: {enabled: false}   # accept and queue only, like Postfix without qmgr
@@ -90,4 +95,4 @@ measure() { # server sessions
   if [ "$1" = mailnode ]; then run_one mailnode "$MN_PORT" "$2"; else run_one postfix "$PF_PORT" "$2"; fi
 }
 bench_table "msg/s" "mailnode/postfix msg/s" measure
-echo "(group commit: $GROUP; Postfix peak RSS is the sum over its processes)"
+echo "(group commit: $GROUP, syncfs: $SYNCFS; Postfix peak RSS is the sum over its processes)"

@@ -7,6 +7,7 @@
 # records arrival minus send time), peak RSS, and the mailnode/Postfix throughput ratio.
 # Needs: postfix (smtp-source, smtp-sink), python3, a release build (built here if missing).
 # Usage: bench/node-relay.sh [sessions...]   (default: 1 10 50)
+#        MAILNODE_SYNC_FS=false bench/node-relay.sh   (group commit by file syncs, not syncfs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SESSIONS=("${@:-1 10 50}")
@@ -33,7 +34,7 @@ listeners:
   - name: bench
     address: 127.0.0.1:$MN_PORT
     relay: {allowedSources: [127.0.0.0/8]}
-queue: {path: $T/mnq, fsync: true, groupCommit: true, minFreeBytes: 0, minFreePercent: 0}
+queue: {path: $T/mnq, fsync: true, groupCommit: true, syncFilesystem: ${MAILNODE_SYNC_FS:-true}, minFreeBytes: 0, minFreePercent: 0}
 limits: {maxSessions: 1000}
 admin: {address: 127.0.0.1:$MN_ADMIN}
 delivery:

@@ -68,10 +68,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 /// Run the node; `config_hash` is the SHA-256 (hex) of the config file's bytes.
 pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
-    let mode = match (config.queue.fsync, config.queue.group_commit) {
-        (false, _) => SyncMode::None,
-        (true, false) => SyncMode::PerMessage,
-        (true, true) => SyncMode::Group,
+    let q = &config.queue;
+    let mode = match (q.fsync, q.group_commit, q.sync_filesystem) {
+        (false, _, _) => SyncMode::None,
+        (true, false, _) => SyncMode::PerMessage,
+        (true, true, false) => SyncMode::Group,
+        (true, true, true) => SyncMode::GroupFilesystem,
     };
     let (queue, rec) = Queue::open(
         &config.queue.path,

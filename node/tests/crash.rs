@@ -15,7 +15,7 @@ const CONF: &str = r#"
 hostname: smtp.test.example
 listeners:
   - {name: open, address: "127.0.0.1:{port0}", relay: {allowedSources: [127.0.0.0/8]}}
-queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0, groupCommit: GROUP}
+queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0, groupCommit: GROUP, syncFilesystem: SYNCFS}
 admin: {address: "127.0.0.1:{admin}"}
 delivery: {enabled: false}
 "#;
@@ -47,9 +47,11 @@ ts = [threading.Thread(target=run, args=(t,)) for t in range(8)]
 [t.start() for t in ts]; [t.join() for t in ts]
 "#;
 
-fn crash_run(group: bool) {
+fn crash_run(group: bool, syncfs: bool) {
     let mut node = Node::start(
-        &CONF.replace("GROUP", if group { "true" } else { "false" }),
+        &CONF
+            .replace("GROUP", if group { "true" } else { "false" })
+            .replace("SYNCFS", if syncfs { "true" } else { "false" }),
         1,
     );
     let port = node.ports[0].to_string();
@@ -142,10 +144,15 @@ fn crash_run(group: bool) {
 
 #[test]
 fn kill9_group_commit() {
-    crash_run(true);
+    crash_run(true, false);
+}
+
+#[test]
+fn kill9_group_commit_by_syncfs() {
+    crash_run(true, true);
 }
 
 #[test]
 fn kill9_per_message_fsync() {
-    crash_run(false);
+    crash_run(false, false);
 }

@@ -226,6 +226,8 @@ pub fn localize(
         }
     }
     c.queue.path = me.dir.join("queue");
+    // Local members share the machine's file system: sync their own files, not all of it.
+    c.queue.sync_filesystem = false;
     c.admin.address = me.admin();
     c.peers.address = Some(me.peer());
     c.peers.members = members

@@ -148,6 +148,8 @@ pub enum SyncMode {
     PerMessage,
     /// One syncer batch (parallel fdatasync, one directory fsync) for concurrent messages.
     Group,
+    /// One syncer batch made durable by one `syncfs` of the queue's file system.
+    GroupFilesystem,
 }
 
 /// The queue.
@@ -225,10 +227,11 @@ impl Queue {
             i64::try_from(rec.bytes).unwrap_or(i64::MAX),
             Ordering::Relaxed,
         );
-        if mode == SyncMode::Group {
+        if matches!(mode, SyncMode::Group | SyncMode::GroupFilesystem) {
             let active = root.join("active");
             let dir = File::open(&active).map_err(io("open", &active))?;
-            q.group = Some(GroupCommit::start(dir, fsync_seconds, batch_size));
+            let whole_fs = mode == SyncMode::GroupFilesystem;
+            q.group = Some(GroupCommit::start(dir, whole_fs, fsync_seconds, batch_size));
         }
         Ok((q, rec))
     }
@@ -644,7 +647,12 @@ mod tests {
 
     #[tokio::test]
     async fn enqueue_list_hold_release_delete_and_recover() {
-        for mode in [SyncMode::PerMessage, SyncMode::Group, SyncMode::None] {
+        for mode in [
+            SyncMode::PerMessage,
+            SyncMode::Group,
+            SyncMode::GroupFilesystem,
+            SyncMode::None,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (q, rec) = Queue::open(
                 dir.path(),

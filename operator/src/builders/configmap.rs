@@ -207,6 +207,9 @@ pub fn node_config(
         listeners,
         queue: node::QueueConfig {
             path: PathBuf::from(QUEUE_DIR),
+            // The queue is each member's own PersistentVolumeClaim: one syncfs per batch
+            // writes only the queue's data.
+            sync_filesystem: true,
             ..node::QueueConfig::default()
         },
         limits: limits(spec.limits.as_ref()),
@@ -307,6 +310,10 @@ mod tests {
         assert_eq!(c.peers.members, ["relay-peers.mail.svc:7025"]);
         assert!(c.tls.is_some() && c.auth.is_some());
         assert_eq!(c.queue.path, PathBuf::from(QUEUE_DIR));
+        assert!(
+            c.queue.sync_filesystem,
+            "each member's queue has a volume of its own"
+        );
     }
 
     #[test]
