@@ -13,12 +13,24 @@ pub mod sink;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 
+/// A port free on 127.0.0.1 that this process has not handed out before, taken below the
+/// kernel's ephemeral range (32768-60999 by default): an outgoing connection or a bind to
+/// port 0 elsewhere in the tests can then not take it between the moment it is chosen and
+/// the moment mailnode binds it (which once failed a test with "Address already in use").
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries running one after another start at different places.
+    let start = std::process::id() % 60 * 200;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % SPAN).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Node {
