@@ -30,6 +30,9 @@ async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, &'static str) {
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     node.metrics.queue_depth.set(node.queue.depth());
     node.metrics.queue_bytes.set(node.queue.bytes());
+    node.metrics
+        .content_in_memory
+        .set(i64::try_from(node.budget.used()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub sessions: Family<Labels, Counter>,
     /// Sessions open now.
     pub sessions_active: Gauge,
+    /// Bytes of message content held in memory while being received.
+    pub content_in_memory: Gauge,
     /// Connections refused with 421 (overload, shutdown), by reason.
     pub connections_refused: Family<Labels, Counter>,
     /// Messages accepted (queued), by listener.
@@ -68,6 +70,7 @@ impl Metrics {
         let m = Self {
             sessions: Family::default(),
             sessions_active: Gauge::default(),
+            content_in_memory: Gauge::default(),
             connections_refused: Family::default(),
             accepted: Family::default(),
             refused: Family::default(),
@@ -90,6 +93,11 @@ impl Metrics {
             "sessions_active",
             "SMTP sessions open",
             m.sessions_active.clone(),
+        );
+        registry.register(
+            "content_in_memory_bytes",
+            "Message content held in memory while being received (limits.maxInFlightBytes)",
+            m.content_in_memory.clone(),
         );
         registry.register(
             "connections_refused",

@@ -86,7 +86,11 @@ fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
     assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
     assert!(a.cmd("DATA").starts_with("354"));
     a.send(body("a1@t").as_bytes());
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let held = || metric(&node, "mailnode_content_in_memory_bytes") >= 120_000.0;
+    assert!(common::sink::wait_until(
+        std::time::Duration::from_secs(10),
+        held
+    ));
     // Session B's 120 KB does not fit: read to the end, then 452 4.3.1; the session goes on.
     let (mut b, _) = Client::connect("127.0.0.2", node.addr(0));
     assert!(b.cmd("EHLO b.test").starts_with("250"));
@@ -112,6 +116,7 @@ fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
     a.send(format!("BDAT {}\r\n", chunk.len()).as_bytes());
     a.send(chunk.as_bytes());
     assert!(a.reply().starts_with("250"));
+    assert!(metric(&node, "mailnode_content_in_memory_bytes") >= 120_000.0);
     assert!(b.cmd("MAIL FROM:<b@src.example>").starts_with("250"));
     assert!(b.cmd("RCPT TO:<y@out.example>").starts_with("250"));
     let chunk_b = body("b2@t");
