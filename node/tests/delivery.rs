@@ -41,14 +41,6 @@ fn submit(node: &Node, from: &str, rcpts: &[&str], body: &str) {
     c.cmd("QUIT");
 }
 
-fn metric(node: &Node, name: &str) -> f64 {
-    let (_, body) = node.http_get("/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A port that refuses connections (a sink started and stopped).
 fn dead_port(ip: &str) -> std::net::SocketAddr {
     let mut s = Sink::start(ip);
@@ -99,7 +91,7 @@ fn smarthost_fallback_and_primary_back() {
         0
     );
     assert_eq!(fallback.rcpts_of("<m2@t>").len(), 0);
-    assert!(metric(&node, "mailnode_deliveries_total{result=\"delivered\"}") >= 3.0);
+    assert!(node.metric("mailnode_deliveries_total{result=\"delivered\"}") >= 3.0);
 }
 
 #[test]
@@ -291,7 +283,7 @@ fn mx_routes_null_mx_and_mx_to_self_is_deferred() {
         node.log()
     );
     assert!(
-        wait_until(WAIT, || metric(&node, "mailnode_route_loops_total") >= 2.0),
+        wait_until(WAIT, || node.metric("mailnode_route_loops_total") >= 2.0),
         "{}",
         node.log()
     );
@@ -303,7 +295,7 @@ fn mx_routes_null_mx_and_mx_to_self_is_deferred() {
         show.contains("deferred") && show.contains("loops back to myself"),
         "{show}"
     );
-    assert_eq!(metric(&node, "mailnode_messages_accepted_total"), 3.0);
+    assert_eq!(node.metric("mailnode_messages_accepted_total"), 3.0);
     assert!(!sink.got().iter().any(|g| g.data.contains("<x3@t>")));
     assert!(node.log().contains("every next hop of the route is self"));
 }
@@ -430,7 +422,7 @@ fn delivers_to_postfix_smtp_sink_with_connection_reuse() {
         );
     }
     let ok = wait_until(WAIT, || node.queue_ids().is_empty());
-    let delivered = metric(&node, "mailnode_deliveries_total{result=\"delivered\"}");
+    let delivered = node.metric("mailnode_deliveries_total{result=\"delivered\"}");
     let _ = child.kill();
     let _ = child.wait();
     assert!(ok, "{}", node.log());
@@ -445,29 +437,11 @@ fn submit_id(node: &Node, from: &str, rcpts: &[&str], body: &str) -> String {
     let r = c.mail(from, rcpts, body);
     assert!(r.starts_with("250"), "{r}\n{}", node.log());
     c.cmd("QUIT");
-    r.trim().rsplit(' ').next().unwrap().to_owned()
-}
-
-/// The delivery state of a queued message (`queue show`), or None once it is gone.
-fn state_of(node: &Node, id: &str) -> Option<serde_json::Value> {
-    if !node.queue_ids().iter().any(|x| x == id) {
-        return None;
-    }
-    let out = std::process::Command::new(BIN)
-        .args(["queue", "--dir"])
-        .arg(node.queue_dir())
-        .args(["show", id])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(v["state"].clone())
+    queue_id(&r)
 }
 
 fn attempts(node: &Node, id: &str) -> u64 {
-    state_of(node, id)
+    node.queued_state(id)
         .and_then(|s| s["attempts"].as_u64())
         .unwrap_or(0)
 }
@@ -506,7 +480,7 @@ fn delay_warning_once_then_delivered_once_and_none_for_null_sender() {
         "{}",
         node.log()
     );
-    let st = state_of(&node, &id).expect("still queued");
+    let st = node.queued_state(&id).expect("still queued");
     assert_eq!(st["delayWarned"], true, "{st}");
     // Several more retries: still one warning, and the messages stay queued.
     let n = attempts(&node, &id);
@@ -563,7 +537,7 @@ fn delay_warning_once_then_delivered_once_and_none_for_null_sender() {
         "{}",
         node.log()
     );
-    assert_eq!(metric(&node, "mailnode_dsn_total{kind=\"delayed\"}"), 1.0);
+    assert_eq!(node.metric("mailnode_dsn_total{kind=\"delayed\"}"), 1.0);
 
     // The next hop accepts again: each message delivered exactly once, no further report.
     sink.set_mode(Mode::Accept);

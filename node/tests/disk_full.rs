@@ -215,7 +215,7 @@ fn enospc_mid_message_is_a_temporary_error_and_leaves_no_partial_file() {
     let mut c = ehlo(&node);
     let r = c.mail("a@b.example", &["r@x.example"], MSG);
     assert!(r.starts_with("250 2.0.0 OK queued"), "{r}");
-    let first = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let first = queue_id(&r);
 
     // Leave about 64 KiB free, then send a 512 KiB message: the write fails part-way.
     let filler = queue.join("filler");
@@ -275,7 +275,7 @@ fn enospc_mid_message_is_a_temporary_error_and_leaves_no_partial_file() {
     let mut c = ehlo(&node);
     let r = c.mail("a@b.example", &["r@x.example"], &big);
     assert!(r.starts_with("250 2.0.0 OK queued"), "{r}\n{}", node.log());
-    let second = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let second = queue_id(&r);
     c.cmd("QUIT");
     let files = active_files(&queue);
     assert_eq!(files.len(), 2);

@@ -23,14 +23,6 @@ delivery: {{enabled: false}}
     )
 }
 
-fn metric(node: &Node, name: &str) -> f64 {
-    let (_, body) = node.http_get("/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn sessions_per_client_address_are_limited_except_for_relay_sources() {
     let node = Node::start(&yaml("{maxSessionsPerClient: 2}"), 1);
@@ -57,12 +49,7 @@ fn sessions_per_client_address_are_limited_except_for_relay_sources() {
         .map(|_| Client::connect("127.0.0.2", node.addr(0)))
         .collect();
     assert!(held.iter().all(|(_, b)| b.starts_with("220")));
-    assert!(
-        metric(
-            &node,
-            "mailnode_connections_refused_total{reason=\"client_limit\"}"
-        ) >= 1.0
-    );
+    assert!(node.metric("mailnode_connections_refused_total{reason=\"client_limit\"}") >= 1.0);
 }
 
 #[test]
@@ -86,7 +73,7 @@ fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
     assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
     assert!(a.cmd("DATA").starts_with("354"));
     a.send(body("a1@t").as_bytes());
-    let held = || metric(&node, "mailnode_content_in_memory_bytes") >= 120_000.0;
+    let held = || node.metric("mailnode_content_in_memory_bytes") >= 120_000.0;
     assert!(common::sink::wait_until(
         std::time::Duration::from_secs(10),
         held
@@ -103,12 +90,7 @@ fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
     let r = b.mail("b@src.example", &["y@out.example"], &body("b1@t"));
     assert!(r.starts_with("250"), "{r}\n{}", node.log());
     assert_eq!(node.queue_ids().len(), 2);
-    assert!(
-        metric(
-            &node,
-            "mailnode_refused_total{reason=\"insufficient_memory\"}"
-        ) >= 1.0
-    );
+    assert!(node.metric("mailnode_refused_total{reason=\"insufficient_memory\"}") >= 1.0);
     // BDAT content is under the same budget.
     assert!(a.cmd("MAIL FROM:<a@src.example>").starts_with("250"));
     assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
@@ -116,7 +98,7 @@ fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
     a.send(format!("BDAT {}\r\n", chunk.len()).as_bytes());
     a.send(chunk.as_bytes());
     assert!(a.reply().starts_with("250"));
-    assert!(metric(&node, "mailnode_content_in_memory_bytes") >= 120_000.0);
+    assert!(node.metric("mailnode_content_in_memory_bytes") >= 120_000.0);
     assert!(b.cmd("MAIL FROM:<b@src.example>").starts_with("250"));
     assert!(b.cmd("RCPT TO:<y@out.example>").starts_with("250"));
     let chunk_b = body("b2@t");

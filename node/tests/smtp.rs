@@ -180,7 +180,7 @@ fn session_limits_and_protocol() {
     c.send(b"Subject: dots\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n");
     let r = c.reply();
     assert!(r.starts_with("250 2.0.0 OK queued as "), "{r}");
-    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let id = queue_id(&r);
     assert!(c.reply().starts_with("250"));
     // BDAT
     assert!(c.cmd("MAIL FROM:<a@b.example>").starts_with("250"));
@@ -228,7 +228,7 @@ fn proxy_protocol_trusted_and_untrusted() {
     c.cmd("EHLO proxied.example");
     let r = c.mail("a@b.example", &["r@external.example"], MSG);
     assert!(r.starts_with("250"), "{r}");
-    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let id = queue_id(&r);
     let show = node.queue(&["show", &id, "--body"]);
     assert!(show.contains("([127.0.0.2]:40000)"), "{show}");
     assert!(show.contains("via proxy 127.0.0.5"), "{show}");
@@ -443,7 +443,7 @@ delivery: {enabled: false}
     assert!(ehlo.starts_with("250-smtp.test.example"), "{ehlo}");
     let r = c.mail("a@b.example", &["r@external.example"], MSG);
     assert!(r.starts_with("250"), "{r}\n{}", node.log());
-    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let id = queue_id(&r);
     assert!(c.cmd("QUIT").starts_with("221"));
     let show = node.queue(&["show", &id, "--body"]);
     assert!(
@@ -468,7 +468,7 @@ delivery: {enabled: false}
     assert!(ehlo.starts_with("250-smtp.test.example"), "{ehlo}");
     let r = c.mail("a@b.example", &["r@external.example"], MSG);
     assert!(r.starts_with("250"), "address block not ignored: {r}");
-    let id = r.trim().rsplit(' ').next().unwrap().to_owned();
+    let id = queue_id(&r);
     let show = node.queue(&["show", &id, "--body"]);
     assert!(
         show.contains(&format!("([127.0.0.7]:{local_port})")) && !show.contains("127.0.0.3"),

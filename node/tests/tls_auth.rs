@@ -275,29 +275,6 @@ fn issue(ca: &Ca, host: &str, dir: &std::path::Path) {
     std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
 }
 
-fn metric_sum(node: &Node, name: &str) -> f64 {
-    let (_, body) = node.http_get("/metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The delivery state of a queued message (`queue show`), if it is still queued.
-fn queued_state(node: &Node, id: &str) -> Option<serde_json::Value> {
-    let out = Command::new(BIN)
-        .args(["queue", "--dir"])
-        .arg(node.queue_dir())
-        .args(["show", id])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(v["state"].clone())
-}
-
 /// The log without terminal colour codes.
 fn plain(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
@@ -317,12 +294,12 @@ fn plain(log: &str) -> String {
 /// Returns the recorded reason.
 fn deferred(a: &Node, b: &Node, qid: &str) -> String {
     let ok = common::sink::wait_until(Duration::from_secs(20), || {
-        queued_state(a, qid)
+        a.queued_state(qid)
             .and_then(|s| s["attempts"].as_u64())
             .is_some_and(|n| n >= 2)
     });
     assert!(ok, "A:\n{}\nB:\n{}", a.log(), b.log());
-    let st = queued_state(a, qid).expect("still queued at A");
+    let st = a.queued_state(qid).expect("still queued at A");
     assert_eq!(st["recipients"][0]["status"], "deferred", "{st}");
     st["recipients"][0]["lastReply"]
         .as_str()
@@ -402,7 +379,7 @@ delivery:
         let r = c.mail("s@a.example", &["u@b.example"], &body);
         assert!(r.starts_with("250"), "{r}");
         c.cmd("QUIT");
-        r.trim().rsplit(' ').next().unwrap().to_owned()
+        queue_id(&r)
     };
     let restart_b_with_cert = |b: &mut Node, ca: &Ca, host: &str| {
         assert_eq!(b.term(Duration::from_secs(15)), Some(0));
@@ -486,7 +463,7 @@ delivery:
         "{why}"
     );
     assert_eq!(
-        metric_sum(&b, "mailnode_messages_accepted_total"),
+        b.metric("mailnode_messages_accepted_total"),
         0.0,
         "B got nothing over an unverified session"
     );
@@ -497,9 +474,9 @@ delivery:
         "no AUTH attempted over an unverified session"
     );
     // Deferred, never bounced.
-    assert_eq!(metric_sum(&a, "mailnode_dsn_total"), 0.0, "{}", a.log());
+    assert_eq!(a.metric("mailnode_dsn_total"), 0.0, "{}", a.log());
     assert_eq!(
-        metric_sum(&a, "mailnode_deliveries_total{result=\"bounced\"}"),
+        a.metric("mailnode_deliveries_total{result=\"bounced\"}"),
         0.0
     );
 
@@ -518,5 +495,5 @@ delivery:
     let mut ids: Vec<String> = sink.got().into_iter().map(|g| g.message_id).collect();
     ids.sort();
     assert_eq!(ids, ["<t1@t>", "<t2@t>", "<t3@t>", "<t4@t>"], "each once");
-    assert_eq!(metric_sum(&a, "mailnode_dsn_total"), 0.0);
+    assert_eq!(a.metric("mailnode_dsn_total"), 0.0);
 }

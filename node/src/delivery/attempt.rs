@@ -708,11 +708,7 @@ impl Engine {
             }
         }
         let opts = self.connect_options(r)?;
-        let mut stop = abandon.clone();
-        let mut c = tokio::select! {
-            c = Connection::open(addr, host, &opts) => c?,
-            () = client::abandoned(&mut stop) => return Err(ClientError::Abandoned),
-        };
+        let mut c = client::unless_abandoned(&abandon, Connection::open(addr, host, &opts)).await?;
         let o = c
             .send(
                 &env.sender,

@@ -88,10 +88,22 @@ pub enum ClientError {
     AfterData(Box<ClientError>),
 }
 
-/// Resolves once `abandon` turns true; never if its sender is gone without that.
-pub async fn abandoned(abandon: &mut watch::Receiver<bool>) {
-    if abandon.wait_for(|a| *a).await.is_err() {
-        std::future::pending::<()>().await;
+/// Run `f` unless `abandon` turns true first, which ends it with [`ClientError::Abandoned`]
+/// (only for steps before the message is sent).
+pub async fn unless_abandoned<T>(
+    abandon: &watch::Receiver<bool>,
+    f: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    let mut stop = abandon.clone();
+    let abandoned = async move {
+        if stop.wait_for(|a| *a).await.is_err() {
+            // The engine is gone without giving up: never abandon.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = f => r,
+        () = abandoned => Err(ClientError::Abandoned),
     }
 }
 
@@ -476,11 +488,8 @@ impl Connection {
             mail.push_str(" SMTPUTF8");
         }
         mail.push_str("\r\n");
-        let mut stop = abandon.clone();
-        let (mail_reply, rcpt_replies, data_reply) = tokio::select! {
-            r = self.envelope(mail, rcpts) => r?,
-            () = abandoned(&mut stop) => return Err(ClientError::Abandoned),
-        };
+        let (mail_reply, rcpt_replies, data_reply) =
+            unless_abandoned(abandon, self.envelope(mail, rcpts)).await?;
         if mail_reply.code != 250 {
             if data_reply.code == 354 {
                 self.write(b".\r\n", "DATA").await?;

@@ -177,6 +177,11 @@ fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
         .set((now - oldest).max(0) / 1000);
 }
 
+/// Wait for every task of `tasks` to end.
+async fn join_all<T: 'static>(tasks: &mut JoinSet<T>) {
+    while tasks.join_next().await.is_some() {}
+}
+
 /// How long a shutdown waits, after the grace period, for attempts that have sent their
 /// message: the reply timeout, plus a little for the attempt to record the answer.
 pub fn final_reply_wait(engine: &Engine) -> Duration {
@@ -296,35 +301,26 @@ pub async fn run(
         running = st.running,
         "delivery: shutting down, letting running attempts finish"
     );
-    let until = tokio::time::Instant::now() + grace;
-    let mut abandoned = false;
-    while !tasks.is_empty() {
-        match tokio::time::timeout_at(until, tasks.join_next()).await {
-            Ok(_) => {}
-            Err(_) if !abandoned => {
-                tracing::warn!(
-                    running = tasks.len(),
-                    "delivery: grace period over; attempts that have not sent their message give up (retried after the restart), the others wait for the next hop's answer"
-                );
-                engine.abandon_unsent();
-                abandoned = true;
-                // An attempt past the final dot ends within one reply timeout.
-                let until = tokio::time::Instant::now() + final_reply_wait(&engine);
-                while !tasks.is_empty() {
-                    if tokio::time::timeout_at(until, tasks.join_next())
-                        .await
-                        .is_err()
-                    {
-                        tracing::error!(
-                            running = tasks.len(),
-                            "delivery: attempts still unanswered after the reply timeout; aborting them (those messages may be delivered twice)"
-                        );
-                        tasks.abort_all();
-                        break;
-                    }
-                }
-            }
-            Err(_) => break,
+    if tokio::time::timeout(grace, join_all(&mut tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = tasks.len(),
+            "delivery: grace period over; attempts that have not sent their message give up (retried after the restart), the others wait for the next hop's answer"
+        );
+        engine.abandon_unsent();
+        // An attempt past the final dot ends within one reply timeout.
+        let wait = final_reply_wait(&engine);
+        if tokio::time::timeout(wait, join_all(&mut tasks))
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                running = tasks.len(),
+                "delivery: attempts still unanswered after the reply timeout; aborting them (those messages may be delivered twice)"
+            );
+            tasks.abort_all();
         }
     }
     for c in engine.pool.drain() {

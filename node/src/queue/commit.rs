@@ -28,28 +28,32 @@ pub struct GroupCommit {
     tx: mpsc::UnboundedSender<(File, Waiter)>,
 }
 
+fn mark(f: &File) -> Result<(), String> {
+    super::mark_complete(f).map_err(|e| format!("mark complete: {e}"))
+}
+
 fn sync_file(f: &File) -> Result<(), String> {
     f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
-    super::mark_complete(f).map_err(|e| format!("mark complete: {e}"))
+    mark(f)
+}
+
+/// Run `f` on the blocking pool (it starts now, not when awaited); a failed task is an error
+/// like the others.
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> impl Future<Output = Result<T, String>> {
+    let task = tokio::task::spawn_blocking(f);
+    async move { task.await.map_err(|e| format!("sync task failed: {e}"))? }
 }
 
 /// Make the whole file system of `dir` durable, then mark every file complete.
 async fn sync_filesystem(files: Vec<File>, dir: Arc<File>) -> Vec<Result<(), String>> {
     let n = files.len();
-    let task = tokio::task::spawn_blocking(move || {
+    let synced = blocking(move || {
         rustix::fs::syncfs(&*dir).map_err(|e| format!("syncfs: {e}"))?;
-        Ok::<_, String>(
-            files
-                .iter()
-                .map(|f| super::mark_complete(f).map_err(|e| format!("mark complete: {e}")))
-                .collect::<Vec<_>>(),
-        )
+        Ok(files.iter().map(mark).collect::<Vec<_>>())
     });
-    match task.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(msg)) => vec![Err(msg); n],
-        Err(e) => vec![Err(format!("sync task failed: {e}")); n],
-    }
+    synced.await.unwrap_or_else(|msg| vec![Err(msg); n])
 }
 
 /// Sync `files` and `dir` in parallel; a file is marked complete only after its own data is
@@ -58,29 +62,25 @@ async fn sync_batch(files: Vec<File>, dir: Arc<File>) -> Vec<Result<(), String>>
     let n = files.len();
     let per = n.div_ceil(SYNC_THREADS).max(1);
     // Every sync starts on the blocking pool before any is awaited, so they all run at once.
-    let dir_sync = tokio::task::spawn_blocking(move || {
-        dir.sync_all().map_err(|e| format!("fsync directory: {e}"))
-    });
+    let dir_sync = blocking(move || dir.sync_all().map_err(|e| format!("fsync directory: {e}")));
     let mut chunks = Vec::new();
     let mut files = files.into_iter().peekable();
     while files.peek().is_some() {
         let chunk: Vec<File> = files.by_ref().take(per).collect();
         let len = chunk.len();
-        let task =
-            tokio::task::spawn_blocking(move || chunk.iter().map(sync_file).collect::<Vec<_>>());
-        chunks.push((len, task));
+        let synced = blocking(move || Ok(chunk.iter().map(sync_file).collect::<Vec<_>>()));
+        chunks.push((len, synced));
     }
     let mut results = Vec::with_capacity(n);
     for (len, task) in chunks {
         match task.await {
             Ok(r) => results.extend(r),
-            Err(e) => results.extend(vec![Err(format!("sync task failed: {e}")); len]),
+            Err(msg) => results.extend(vec![Err(msg); len]),
         }
     }
     match dir_sync.await {
-        Ok(Ok(())) => results,
-        Ok(Err(msg)) => vec![Err(msg); n],
-        Err(e) => vec![Err(format!("sync task failed: {e}")); n],
+        Ok(()) => results,
+        Err(msg) => vec![Err(msg); n],
     }
 }
 

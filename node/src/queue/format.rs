@@ -143,14 +143,6 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Encode a message file from the message parts (written in order) and the envelope.
-pub fn encode(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
-    let trailer = trailer(env, parts)?;
-    let mut out = parts.concat();
-    out.extend_from_slice(&trailer);
-    Ok(out)
-}
-
 /// What follows the message parts in the file (envelope JSON and footer), so a writer can
 /// write the parts as they are instead of copying them into one buffer first.
 pub fn trailer(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
@@ -206,6 +198,14 @@ pub fn decode(file: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), FormatE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Encode a message file from the message parts (written in order) and the envelope.
+    pub fn encode(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
+        let trailer = trailer(env, parts)?;
+        let mut out = parts.concat();
+        out.extend_from_slice(&trailer);
+        Ok(out)
+    }
 
     pub(crate) fn sample() -> Envelope {
         Envelope {

@@ -181,6 +181,30 @@ impl Node {
             .collect()
     }
 
+    /// Sum of the samples of every `/metrics` line that starts with `name`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The delivery state of a queued message (`queue show`), or None when it is not queued.
+    pub fn queued_state(&self, id: &str) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["queue", "--dir"])
+            .arg(self.queue_dir())
+            .args(["show", id])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v["state"].clone())
+    }
+
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect((self.ip.as_str(), self.admin)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -295,6 +319,11 @@ impl Client {
         self.send(b".\r\n");
         self.reply()
     }
+}
+
+/// The queue id at the end of a `250 ... queued as ID` reply.
+pub fn queue_id(reply: &str) -> String {
+    reply.trim().rsplit(' ').next().unwrap().to_owned()
 }
 
 pub fn code(r: &str) -> u16 {
