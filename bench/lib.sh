@@ -54,6 +54,48 @@ settle() {
   if [ -w /proc/sys/vm/drop_caches ]; then echo 3 >/proc/sys/vm/drop_caches; else sleep 40; fi
 }
 
+# The mailnode config both benchmarks share; MN_PORT and MN_ADMIN must be set.
+write_mailnode_yaml() { # group-commit sync-filesystem delivery-yaml
+  cat >"$T/mailnode.yaml" <<YAML
+hostname: bench.mailnode.example
+listeners:
+  - name: bench
+    address: 127.0.0.1:$MN_PORT
+    relay: {allowedSources: [127.0.0.0/8]}
+queue: {path: $T/mnq, fsync: true, groupCommit: $1, syncFilesystem: $2, minFreeBytes: 0, minFreePercent: 0}
+limits: {maxSessions: 1000}
+admin: {address: 127.0.0.1:$MN_ADMIN}
+$3
+YAML
+}
+
+# A private Postfix instance's main.cf (own queue and data directories, relay for loopback,
+# no limits on connections), with the benchmark's own lines appended.
+write_postfix_main_cf() { # extra-lines
+  mkdir -p "$T/postfix"
+  cat >"$T/postfix/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $T/pfq
+data_directory = $T/pfdata
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench.postfix.example
+mydestination =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+in_flow_delay = 0
+default_process_limit = 200
+maillog_file_prefixes = $T
+maillog_file = $T/postfix.log
+$1
+CF
+}
+
 start_mailnode() { # port
   set_aside "$T/mnq"
   MAILNODE_LOG=warn "$BIN" serve --config "$T/mailnode.yaml" 2>>"$T/mailnode.log" &

@@ -27,42 +27,12 @@ trap bench_cleanup EXIT
 
 # --- mailnode -------------------------------------------------------------------------
 MN_PORT=$(free_port); MN_ADMIN=$(free_port)
-cat >"$T/mailnode.yaml" <<YAML
-hostname: bench.mailnode.example
-listeners:
-  - name: bench
-    address: 127.0.0.1:$MN_PORT
-    relay: {allowedSources: [127.0.0.0/8]}
-queue: {path: $T/mnq, fsync: true, groupCommit: $GROUP, syncFilesystem: $SYNCFS, minFreeBytes: 0, minFreePercent: 0}
-limits: {maxSessions: 1000}
-admin: {address: 127.0.0.1:$MN_ADMIN}
-delivery: {enabled: false}   # accept and queue only, like Postfix without qmgr
-YAML
+write_mailnode_yaml "$GROUP" "$SYNCFS" "delivery: {enabled: false}   # accept and queue only, like Postfix without qmgr"
 
 
 # --- postfix (private instance: own config and queue directories) ------------------------
 PF_PORT=$(free_port)
-mkdir -p "$T/postfix"
-cat >"$T/postfix/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $T/pfq
-data_directory = $T/pfdata
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = bench.postfix.example
-mydestination =
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_peername_lookup = no
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-in_flow_delay = 0
-default_process_limit = 200
-maillog_file_prefixes = $T
-maillog_file = $T/postfix.log
-CF
+write_postfix_main_cf ""
 # No qmgr/pickup: messages stay in the incoming queue, so Postfix only accepts and queues.
 cat >"$T/postfix/master.cf" <<CF
 127.0.0.1:$PF_PORT inet n - n - - smtpd

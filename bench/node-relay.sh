@@ -28,53 +28,23 @@ SINK_PID=$!
 
 # --- mailnode -------------------------------------------------------------------------
 MN_PORT=$(free_port); MN_ADMIN=$(free_port)
-cat >"$T/mailnode.yaml" <<YAML
-hostname: bench.mailnode.example
-listeners:
-  - name: bench
-    address: 127.0.0.1:$MN_PORT
-    relay: {allowedSources: [127.0.0.0/8]}
-queue: {path: $T/mnq, fsync: true, groupCommit: true, syncFilesystem: ${MAILNODE_SYNC_FS:-true}, minFreeBytes: 0, minFreePercent: 0}
-limits: {maxSessions: 1000}
-admin: {address: 127.0.0.1:$MN_ADMIN}
-delivery:
+write_mailnode_yaml true "${MAILNODE_SYNC_FS:-true}" "delivery:
   smarthosts: [{host: 127.0.0.1, port: $SINK_PORT, priority: 1}]
   routes:
     - domains: [probe.example]
       smarthosts: [{host: 127.0.0.1, port: $PROBE_PORT, priority: 1}]
   tls: {mode: none}
   concurrencyPerDestination: 50
-  idleConnectionSeconds: 10
-YAML
+  idleConnectionSeconds: 10"
 mailnode_queue() { find "$T/mnq/active" -type f 2>/dev/null | wc -l; }
 
 # --- postfix (private instance, relays everything to the sink) ---------------------------
 PF_PORT=$(free_port)
-mkdir -p "$T/postfix"
-cat >"$T/postfix/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $T/pfq
-data_directory = $T/pfdata
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = bench.postfix.example
-mydestination =
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:$SINK_PORT
+write_postfix_main_cf "relayhost = [127.0.0.1]:$SINK_PORT
 transport_maps = inline:{probe.example=smtp:[127.0.0.1]:$PROBE_PORT}
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_peername_lookup = no
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-in_flow_delay = 0
-default_process_limit = 200
 default_destination_concurrency_limit = 50
 smtp_tls_security_level = none
-smtp_connection_cache_on_demand = yes
-maillog_file = $T/postfix.log
-CF
+smtp_connection_cache_on_demand = yes"
 cat >"$T/postfix/master.cf" <<CF
 127.0.0.1:$PF_PORT inet n - n - - smtpd
 pickup    unix  n - n 60 1 pickup
