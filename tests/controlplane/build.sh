@@ -4,7 +4,8 @@
 # Idempotent: when every binary of these pinned versions is already there, it only prints the path.
 #
 # Usage: tests/controlplane/build.sh         # builds if needed, prints the bin directory last
-# Env:   MAILCLUSTER_CACHE (default ~/.cache/mailcluster)
+# Env:   MAILCLUSTER_CACHE (default ~/.cache/mailcluster): the binaries and Go's module and build
+#        caches all live under it, so a fresh directory there gives a cold build.
 set -euo pipefail
 
 K8S_VERSION=v1.36.3
@@ -32,11 +33,13 @@ fi
 command -v go >/dev/null || { echo "build.sh: go is not on PATH" >&2; exit 1; }
 mkdir -p "$bin" "$work"
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
+export GOMODCACHE=${GOMODCACHE:-$cache_root/go/mod} GOCACHE=${GOCACHE:-$cache_root/go/build}
 log() { printf '[controlplane] %s\n' "$*" >&2; }
 
 # --- Kubernetes: a wrapper module that replaces every staging module by its published v0.x ---
-build_kubernetes() {
-  local dir="$work/kubernetes" staging_version="v0.${K8S_VERSION#v1.}"
+k8s_dir="$work/kubernetes"
+prepare_kubernetes() {
+  local dir=$k8s_dir staging_version="v0.${K8S_VERSION#v1.}"
   mkdir -p "$dir"
   local gomod
   gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
@@ -59,19 +62,28 @@ package tools
 
 import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
 GO
+  # Fills go.sum; errors about packages that are not built are not ours to fix.
+  (cd "$dir" && { go mod tidy -e >/dev/null 2>&1 || true; })
+}
+
+build_kubernetes() {
+  local dir=$k8s_dir
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   local pkg=k8s.io/component-base/version
   local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-  # Fills go.sum; errors about packages that are not built are not ours to fix.
-  (cd "$dir" && { go mod tidy -e >/dev/null 2>&1 || true; })
-  local cmd
+  # One invocation for every command: the k8s.io packages they share are compiled once and the
+  # links run side by side.
+  local cmd pkgs=()
   for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-    [ -x "$bin/$cmd" ] && continue
-    log "building $cmd $K8S_VERSION"
-    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
-    mv "$bin/$cmd.tmp" "$bin/$cmd"
+    [ -x "$bin/$cmd" ] || pkgs+=("k8s.io/kubernetes/cmd/$cmd")
   done
+  [ ${#pkgs[@]} -gt 0 ] || return 0
+  log "building ${pkgs[*]##*/} $K8S_VERSION"
+  local out="$work/kubernetes-out"
+  rm -rf "$out" && mkdir -p "$out"
+  (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$out/" "${pkgs[@]}")
+  mv "$out"/* "$bin/"
 }
 
 # --- etcd: a wrapper main that calls etcdmain.Main, with etcd's sibling modules pinned ---
@@ -117,6 +129,9 @@ build_go_install() { # name module@version
   GOBIN="$bin" go install -trimpath -ldflags "${3:-}" "$target"
 }
 
+# Kubernetes' modules download while the smaller tools compile.
+prepare_kubernetes &
+prepare_pid=$!
 build_etcd
 build_go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "-s -w"
 build_go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
@@ -138,6 +153,7 @@ kwok_stages() {
   mv "$bin/kwok-stages.yaml.tmp" "$bin/kwok-stages.yaml"
 }
 
+wait "$prepare_pid"
 build_kubernetes
 kwok_stages
 

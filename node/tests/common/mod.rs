@@ -340,8 +340,10 @@ pub fn make_cert(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
+/// (`MAILCLUSTER_REQUIRE_TOOLS` set) a missing tool fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {
-    Command::new("sh")
+    let found = Command::new("sh")
         .args([
             "-c",
             &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
@@ -349,7 +351,22 @@ pub fn have(tool: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .map(|s| s.success())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    assert!(
+        found || std::env::var_os("MAILCLUSTER_REQUIRE_TOOLS").is_none(),
+        "{tool} is not installed (tests/setup.sh installs it)"
+    );
+    found
+}
+
+/// A capability a test needs and cannot get here (a tmpfs mount, ...): the test skips with
+/// `why` on a developer's machine and fails under the test command (`MAILCLUSTER_REQUIRE_TOOLS`).
+pub fn unavailable(why: &str) {
+    assert!(
+        std::env::var_os("MAILCLUSTER_REQUIRE_TOOLS").is_none(),
+        "{why} (tests/setup.sh checks for it)"
+    );
+    eprintln!("skipping: {why}");
 }
 
 pub fn tool_path(tool: &str) -> String {
