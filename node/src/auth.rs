@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use argon2::PasswordVerifier as _;
-
 /// Errors loading the users file.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -32,13 +30,68 @@ pub enum AuthError {
 }
 
 /// Parsed users.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Users {
     map: HashMap<String, String>,
+    /// A hash of a random password with the algorithm and parameters most users' hashes have:
+    /// checked for unknown users, so that they take as long as known ones.
+    dummy: String,
 }
 
-/// A bcrypt hash of a random password, used to spend the same time on unknown users.
-const DUMMY_BCRYPT: &str = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+/// The algorithm and cost of a stored hash: what makes checking it slow.
+fn hash_kind(hash: &str) -> String {
+    match argon2::PasswordHash::new(hash) {
+        Ok(p) => format!(
+            "{}${}${}",
+            p.algorithm,
+            p.version.unwrap_or_default(),
+            p.params
+        ),
+        // bcrypt: `$2b$COST$...`
+        Err(_) => hash.split('$').take(3).collect::<Vec<_>>().join("$"),
+    }
+}
+
+/// A hash of a random password of the same kind as `template` (argon2 with its algorithm,
+/// version and parameters, or bcrypt with its cost); argon2id with default parameters when
+/// there is no template.
+fn dummy_like(template: Option<&str>) -> String {
+    use argon2::PasswordHasher as _;
+    let mut secret = [0u8; 16];
+    let _ = getrandom::fill(&mut secret);
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(t) = template.filter(|t| !t.starts_with("$argon2"))
+        && let Some(cost) = t.split('$').nth(2).and_then(|c| c.parse().ok())
+        && let Ok(h) = bcrypt::hash(&secret, cost)
+    {
+        return h;
+    }
+    let parsed = template.and_then(|t| argon2::PasswordHash::new(t).ok());
+    let algorithm = parsed
+        .as_ref()
+        .and_then(|p| argon2::Algorithm::try_from(p.algorithm).ok())
+        .unwrap_or_default();
+    let version = parsed
+        .as_ref()
+        .and_then(|p| p.version)
+        .and_then(|v| argon2::Version::try_from(v).ok())
+        .unwrap_or_default();
+    let params = parsed
+        .as_ref()
+        .and_then(|p| argon2::Params::try_from(p).ok())
+        .unwrap_or_default();
+    let mut salt = [0u8; 16];
+    let _ = getrandom::fill(&mut salt);
+    argon2::password_hash::SaltString::encode_b64(&salt)
+        .ok()
+        .and_then(|salt| {
+            argon2::Argon2::new(algorithm, version, params)
+                .hash_password(secret.as_bytes(), &salt)
+                .ok()
+                .map(|h| h.to_string())
+        })
+        .unwrap_or_default()
+}
 
 impl Users {
     /// Parse file content.
@@ -72,7 +125,27 @@ impl Users {
             }
             map.insert(user.to_owned(), hash.to_owned());
         }
-        Ok(Self { map })
+        // The most common kind of hash among the users (ties: the smallest hash, so that the
+        // choice does not depend on the map's order).
+        let mut kinds: HashMap<String, (usize, &str)> = HashMap::new();
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        for name in names {
+            let hash = &map[name];
+            kinds.entry(hash_kind(hash)).or_insert((0, hash)).0 += 1;
+        }
+        let template = kinds
+            .values()
+            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)))
+            .map(|(_, h)| *h);
+        let dummy = dummy_like(template);
+        Ok(Self { map, dummy })
+    }
+
+    /// The kind of hash checked for unknown users (`algorithm$version$params`, or bcrypt's
+    /// `$2b$COST`): the same as the users' own.
+    pub fn dummy_kind(&self) -> String {
+        hash_kind(&self.dummy)
     }
 
     /// Number of users.
@@ -85,28 +158,62 @@ impl Users {
         self.map.is_empty()
     }
 
-    /// Check a password (CPU-heavy: call from a blocking thread).
+    /// Check a password (CPU-heavy: call from a blocking thread). An unknown user costs the
+    /// same check as a known one, against a hash of the same kind.
     pub fn verify(&self, user: &str, password: &str) -> bool {
-        let Some(hash) = self.map.get(user) else {
-            let _ = bcrypt::verify(password, DUMMY_BCRYPT);
-            return false;
-        };
-        verify_hash(hash, password)
+        self.verify_with(user, password, &mut Vec::new())
+    }
+
+    /// [`Users::verify`] with `blocks` as argon2's working memory: grown to the hash's memory
+    /// cost if needed and kept by the caller, so that a checker thread reuses one allocation.
+    pub fn verify_with(&self, user: &str, password: &str, blocks: &mut Vec<argon2::Block>) -> bool {
+        match self.map.get(user) {
+            Some(hash) => verify_hash_with(hash, password, blocks),
+            None => {
+                let _ = verify_hash_with(&self.dummy, password, blocks);
+                false
+            }
+        }
     }
 }
 
 /// Check a password against an argon2 or bcrypt hash.
 pub fn verify_hash(hash: &str, password: &str) -> bool {
+    verify_hash_with(hash, password, &mut Vec::new())
+}
+
+fn verify_hash_with(hash: &str, password: &str, blocks: &mut Vec<argon2::Block>) -> bool {
     if hash.starts_with("$argon2") {
-        match argon2::PasswordHash::new(hash) {
-            Ok(parsed) => argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok(),
-            Err(_) => false,
-        }
+        verify_argon2(hash, password, blocks).unwrap_or(false)
     } else {
         bcrypt::verify(password, hash).unwrap_or(false)
     }
+}
+
+/// Recompute an argon2 PHC hash of `password` in `blocks` and compare (in constant time).
+fn verify_argon2(hash: &str, password: &str, blocks: &mut Vec<argon2::Block>) -> Option<bool> {
+    let parsed = argon2::PasswordHash::new(hash).ok()?;
+    let (salt, expected) = (parsed.salt?, parsed.hash?);
+    let params = argon2::Params::try_from(&parsed).ok()?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).ok()?;
+    let version = match parsed.version {
+        Some(v) => argon2::Version::try_from(v).ok()?,
+        None => argon2::Version::default(),
+    };
+    let mut salt_buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf).ok()?;
+    let n = params.block_count();
+    if blocks.len() < n {
+        blocks.resize(n, argon2::Block::default());
+    }
+    let ctx = argon2::Argon2::new(algorithm, version, params);
+    let computed = argon2::password_hash::Output::init_with(expected.len(), |out| {
+        ctx.hash_password_into_with_memory(password.as_bytes(), salt, out, &mut blocks[..n])
+            .map_err(|_| argon2::password_hash::Error::Crypto)
+    })
+    .ok()?;
+    // `Output`'s equality is constant-time.
+    Some(computed == expected)
 }
 
 /// The users file, reloaded when its modification time changes.
@@ -189,6 +296,43 @@ mod tests {
         assert!(!users.verify("bob", "x"));
         assert!(!users.verify("carol", "secret1"));
         assert!(Users::parse("x:plain", Path::new("u")).is_err());
+    }
+
+    #[test]
+    fn unknown_users_are_checked_against_a_hash_like_the_users_own() {
+        let salt = argon2::password_hash::SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let params = argon2::Params::new(8192, 3, 1, None).unwrap();
+        let argon = |pw: &[u8]| {
+            argon2::Argon2::new(
+                argon2::Algorithm::Argon2id,
+                argon2::Version::V0x13,
+                params.clone(),
+            )
+            .hash_password(pw, &salt)
+            .unwrap()
+            .to_string()
+        };
+        let bcrypt4 = bcrypt::hash("pw", 4).unwrap();
+        // Two argon2id users with m=8192,t=3 and one bcrypt user: the dummy is that argon2id.
+        let text = format!("a:{}\nb:{}\nc:{bcrypt4}\n", argon(b"x"), argon(b"y"));
+        let users = Users::parse(&text, Path::new("u")).unwrap();
+        assert_eq!(users.dummy_kind(), hash_kind(&argon(b"z")));
+        assert!(
+            users.dummy_kind().contains("m=8192,t=3,p=1"),
+            "{}",
+            users.dummy_kind()
+        );
+        assert!(!users.verify("nobody", "x"));
+        // bcrypt users only: a bcrypt dummy of their cost.
+        let users = Users::parse(&format!("c:{bcrypt4}\n"), Path::new("u")).unwrap();
+        assert_eq!(users.dummy_kind(), "$2b$04");
+        // No users: argon2id with the defaults `mailnode hash-password` uses.
+        let users = Users::parse("", Path::new("u")).unwrap();
+        assert!(
+            users.dummy_kind().starts_with("argon2id$19$m=19456"),
+            "{}",
+            users.dummy_kind()
+        );
         assert!(Users::parse("nocolon", Path::new("u")).is_err());
     }
 }

@@ -106,6 +106,13 @@ pub struct Listener {
     /// Maximum message size in bytes on this listener; defaults to `limits.maxMessageSize`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_size: Option<u64>,
+    /// Close a session whose client sent input after a DATA that was refused, before it could
+    /// have read the refusal (content pipelined ahead of the 354, RFC 2920), as Postfix's
+    /// `smtpd_forbid_unauth_pipelining` does, instead of reading that content as commands.
+    /// Default: on, except on listeners that only relay for `relay.allowedSources` (internal
+    /// devices with simple SMTP stacks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forbid_unauth_pipelining: Option<bool>,
 }
 
 impl Default for Listener {
@@ -119,11 +126,27 @@ impl Default for Listener {
             relay: RelayPolicy::default(),
             accept_domains: Vec::new(),
             max_message_size: None,
+            forbid_unauth_pipelining: None,
         }
     }
 }
 
 impl Listener {
+    /// Whether pipelined input after a refused DATA closes the session: as set, or on unless
+    /// the listener serves only clients it lets relay by source address.
+    pub fn forbids_unauth_pipelining(&self) -> bool {
+        self.forbid_unauth_pipelining.unwrap_or_else(|| {
+            let open_to_anyone = self
+                .relay
+                .allowed_sources
+                .iter()
+                .any(|n| n.prefix_len() == 0);
+            self.relay.allowed_sources.is_empty()
+                || open_to_anyone
+                || !self.accept_domains.is_empty()
+        })
+    }
+
     /// A listener with a name and bind address, nothing allowed.
     pub fn new(name: impl Into<String>, address: SocketAddr) -> Self {
         Self {
@@ -201,6 +224,19 @@ pub struct RelayPolicy {
     pub require_auth: bool,
     /// Relay only to these recipient domains (exact match, case-insensitive). Empty: any domain.
     pub recipient_domains: Vec<String>,
+    /// Allow an open relay: a `/0` in `allowedSources` without `requireAuth` or
+    /// `recipientDomains` is refused at start-up unless this is true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub open_relay: bool,
+}
+
+impl RelayPolicy {
+    /// Every address may relay, to any domain, without authenticating.
+    pub fn is_open(&self) -> bool {
+        self.allowed_sources.iter().any(|n| n.prefix_len() == 0)
+            && !self.require_auth
+            && self.recipient_domains.is_empty()
+    }
 }
 
 impl RelayPolicy {
@@ -277,6 +313,39 @@ pub struct Limits {
     pub session_timeout_seconds: u64,
     /// Grace period on shutdown for sessions in DATA, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Password checks (SMTP AUTH) running at once; each holds its hash's memory while it runs
+    /// (19 MiB for argon2id with `mailnode hash-password`'s defaults). More checks wait their
+    /// turn. `0`: one per CPU core.
+    pub auth_check_slots: usize,
+    /// Password checks one client (an IPv4 address, or an IPv6 /64) may have waiting or
+    /// running at once, so that one client's sessions cannot take every slot.
+    pub auth_checks_per_client: usize,
+    /// Failed AUTH attempts a client may make (within ten minutes) before its next attempts
+    /// are delayed.
+    pub auth_failures_before_delay: u32,
+    /// Delay of the first attempt past `authFailuresBeforeDelay`, in milliseconds; it doubles
+    /// with each further failure, up to 16 times this. A success clears the client's record.
+    pub auth_failure_delay_ms: u64,
+    /// TLS handshakes running at once (each costs a key exchange and a signature); more wait
+    /// their turn. At least 1.
+    pub max_tls_handshakes: usize,
+}
+
+impl Limits {
+    /// The AUTH limiter's settings (`authCheckSlots: 0` resolved to the number of cores).
+    pub fn auth(&self) -> crate::auth_limit::AuthLimits {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        crate::auth_limit::AuthLimits {
+            slots: if self.auth_check_slots == 0 {
+                cores
+            } else {
+                self.auth_check_slots
+            },
+            per_client: self.auth_checks_per_client,
+            free_failures: self.auth_failures_before_delay,
+            failure_delay: std::time::Duration::from_millis(self.auth_failure_delay_ms),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -292,6 +361,11 @@ impl Default for Limits {
             command_timeout_seconds: 300,
             session_timeout_seconds: 1800,
             shutdown_grace_seconds: 30,
+            auth_check_slots: 0,
+            auth_checks_per_client: 1,
+            auth_failures_before_delay: 3,
+            auth_failure_delay_ms: 1000,
+            max_tls_handshakes: 64,
         }
     }
 }
@@ -604,6 +678,12 @@ impl Config {
                     "needs top-level `auth` and `tls` (AUTH is only offered after STARTTLS)",
                 ));
             }
+            if l.relay.is_open() && !l.relay.open_relay {
+                return Err(invalid(
+                    format!("listeners[{i}].relay.allowedSources"),
+                    "admits every address (a /0 range) without requireAuth or recipientDomains: an open relay; set openRelay: true if that is really meant",
+                ));
+            }
             if l.tls.required && (self.tls.is_none() || l.tls.mode == TlsMode::None) {
                 return Err(invalid(
                     format!("listeners[{i}].tls.required"),
@@ -633,6 +713,18 @@ impl Config {
         }
         if self.limits.max_recipients == 0 {
             return Err(invalid("limits.maxRecipients".into(), "must be at least 1"));
+        }
+        if self.limits.auth_checks_per_client == 0 {
+            return Err(invalid(
+                "limits.authChecksPerClient".into(),
+                "must be at least 1, or no client could authenticate",
+            ));
+        }
+        if self.limits.max_tls_handshakes == 0 {
+            return Err(invalid(
+                "limits.maxTlsHandshakes".into(),
+                "must be at least 1, or no client could start TLS",
+            ));
         }
         if self.queue.min_free_percent > 100 {
             return Err(invalid("queue.minFreePercent".into(), "must be 0..=100"));

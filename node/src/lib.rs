@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod auth_limit;
 pub mod config;
 pub mod delivery;
 pub mod metrics;

@@ -51,6 +51,14 @@ pub struct Metrics {
     pub route_loops: Family<Labels, Counter>,
     /// DSNs generated, by kind (failed, delayed), and those suppressed (null_sender).
     pub dsn: Family<Labels, Counter>,
+    /// Password checks, by result (ok, failed).
+    pub auth_checks: Family<Labels, Counter>,
+    /// AUTH attempts delayed because of the client's recent failures.
+    pub auth_delayed: Counter,
+    /// AUTH attempts waiting for or running a password check.
+    pub auth_waiting: Gauge,
+    /// TLS handshakes waiting for a handshake slot.
+    pub tls_handshakes_waiting: Gauge,
 }
 
 fn label(k: &str, v: &str) -> Labels {
@@ -86,6 +94,10 @@ impl Metrics {
             oldest_message_age: Gauge::default(),
             route_loops: Family::default(),
             dsn: Family::default(),
+            auth_checks: Family::default(),
+            auth_delayed: Counter::default(),
+            auth_waiting: Gauge::default(),
+            tls_handshakes_waiting: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions started", m.sessions.clone());
@@ -158,6 +170,26 @@ impl Metrics {
             m.route_loops.clone(),
         );
         registry.register("dsn", "Delivery status notifications", m.dsn.clone());
+        registry.register(
+            "auth_checks",
+            "Password checks (SMTP AUTH) by result",
+            m.auth_checks.clone(),
+        );
+        registry.register(
+            "auth_delayed",
+            "AUTH attempts delayed after the client's failures",
+            m.auth_delayed.clone(),
+        );
+        registry.register(
+            "auth_waiting",
+            "AUTH attempts waiting for or running a password check (limits.authCheckSlots)",
+            m.auth_waiting.clone(),
+        );
+        registry.register(
+            "tls_handshakes_waiting",
+            "STARTTLS handshakes waiting for a slot (limits.maxTlsHandshakes)",
+            m.tls_handshakes_waiting.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -179,6 +211,14 @@ impl Metrics {
     /// Count a refusal.
     pub fn refused(&self, reason: &str) {
         self.refused.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// Count a password check.
+    pub fn auth_check(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.auth_checks
+            .get_or_create(&label("result", result))
+            .inc();
     }
 
     /// Count a refused connection.

@@ -184,6 +184,7 @@ mod tests {
             allowed_sources: vec!["127.0.0.2/32".parse().unwrap(), "fd00::/8".parse().unwrap()],
             require_auth: false,
             recipient_domains: vec!["internal.example".into()],
+            open_relay: false,
         };
         let p = Policy::from_listener(&l);
         let allowed = ip("127.0.0.2");

@@ -113,6 +113,10 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         active: AtomicUsize::new(0),
         client_slots: crate::admission::ClientSlots::new(config.limits.max_sessions_per_client),
         budget: crate::admission::MemoryBudget::new(config.limits.max_in_flight_bytes),
+        auth_limiter: crate::auth_limit::AuthLimiter::new(config.limits.auth()),
+        tls_handshakes: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_tls_handshakes,
+        )),
         shutdown,
         delivery: delivery.clone(),
         peers: (config.peers.address.is_some() || !config.peers.members.is_empty())

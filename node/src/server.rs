@@ -52,6 +52,10 @@ pub struct Node {
     pub client_slots: Arc<crate::admission::ClientSlots>,
     /// Memory budget for content being received.
     pub budget: Arc<crate::admission::MemoryBudget>,
+    /// Slots and per-client shares for password checks.
+    pub auth_limiter: Arc<crate::auth_limit::AuthLimiter>,
+    /// Slots for TLS handshakes.
+    pub tls_handshakes: Arc<tokio::sync::Semaphore>,
     /// Shutdown signal for sessions.
     pub shutdown: watch::Sender<bool>,
     /// The delivery scheduler (new messages, ETRN).
@@ -99,8 +103,25 @@ impl ListenerCtx {
                 auth: starttls && cfg.auth.is_some(),
                 policy: Arc::new(Policy::from_listener(l)),
                 budget: Some(budget),
+                forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
             },
         }
+    }
+}
+
+/// Counts one waiter in a gauge while it lives.
+struct WaitGauge<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> WaitGauge<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for WaitGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -461,6 +482,14 @@ impl Driver {
                 if let Flow::Close = self.apply(step).await? {
                     return Ok(());
                 }
+                if !self.buf.is_empty()
+                    && let Some(step) = self.session.input_before_reply()
+                {
+                    let client = self.session.client().addr;
+                    tracing::warn!(listener = %self.ctx.config.name, client = %client, "input pipelined after a refused DATA, closing");
+                    self.apply(step).await?;
+                    return Ok(());
+                }
                 if self.shutting_down() && !self.session.in_transaction() {
                     self.shutdown_reply();
                     return Ok(());
@@ -540,26 +569,21 @@ impl Driver {
                     let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
                         return Ok(Flow::Close);
                     };
-                    let tls = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))
-                        .await
-                        .map_err(|_| SessionEnd::Timeout)?
-                        .map_err(|e| SessionEnd::Protocol(format!("TLS handshake: {e}")))?;
+                    let tls = tokio::time::timeout(Duration::from_secs(30), async {
+                        let waiting = WaitGauge::new(&self.node.metrics.tls_handshakes_waiting);
+                        let _slot = Arc::clone(&self.node.tls_handshakes).acquire_owned().await;
+                        drop(waiting);
+                        acceptor.accept(tcp).await
+                    })
+                    .await
+                    .map_err(|_| SessionEnd::Timeout)?
+                    .map_err(|e| SessionEnd::Protocol(format!("TLS handshake: {e}")))?;
                     self.conn = Conn::Tls(Box::new(tls));
                     self.session.tls_started();
                     return Ok(Flow::Continue);
                 }
                 Next::Authenticate(creds) => {
-                    let ok = match &self.node.users {
-                        Some(users) => {
-                            let users = users.users();
-                            tokio::task::spawn_blocking(move || {
-                                users.verify(&creds.user, &creds.password)
-                            })
-                            .await
-                            .unwrap_or(false)
-                        }
-                        None => false,
-                    };
+                    let ok = self.check_password(creds).await?;
                     self.session.auth_done(ok)
                 }
                 Next::Data => {
@@ -568,9 +592,9 @@ impl Driver {
                     self.session.data_done(body, flaws)
                 }
                 Next::Chunk { size, accept } => {
-                    let data = self.read_chunk(size, accept).await?;
+                    self.read_chunk(size, accept).await?;
                     if accept {
-                        self.session.chunk_done(&data)
+                        self.session.chunk_done()
                     } else {
                         if let Some(r) = step.reply.take() {
                             r.write_to(&mut self.out);
@@ -587,6 +611,38 @@ impl Driver {
                 }
             };
         }
+    }
+
+    /// Check AUTH credentials on a password check slot, after the delay the client's recent
+    /// failures earned; waiting longer than the command timeout ends the session.
+    async fn check_password(
+        &mut self,
+        creds: crate::smtp::session::Credentials,
+    ) -> Result<bool, SessionEnd> {
+        let Some(users) = &self.node.users else {
+            return Ok(false);
+        };
+        let users = users.users();
+        let limiter = Arc::clone(&self.node.auth_limiter);
+        let ip = self.session.client().addr.ip();
+        let metrics = Arc::clone(&self.node.metrics);
+        let t = Duration::from_secs(self.node.config.limits.command_timeout_seconds);
+        self.flush().await?;
+        let check = async {
+            let delay = limiter.delay(ip);
+            if !delay.is_zero() {
+                metrics.auth_delayed.inc();
+                tokio::time::sleep(delay).await;
+            }
+            let waiting = WaitGauge::new(&metrics.auth_waiting);
+            let ok = limiter.check(ip, users, creds.user, creds.password).await;
+            drop(waiting);
+            metrics.auth_check(ok);
+            ok
+        };
+        tokio::time::timeout(t, check)
+            .await
+            .map_err(|_| SessionEnd::Timeout)
     }
 
     async fn read_data(&mut self) -> Result<(Vec<u8>, crate::smtp::data::BodyFlaws), SessionEnd> {
@@ -608,20 +664,21 @@ impl Driver {
         }
     }
 
-    async fn read_chunk(&mut self, size: u64, keep: bool) -> Result<Vec<u8>, SessionEnd> {
+    /// Read `size` octets of a BDAT chunk, passing them to the session as they arrive when
+    /// `keep` (so they count against the memory budget at once), discarding them otherwise.
+    async fn read_chunk(&mut self, size: u64, keep: bool) -> Result<(), SessionEnd> {
         let mut remaining = size;
-        let mut data = Vec::new();
         loop {
             let take = usize::try_from(remaining)
                 .unwrap_or(usize::MAX)
                 .min(self.buf.len());
             if keep {
-                data.extend_from_slice(&self.buf[..take]);
+                self.session.chunk_data(&self.buf[..take]);
             }
             self.buf.drain(..take);
             remaining -= take as u64;
             if remaining == 0 {
-                return Ok(data);
+                return Ok(());
             }
             if !self.read_more(false).await? {
                 return Err(SessionEnd::Protocol("shutdown".into()));

@@ -1,5 +1,6 @@
 //! The fuzz targets of node/fuzz as bounded random tests on stable (proptest): the command
-//! parser, the DATA decoder, the PROXY header parser and the session never panic.
+//! parser, the DATA decoder, the PROXY header parser and the session never panic, and a byte
+//! stream with DATA and BDAT content keeps the memory budget.
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
@@ -52,5 +53,24 @@ proptest! {
     #[test]
     fn session_never_panics(lines in proptest::collection::vec(smtpish(), 0..20)) {
         mailnode::smtp::fuzzing::drive_session(lines.iter().map(Vec::as_slice));
+    }
+
+    #[test]
+    fn stream_keeps_the_budget(head in proptest::collection::vec(any::<u8>(), 2), lines in proptest::collection::vec(prop_oneof![
+        smtpish(),
+        Just(b"EHLO c".to_vec()),
+        Just(b"MAIL FROM:<a@b.example>".to_vec()),
+        Just(b"RCPT TO:<x@y.example>".to_vec()),
+        Just(b"DATA".to_vec()),
+        Just(b".".to_vec()),
+        "BDAT [0-9]{1,4}( LAST)?".prop_map(String::into_bytes),
+        proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'\r'), Just(b'.')], 0..400),
+    ], 0..30)) {
+        let mut input = head;
+        for l in &lines {
+            input.extend_from_slice(l);
+            input.extend_from_slice(b"\r\n");
+        }
+        mailnode::smtp::fuzzing::drive_stream(&input);
     }
 }

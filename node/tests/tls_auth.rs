@@ -63,22 +63,7 @@ fn setup() -> (tempfile::TempDir, String) {
     let (cert, _) = make_cert(dir.path(), "smtp.test.example");
     let der = std::fs::read_to_string(&cert).unwrap();
     // alice: argon2 via `mailnode hash-password`; bob: bcrypt
-    let mut child = Command::new(BIN)
-        .arg("hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"pw-alice\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let argon = String::from_utf8(out.stdout).unwrap();
-    assert!(argon.starts_with("$argon2"), "{argon}");
+    let argon = argon2_hash("pw-alice");
     let bc = bcrypt::hash("pw-bob", 4).unwrap();
     std::fs::write(
         dir.path().join("users"),

@@ -240,6 +240,14 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 1073741824))]
     pub max_message_size: Option<i64>,
+
+    /// Disconnect a client that sends message content right behind a DATA that was refused,
+    /// before it could have read the refusal (RFC 2920 forbids it), with `554 5.5.0`, as
+    /// Postfix's `smtpd_forbid_unauth_pipelining` does; otherwise that content is read as
+    /// commands and can smuggle a transaction in. Default: on, except on listeners that only
+    /// relay for `relay.allowedSources` (devices with simple SMTP stacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forbid_unauth_pipelining: Option<bool>,
 }
 
 /// How a listener is reachable.
@@ -280,6 +288,9 @@ pub enum TlsMode {
 
 /// Who may relay (send to recipients outside `acceptDomains`) through a listener.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("!(has(self.allowedSources) && self.allowedSources.exists(s, cidr(s).prefixLength() == 0)) || (has(self.requireAuth) && self.requireAuth) || (has(self.recipientDomains) && size(self.recipientDomains) > 0) || (has(self.openRelay) && self.openRelay)").message("allowedSources admits every address (a /0 range) without requireAuth or recipientDomains: that is an open relay for the whole internet; set requireAuth, limit recipientDomains, or set openRelay: true if that is really meant")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RelayPolicy {
     /// Client source addresses (CIDRs) allowed to relay, e.g. `10.20.0.0/16`. Empty means no
@@ -295,6 +306,12 @@ pub struct RelayPolicy {
     /// Clients must also authenticate (SMTP AUTH against `spec.auth`) to relay.
     #[serde(default)]
     pub require_auth: bool,
+    /// Allow an open relay: `allowedSources` with `0.0.0.0/0` or `::/0` and neither
+    /// `requireAuth` nor `recipientDomains` lets anyone on the internet relay through the
+    /// cluster, and is refused unless this is true. Only for a listener that no untrusted
+    /// client can reach (e.g. `loadBalancerSourceRanges` or a private network).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_relay: bool,
 }
 
 /// Where accepted mail is delivered.
@@ -365,6 +382,9 @@ pub struct Route {
 /// Retry schedule of deferred messages. Durations are a number with a unit s, m, h or d, e.g.
 /// `90s`, `1m`, `1h`, `5d`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("(has(self.first) ? int(self.first.substring(0, size(self.first) - 1)) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[self.first.substring(size(self.first) - 1)] : 60) <= (has(self.max) ? int(self.max.substring(0, size(self.max) - 1)) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[self.max.substring(size(self.max) - 1)] : 3600) && (has(self.max) ? int(self.max.substring(0, size(self.max) - 1)) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[self.max.substring(size(self.max) - 1)] : 3600) <= (has(self.lifetime) ? int(self.lifetime.substring(0, size(self.lifetime) - 1)) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}[self.lifetime.substring(size(self.lifetime) - 1)] : 432000)").message("first must be at most max, and max at most lifetime (defaults 1m, 1h and 5d)")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Retry {
     /// Delay before the first retry (default 1m).
@@ -621,6 +641,10 @@ pub struct MailClusterStatus {
     /// Queue volumes of removed members and what is being done with them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphaned_volumes: Vec<OrphanedVolumeStatus>,
+    /// Settings that work but deserve a second look, e.g. relaying allowed from public
+    /// addresses. Each names the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A published DNS record.

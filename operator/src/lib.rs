@@ -16,6 +16,7 @@ pub mod reconcile;
 pub mod reference;
 pub mod render;
 pub mod status;
+pub mod warnings;
 
 /// Image of the relay node when neither the MailCluster nor `--default-image` names one.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/mailcluster/mailnode:", env!("CARGO_PKG_VERSION"));

@@ -313,6 +313,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
         members,
         config_hash: o.config_hash.clone(),
         orphaned_volumes: o.orphaned_volumes.clone(),
+        warnings: crate::warnings::spec_warnings(&mc.spec),
     }
 }
 

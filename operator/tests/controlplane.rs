@@ -160,6 +160,38 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["limits.maxInFlightBytes", "maxMessageSize"],
         ),
         (
+            "open relay: every IPv4 source, any domain, no AUTH",
+            set(
+                base.clone(),
+                "/spec/listeners/0/relay",
+                json!({"allowedSources": ["10.20.0.0/16", "0.0.0.0/0"]}),
+            ),
+            &["spec.listeners[0].relay", "open relay"],
+        ),
+        (
+            "open relay: every IPv6 source",
+            set(
+                base.clone(),
+                "/spec/listeners/0/relay",
+                json!({"allowedSources": ["::/0"]}),
+            ),
+            &["spec.listeners[0].relay", "openRelay: true"],
+        ),
+        (
+            "retry first after max",
+            set(
+                base.clone(),
+                "/spec/delivery/retry",
+                json!({"first": "2h", "max": "1m"}),
+            ),
+            &["spec.delivery.retry", "first must be at most max"],
+        ),
+        (
+            "retry max after lifetime (default 5d)",
+            set(base.clone(), "/spec/delivery/retry", json!({"max": "6d"})),
+            &["spec.delivery.retry", "max at most lifetime"],
+        ),
+        (
             "negative per-client limit",
             set(
                 base.clone(),
@@ -189,6 +221,31 @@ async fn invalid_manifests_are_refused_naming_the_field() {
         "not refused as expected:\n{}",
         failures.join("\n")
     );
+    // What the rules must still let through: an open relay said out loud, a /0 that must
+    // authenticate or is limited to internal domains, and a retry schedule in order.
+    let allowed = [
+        set(
+            base.clone(),
+            "/spec/listeners/0/relay",
+            json!({"allowedSources": ["0.0.0.0/0"], "openRelay": true}),
+        ),
+        set(
+            base.clone(),
+            "/spec/listeners/0/relay",
+            json!({"allowedSources": ["0.0.0.0/0"], "recipientDomains": ["example.com"]}),
+        ),
+        set(
+            base.clone(),
+            "/spec/delivery/retry",
+            json!({"first": "90s", "max": "90s", "lifetime": "2d"}),
+        ),
+    ];
+    for (i, v) in allowed.iter().enumerate() {
+        let v = set(v.clone(), "/metadata/name", json!(format!("ok-{i}")));
+        create(&api, &v)
+            .await
+            .unwrap_or_else(|e| panic!("case {i} refused: {e}"));
+    }
     // Field docs reach `kubectl explain`.
     let out = cp
         .kubectl(&["explain", "mailcluster.spec.listeners.relay.allowedSources"])

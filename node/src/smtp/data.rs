@@ -130,6 +130,11 @@ impl BodyCheck {
         self.size
     }
 
+    /// The memory budget ran out: the content is no longer kept.
+    pub fn out_of_memory(&self) -> bool {
+        self.flaws.no_memory
+    }
+
     /// Finish: the body and its flaws. A trailing lone CR counts as bare. The budget is
     /// given back here: it bounds content being received, which is what can pile up (slow
     /// clients, large messages); a finished body is queued or dropped within milliseconds.

@@ -19,6 +19,7 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
         auth: true,
         policy: Arc::new(crate::policy::Policy::default()),
         budget: Some(crate::admission::MemoryBudget::new(4000)),
+        forbid_unauth_pipelining: true,
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),
@@ -36,10 +37,111 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
                 let _ = s.data_done(b"x\r\n".to_vec(), Default::default());
             }
             Next::Chunk { accept: true, .. } => {
-                let _ = s.chunk_done(b"x");
+                s.chunk_data(b"x");
+                let _ = s.chunk_done();
             }
             Next::Close => break,
             _ => {}
         }
     }
+}
+
+/// Runs a client's byte stream through a session the way the server reads a socket: command
+/// lines, DATA content through the decoder, BDAT chunks passed on in pieces as they would
+/// arrive, and the check for input pipelined after a refused DATA. Another session holds part
+/// of the shared memory budget (its size from the first input byte). Panics when the budget is
+/// ever over its limit, or not all given back once the session is gone.
+pub fn drive_stream(input: &[u8]) {
+    const LIMIT: u64 = 3000;
+    let budget = crate::admission::MemoryBudget::new(LIMIT);
+    let held = u64::from(input.first().copied().unwrap_or(0)) * 8;
+    assert!(budget.try_reserve(held));
+    let cfg = SessionConfig {
+        hostname: "fuzz.example".into(),
+        listener: "fuzz".into(),
+        max_message_size: 2000,
+        max_recipients: 5,
+        max_errors: 1000,
+        starttls: false,
+        tls_required: false,
+        auth: false,
+        policy: Arc::new(crate::policy::Policy::default()),
+        budget: Some(Arc::clone(&budget)),
+        forbid_unauth_pipelining: input.get(1).is_some_and(|b| b % 2 == 0),
+    };
+    let client = ClientInfo {
+        addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),
+        proxy: None,
+    };
+    let mut s = Session::new(cfg, client);
+    let mut rest = input.get(2..).unwrap_or_default();
+    // Pieces of content arrive in sizes taken from the input itself.
+    let piece = |rest: &[u8]| 1 + usize::from(rest.first().copied().unwrap_or(0) % 61);
+    'session: while let Some(lf) = rest.iter().position(|b| *b == b'\n') {
+        let line = &rest[..lf];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        rest = &rest[lf + 1..];
+        let mut step = s.line(line);
+        if !rest.is_empty()
+            && let Some(close) = s.input_before_reply()
+        {
+            step = close;
+        }
+        loop {
+            assert!(budget.used() <= LIMIT, "budget over its limit");
+            step = match step.next {
+                Next::Close => break 'session,
+                Next::Data => {
+                    let mut dec = crate::smtp::data::DataDecoder::with_budget(
+                        2000,
+                        Some(Arc::clone(&budget)),
+                    );
+                    loop {
+                        if rest.is_empty() {
+                            break 'session;
+                        }
+                        let n = piece(rest).min(rest.len());
+                        let done = dec.feed(&rest[..n]);
+                        assert!(budget.used() <= LIMIT, "budget over its limit in DATA");
+                        match done {
+                            Some(used) => {
+                                rest = &rest[used..];
+                                break;
+                            }
+                            None => rest = &rest[n..],
+                        }
+                    }
+                    let (body, flaws) = dec.finish();
+                    s.data_done(body, flaws)
+                }
+                Next::Chunk { size, accept } => {
+                    let mut left = usize::try_from(size).unwrap_or(usize::MAX);
+                    while left > 0 {
+                        if rest.is_empty() {
+                            break 'session;
+                        }
+                        let n = piece(rest).min(rest.len()).min(left);
+                        if accept {
+                            s.chunk_data(&rest[..n]);
+                            assert!(budget.used() <= LIMIT, "budget over its limit in BDAT");
+                        }
+                        rest = &rest[n..];
+                        left -= n;
+                    }
+                    if !accept {
+                        break;
+                    }
+                    s.chunk_done()
+                }
+                Next::Queue(_) => {
+                    let _ = s.queued(Ok("FUZZ"));
+                    break;
+                }
+                _ => break,
+            };
+        }
+    }
+    drop(s);
+    budget.release(held);
+    assert_eq!(budget.used(), 0, "content budget not given back");
 }

@@ -5,7 +5,7 @@
 //! [`Session::line`]; the returned [`Step`] holds the reply (if any) and what to do next
 //! (read DATA, read a BDAT chunk, start TLS, check a password, queue the message, close).
 //! The results of those actions come back through [`Session::data_done`],
-//! [`Session::chunk_done`], [`Session::tls_started`], [`Session::auth_done`] and
+//! [`Session::chunk_data`] and [`Session::chunk_done`], [`Session::tls_started`], [`Session::auth_done`] and
 //! [`Session::queued`].
 
 use std::net::SocketAddr;
@@ -43,6 +43,10 @@ pub struct SessionConfig {
     pub policy: Arc<Policy>,
     /// Memory budget for content being received (shared by all sessions).
     pub budget: Option<Arc<crate::admission::MemoryBudget>>,
+    /// Close the session when the client has sent more input after a DATA that was refused
+    /// (content pipelined before the 354 it must wait for, RFC 2920), as Postfix's
+    /// `smtpd_forbid_unauth_pipelining` does: that content would otherwise be read as commands.
+    pub forbid_unauth_pipelining: bool,
 }
 
 /// Who is connected.
@@ -143,7 +147,9 @@ pub enum Next {
     /// Read DATA content (after flushing the 354), then call [`Session::data_done`].
     Data,
     /// Read exactly `size` octets of BDAT content; when `accept`, pass them to
-    /// [`Session::chunk_done`], otherwise discard them and send the step's reply.
+    /// [`Session::chunk_data`] as they arrive (so that they count against the memory budget at
+    /// once) and then call [`Session::chunk_done`]; otherwise discard them and send the step's
+    /// reply.
     Chunk {
         /// Octets to read.
         size: u64,
@@ -226,7 +232,10 @@ pub struct Session {
     storage_ok: bool,
     events: Vec<Event>,
     closed: bool,
-    pending_last: bool,
+    /// The BDAT chunk being read: its size and whether it is the last.
+    pending_chunk: Option<(u64, bool)>,
+    /// The last command was a refused DATA: no input may follow until the client has read it.
+    data_refused: bool,
 }
 
 fn err_reply(e: &CommandError) -> Reply {
@@ -255,7 +264,8 @@ impl Session {
             storage_ok: true,
             events: Vec::new(),
             closed: false,
-            pending_last: false,
+            pending_chunk: None,
+            data_refused: false,
         }
     }
 
@@ -338,8 +348,33 @@ impl Session {
         self.finish_reply(Reply::new(500, "5.5.2", "Line too long"))
     }
 
+    /// The client had sent more input before it could have read the reply to the last line.
+    /// After a refused DATA that input is message content meant for a 354 that never came:
+    /// with `forbid_unauth_pipelining` the session ends (`554 5.5.0`) instead of reading it as
+    /// commands. `None`: carry on reading.
+    pub fn input_before_reply(&mut self) -> Option<Step> {
+        if !(std::mem::take(&mut self.data_refused) && self.cfg.forbid_unauth_pipelining) {
+            return None;
+        }
+        self.closed = true;
+        self.tx = None;
+        self.events.push(Event::Refused {
+            reason: "unauth_pipelining",
+            detail: "input pipelined after a refused DATA".into(),
+        });
+        Some(Step {
+            reply: Some(Reply::new(
+                554,
+                "5.5.0",
+                "Error: SMTP protocol synchronization (input sent before the reply to DATA)",
+            )),
+            next: Next::Close,
+        })
+    }
+
     /// Handle one input line (without CRLF): a command, or an AUTH continuation.
     pub fn line(&mut self, line: &[u8]) -> Step {
+        self.data_refused = false;
         if self.closed {
             return Step {
                 reply: None,
@@ -477,19 +512,25 @@ impl Session {
             Command::Auth { mechanism, initial } => self.auth_start(&mechanism, initial),
             Command::Mail { from, params } => self.mail(from, params),
             Command::Rcpt { to } => self.rcpt(to),
-            Command::Data => match &self.tx {
-                None => self.finish_reply(Reply::new(503, "5.5.1", "Need MAIL first")),
-                Some(tx) if tx.rcpts.is_empty() => {
-                    self.finish_reply(Reply::new(554, "5.5.1", "No valid recipients"))
-                }
-                Some(tx) if tx.chunks.is_some() => {
-                    self.finish_reply(Reply::new(503, "5.5.1", "DATA not allowed after BDAT"))
-                }
-                Some(_) => Step {
-                    reply: Some(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
-                    next: Next::Data,
-                },
-            },
+            Command::Data => {
+                let refusal = match &self.tx {
+                    None => Reply::new(503, "5.5.1", "Need MAIL first"),
+                    Some(tx) if tx.rcpts.is_empty() => {
+                        Reply::new(554, "5.5.1", "No valid recipients")
+                    }
+                    Some(tx) if tx.chunks.is_some() => {
+                        Reply::new(503, "5.5.1", "DATA not allowed after BDAT")
+                    }
+                    Some(_) => {
+                        return Step {
+                            reply: Some(Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")),
+                            next: Next::Data,
+                        };
+                    }
+                };
+                self.data_refused = true;
+                self.finish_reply(refusal)
+            }
             Command::Bdat { size, last } => self.bdat(size, last),
         }
     }
@@ -790,7 +831,7 @@ impl Session {
                         },
                     };
                 }
-                self.pending_last = last;
+                self.pending_chunk = Some((size, last));
                 Step {
                     reply: None,
                     next: Next::Chunk { size, accept: true },
@@ -799,22 +840,27 @@ impl Session {
         }
     }
 
-    /// A BDAT chunk has been read.
-    pub fn chunk_done(&mut self, data: &[u8]) -> Step {
-        let last = std::mem::take(&mut self.pending_last);
+    /// Octets of the BDAT chunk being read, as they arrive.
+    pub fn chunk_data(&mut self, data: &[u8]) {
+        if let Some(check) = self.tx.as_mut().and_then(|tx| tx.chunks.as_mut()) {
+            check.push(data);
+        }
+    }
+
+    /// The BDAT chunk has been read to its end. A chunk that ran out of the memory budget ends
+    /// the transaction at once with `452` (RFC 3030: the client sends no further chunks).
+    pub fn chunk_done(&mut self) -> Step {
+        let Some((size, last)) = self.pending_chunk.take() else {
+            return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
+        };
         let Some(tx) = &mut self.tx else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
         };
-        let Some(check) = &mut tx.chunks else {
+        let Some(check) = &tx.chunks else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
         };
-        check.push(data);
-        if !last {
-            return Step::reply(Reply::new(
-                250,
-                "2.0.0",
-                format!("{} octets received", data.len()),
-            ));
+        if !last && !check.out_of_memory() {
+            return Step::reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
         }
         let Some(check) = tx.chunks.take() else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
@@ -927,6 +973,7 @@ mod tests {
             auth: true,
             policy: Arc::new(Policy::from_listener(&l)),
             budget: None,
+            forbid_unauth_pipelining: true,
         };
         Session::new(
             cfg,
@@ -1057,5 +1104,94 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn input_pipelined_after_a_refused_data_closes_the_session() {
+        let mut s = session(false);
+        s.line(b"EHLO c");
+        s.line(b"MAIL FROM:<a@b.example>");
+        assert_eq!(code(&s.line(b"RCPT TO:<x@nowhere.example>")), 250);
+        // Accepted DATA: input after it is content, nothing to refuse.
+        assert_eq!(code(&s.line(b"DATA")), 354);
+        assert!(s.input_before_reply().is_none());
+        let _ = s.data_done(b"x\r\n".to_vec(), BodyFlaws::default());
+        // A refused DATA with nothing more buffered: carry on; the next line clears it.
+        assert_eq!(code(&s.line(b"DATA")), 503);
+        assert_eq!(code(&s.line(b"NOOP")), 250);
+        assert!(s.input_before_reply().is_none());
+        // A refused DATA with content behind it: 554 5.5.0 and close.
+        assert_eq!(code(&s.line(b"DATA")), 503);
+        let st = s.input_before_reply().expect("closes");
+        assert_eq!((code(&st), st.next), (554, Next::Close));
+        assert!(s.take_events().iter().any(|e| matches!(
+            e,
+            Event::Refused {
+                reason: "unauth_pipelining",
+                ..
+            }
+        )));
+        // Off for the listener: the input is read as commands, as RFC 5321 alone allows.
+        let mut s = session(false);
+        s.cfg.forbid_unauth_pipelining = false;
+        s.line(b"EHLO c");
+        assert_eq!(code(&s.line(b"DATA")), 503);
+        assert!(s.input_before_reply().is_none());
+    }
+
+    #[test]
+    fn bdat_content_counts_against_the_budget_as_it_arrives() {
+        let budget = crate::admission::MemoryBudget::new(60);
+        let mut s = session(false);
+        s.cfg.budget = Some(Arc::clone(&budget));
+        s.line(b"EHLO c");
+        s.line(b"MAIL FROM:<a@b.example>");
+        s.line(b"RCPT TO:<x@in.example>");
+        let st = s.line(b"BDAT 50");
+        assert_eq!(
+            st.next,
+            Next::Chunk {
+                size: 50,
+                accept: true
+            }
+        );
+        s.chunk_data(&[b'a'; 30]);
+        assert_eq!(budget.used(), 30, "counted before the chunk is complete");
+        s.chunk_data(&[b'a'; 20]);
+        assert_eq!(budget.used(), 50);
+        assert_eq!(code(&s.chunk_done()), 250);
+        // The next chunk does not fit: the transaction ends at this chunk with 452.
+        let st = s.line(b"BDAT 40 LAST");
+        assert_eq!(
+            st.next,
+            Next::Chunk {
+                size: 40,
+                accept: true
+            }
+        );
+        s.chunk_data(&[b'a'; 20]);
+        assert_eq!(budget.used(), 0, "given back as soon as it ran out");
+        s.chunk_data(&[b'a'; 20]);
+        let st = s.chunk_done();
+        assert_eq!(code(&st), 452, "{st:?}");
+        // A non-last chunk that runs out ends the transaction too, at once.
+        s.line(b"MAIL FROM:<a@b.example>");
+        s.line(b"RCPT TO:<x@in.example>");
+        s.line(b"BDAT 70");
+        s.chunk_data(&[b'a'; 70]);
+        assert_eq!(code(&s.chunk_done()), 452);
+        let st = s.line(b"BDAT 10 LAST");
+        assert_eq!(
+            (code(&st), st.next),
+            (
+                503,
+                Next::Chunk {
+                    size: 10,
+                    accept: false
+                }
+            ),
+            "later chunks are discarded"
+        );
+        assert_eq!(budget.used(), 0);
     }
 }

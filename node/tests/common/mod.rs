@@ -117,6 +117,11 @@ impl Node {
         }
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mailnode.log")).unwrap_or_default()
     }
@@ -342,6 +347,36 @@ pub fn make_cert(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
 
 /// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
 /// (`MAILCLUSTER_REQUIRE_TOOLS` set) a missing tool fails the test instead of skipping it.
+/// An argon2id hash of `password`, made by `mailnode hash-password` as a user would.
+pub fn argon2_hash(password: &str) -> String {
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2"), "{hash}");
+    hash
+}
+
+/// A value in KiB from /proc/PID/status (`VmRSS`, `VmHWM`: the peak resident set).
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
+}
+
 pub fn have(tool: &str) -> bool {
     let found = Command::new("sh")
         .args([

@@ -135,6 +135,7 @@ pub fn node_config(
                 )?,
                 require_auth: r.require_auth,
                 recipient_domains: r.recipient_domains.iter().map(|d| d.0.clone()).collect(),
+                open_relay: r.open_relay,
             },
             None => node::RelayPolicy::default(),
         };
@@ -168,6 +169,7 @@ pub fn node_config(
             relay,
             accept_domains: l.accept_domains.iter().map(|d| d.0.clone()).collect(),
             max_message_size: l.max_message_size.and_then(|m| u64::try_from(m).ok()),
+            forbid_unauth_pipelining: l.forbid_unauth_pipelining,
         });
     }
     let smarthosts = next_hops("spec.delivery.smarthosts", &spec.delivery.smarthosts)?;
