@@ -68,6 +68,27 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Bytes of a received message's content still counted against the budget after it was
+/// received, until it is queued (or refused): given back when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    budget: Arc<MemoryBudget>,
+    bytes: u64,
+}
+
+impl Hold {
+    /// Take over `bytes` already reserved from `budget`.
+    pub fn new(budget: Arc<MemoryBudget>, bytes: u64) -> Self {
+        Self { budget, bytes }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
 /// Bytes of message content held in memory by all sessions together.
 #[derive(Debug)]
 pub struct MemoryBudget {

@@ -295,9 +295,10 @@ pub struct Limits {
     /// `421 4.7.0`. Clients a listener lets relay by source (`relay.allowedSources`) are
     /// exempt, as Postfix exempts `mynetworks`. `0`: no limit.
     pub max_sessions_per_client: usize,
-    /// Bytes of message content all sessions together may hold in memory while receiving
-    /// it. Content beyond this is read to its end and discarded, and the message gets
-    /// `452 4.3.1` (the client retries later). At least `maxMessageSize`.
+    /// Bytes of message content all sessions together may hold in memory, counted from the
+    /// first byte received (DATA or BDAT) until the message is queued. Content beyond this is
+    /// read to its end and discarded, and the message gets `452 4.3.1` (the client retries
+    /// later). At least `maxMessageSize`.
     pub max_in_flight_bytes: u64,
     /// Maximum recipients per message.
     pub max_recipients: usize,

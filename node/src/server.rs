@@ -588,8 +588,8 @@ impl Driver {
                 }
                 Next::Data => {
                     self.flush().await?;
-                    let (body, flaws) = self.read_data().await?;
-                    self.session.data_done(body, flaws)
+                    let (body, flaws, hold) = self.read_data().await?;
+                    self.session.data_done_held(body, flaws, hold)
                 }
                 Next::Chunk { size, accept } => {
                     self.read_chunk(size, accept).await?;
@@ -645,7 +645,16 @@ impl Driver {
             .map_err(|_| SessionEnd::Timeout)
     }
 
-    async fn read_data(&mut self) -> Result<(Vec<u8>, crate::smtp::data::BodyFlaws), SessionEnd> {
+    async fn read_data(
+        &mut self,
+    ) -> Result<
+        (
+            Vec<u8>,
+            crate::smtp::data::BodyFlaws,
+            Option<crate::admission::Hold>,
+        ),
+        SessionEnd,
+    > {
         let mut dec = DataDecoder::with_budget(
             self.ctx.session.max_message_size,
             self.ctx.session.budget.clone(),
@@ -654,7 +663,7 @@ impl Driver {
             if !self.buf.is_empty() {
                 if let Some(n) = dec.feed(&self.buf) {
                     self.buf.drain(..n);
-                    return Ok(dec.finish());
+                    return Ok(dec.finish_held());
                 }
                 self.buf.clear();
             }

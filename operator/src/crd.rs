@@ -589,10 +589,11 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100000))]
     pub max_sessions_per_client: Option<i32>,
-    /// Bytes of message content a member holds in memory while receiving it, over all
-    /// sessions. A message that does not fit is read to its end and answered `452 4.3.1`,
-    /// and the client retries later, instead of the member running out of memory. Keep it
-    /// well under the container's memory limit and at least the largest `maxMessageSize`.
+    /// Bytes of message content a member holds in memory, over all sessions, from the first
+    /// byte received until the message is queued. A message that does not fit is read to its
+    /// end and answered `452 4.3.1`, and the client retries later, instead of the member
+    /// running out of memory. Keep it under half the container's memory limit (buffers grow
+    /// by doubling) and at least the largest `maxMessageSize`.
     /// Default 268435456 (256 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 68719476736_i64))]

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::admission::MemoryBudget;
+use crate::admission::{Hold, MemoryBudget};
 
 /// Longest allowed line without its CRLF.
 pub const MAX_LINE: usize = 998;
@@ -135,15 +135,25 @@ impl BodyCheck {
         self.flaws.no_memory
     }
 
-    /// Finish: the body and its flaws. A trailing lone CR counts as bare. The budget is
-    /// given back here: it bounds content being received, which is what can pile up (slow
-    /// clients, large messages); a finished body is queued or dropped within milliseconds.
-    pub fn finish(mut self) -> (Vec<u8>, BodyFlaws) {
+    /// Finish: the body and its flaws, the budget given back. A trailing lone CR counts as
+    /// bare.
+    pub fn finish(self) -> (Vec<u8>, BodyFlaws) {
+        let (body, flaws, _) = self.finish_held();
+        (body, flaws)
+    }
+
+    /// Finish, and keep the body's bytes counted against the budget in the returned
+    /// [`Hold`] until it is dropped (after the message is queued): every byte of content in
+    /// memory counts, not only what is still being received.
+    pub fn finish_held(mut self) -> (Vec<u8>, BodyFlaws, Option<Hold>) {
         if self.prev_cr {
             self.flaws.bare_newline = true;
         }
-        self.give_back();
-        (std::mem::take(&mut self.body), self.flaws)
+        let hold = self
+            .budget
+            .clone()
+            .map(|b| Hold::new(b, std::mem::take(&mut self.held)));
+        (std::mem::take(&mut self.body), self.flaws, hold)
     }
 }
 
@@ -250,6 +260,12 @@ impl DataDecoder {
     /// The decoded body and its flaws (call after `feed` returned `Some`).
     pub fn finish(self) -> (Vec<u8>, BodyFlaws) {
         self.check.finish()
+    }
+
+    /// [`DataDecoder::finish`], with the body's bytes still counted against the budget in the
+    /// returned [`Hold`] (see [`BodyCheck::finish_held`]).
+    pub fn finish_held(self) -> (Vec<u8>, BodyFlaws, Option<Hold>) {
+        self.check.finish_held()
     }
 }
 

@@ -111,8 +111,8 @@ pub fn drive_stream(input: &[u8]) {
                             None => rest = &rest[n..],
                         }
                     }
-                    let (body, flaws) = dec.finish();
-                    s.data_done(body, flaws)
+                    let (body, flaws, hold) = dec.finish_held();
+                    s.data_done_held(body, flaws, hold)
                 }
                 Next::Chunk { size, accept } => {
                     let mut left = usize::try_from(size).unwrap_or(usize::MAX);

@@ -236,6 +236,8 @@ pub struct Session {
     pending_chunk: Option<(u64, bool)>,
     /// The last command was a refused DATA: no input may follow until the client has read it.
     data_refused: bool,
+    /// The memory budget held for the body of the message being queued.
+    content_hold: Option<crate::admission::Hold>,
 }
 
 fn err_reply(e: &CommandError) -> Reply {
@@ -266,6 +268,7 @@ impl Session {
             closed: false,
             pending_chunk: None,
             data_refused: false,
+            content_hold: None,
         }
     }
 
@@ -865,8 +868,24 @@ impl Session {
         let Some(check) = tx.chunks.take() else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
         };
-        let (body, flaws) = check.finish();
-        self.data_done(body, flaws)
+        let (body, flaws, hold) = check.finish_held();
+        self.data_done_held(body, flaws, hold)
+    }
+
+    /// DATA content has been read and decoded, and `hold` keeps its bytes counted against
+    /// the memory budget: until [`Session::queued`] when it becomes a message to queue,
+    /// given back at once when it is refused.
+    pub fn data_done_held(
+        &mut self,
+        body: Vec<u8>,
+        flaws: BodyFlaws,
+        hold: Option<crate::admission::Hold>,
+    ) -> Step {
+        let step = self.data_done(body, flaws);
+        if matches!(step.next, Next::Queue(_)) {
+            self.content_hold = hold;
+        }
+        step
     }
 
     /// DATA content has been read and decoded.
@@ -938,6 +957,7 @@ impl Session {
 
     /// The queue's answer for the message of the last [`Next::Queue`].
     pub fn queued(&mut self, result: Result<&str, &str>) -> Reply {
+        self.content_hold = None;
         match result {
             Ok(id) => Reply::new(250, "2.0.0", format!("OK queued as {id}")),
             Err(e) => {
@@ -1192,6 +1212,30 @@ mod tests {
             ),
             "later chunks are discarded"
         );
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_received_body_counts_against_the_budget_until_it_is_queued() {
+        let budget = crate::admission::MemoryBudget::new(1000);
+        let mut s = session(false);
+        s.cfg.budget = Some(Arc::clone(&budget));
+        s.line(b"EHLO c");
+        s.line(b"MAIL FROM:<a@b.example>");
+        s.line(b"RCPT TO:<x@in.example>");
+        s.line(b"BDAT 40 LAST");
+        s.chunk_data(&[b'a'; 40]);
+        let st = s.chunk_done();
+        assert!(matches!(st.next, Next::Queue(_)), "{st:?}");
+        assert_eq!(budget.used(), 40, "held while the queue writes it");
+        let _ = s.queued(Ok("ID"));
+        assert_eq!(budget.used(), 0);
+        // A refused body gives its bytes back at once.
+        s.line(b"MAIL FROM:<a@b.example>");
+        s.line(b"RCPT TO:<x@in.example>");
+        s.line(b"BDAT 4 LAST");
+        s.chunk_data(b"a\rb\n");
+        assert_eq!(code(&s.chunk_done()), 554);
         assert_eq!(budget.used(), 0);
     }
 }
