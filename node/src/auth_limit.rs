@@ -134,7 +134,9 @@ impl AuthLimiter {
         user: String,
         password: String,
     ) -> bool {
-        let slot = self.slot(ip).await;
+        let Some(slot) = self.slot(ip).await else {
+            return false;
+        };
         let (done, result) = oneshot::channel();
         let sent = match self.jobs.lock() {
             Ok(jobs) => jobs
@@ -184,7 +186,7 @@ impl AuthLimiter {
     }
 
     /// Wait for a check slot for `ip`: first for the client's own share, then for a slot.
-    pub async fn slot(&self, ip: IpAddr) -> VerifySlot {
+    pub async fn slot(&self, ip: IpAddr) -> Option<VerifySlot> {
         let queue = {
             let mut clients = self.clients();
             let rec = clients
@@ -196,19 +198,13 @@ impl AuthLimiter {
                 });
             Arc::clone(&rec.queue)
         };
-        // Neither semaphore is ever closed, so acquiring cannot fail.
-        let client = queue
-            .acquire_owned()
-            .await
-            .expect("the per-client AUTH semaphore is never closed");
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("the AUTH slot semaphore is never closed");
-        VerifySlot {
+        // Neither semaphore is ever closed; were one closed, no check would run.
+        let client = queue.acquire_owned().await.ok()?;
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
+        Some(VerifySlot {
             _client: client,
             _slot: slot,
-        }
+        })
     }
 
     /// Record the outcome of a check for `ip`.
@@ -231,15 +227,14 @@ impl AuthLimiter {
             rec.failures = rec.failures.saturating_add(1);
             rec.last_failure = Some(now);
         }
-        self.forget_idle(&mut clients, now);
+        Self::forget_idle(&mut clients, now);
     }
 
     /// Drop records that hold nothing: no check queued and no recent failure.
-    fn forget_idle(&self, clients: &mut HashMap<IpAddr, ClientRecord>, now: Instant) {
-        let per_client = self.limits.per_client;
+    fn forget_idle(clients: &mut HashMap<IpAddr, ClientRecord>, now: Instant) {
         clients.retain(|_, rec| {
-            let busy =
-                rec.queue.available_permits() < per_client || Arc::strong_count(&rec.queue) > 1;
+            // A waiter or a held permit keeps its own reference to the client's semaphore.
+            let busy = Arc::strong_count(&rec.queue) > 1;
             let remembered = rec
                 .last_failure
                 .is_some_and(|t| now.duration_since(t) <= FAILURE_MEMORY);
@@ -287,7 +282,7 @@ mod tests {
             .unwrap();
         let fail = |l: &AuthLimiter| {
             rt.block_on(async {
-                let _s = l.slot(ip).await;
+                let _s = l.slot(ip).await.unwrap();
                 l.record(ip, false);
             })
         };
@@ -312,7 +307,7 @@ mod tests {
         let l = limiter(2, 1);
         let greedy: IpAddr = "192.0.2.1".parse().unwrap();
         let polite: IpAddr = "192.0.2.2".parse().unwrap();
-        let first = l.slot(greedy).await;
+        let first = l.slot(greedy).await.unwrap();
         // The greedy client's second check waits for its first, though a slot is free ...
         let blocked = tokio::time::timeout(Duration::from_millis(50), l.slot(greedy)).await;
         assert!(blocked.is_err());
