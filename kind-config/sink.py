@@ -1,6 +1,9 @@
-"""SMTP sink of the e2e test: stores every accepted message in /data/<pid>-<n>.eml and answers
-421 while /data/paused exists (so the relay queues mail). Python standard library only."""
-import asyncio, os
+"""SMTP sink of the end-to-end tests (kind-config/e2e.sh and tests/realpods): stores every
+accepted message in DATA/<pid>-<n>.eml, records each transaction as one JSON line in
+DATA/transactions.jsonl (client address, envelope, Subject, Received headers and the SHA-256 of
+the body, by which the tests count every message), and answers 421 while DATA/paused exists (so
+the relay queues mail). Python standard library only."""
+import asyncio, hashlib, json, os, time
 
 DATA = os.environ.get("SINK_DATA", "/data")
 counter = 0
@@ -57,6 +60,20 @@ async def handle(reader, writer):
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(name + ".tmp", name)
+            raw = b"".join(body)
+            head, _, text = raw.partition(b"\r\n\r\n")
+            headers = head.decode("utf-8", "replace").replace("\r\n\t", " ").replace("\r\n ", " ").split("\r\n")
+            record = {
+                "time": time.time(), "peer": writer.get_extra_info("peername")[0],
+                "mail_from": mail_from, "rcpts": rcpts, "file": os.path.basename(name),
+                "sha256": hashlib.sha256(text).hexdigest(),
+                "subject": next((h[9:] for h in headers if h.lower().startswith("subject: ")), ""),
+                "received": [h[10:] for h in headers if h.lower().startswith("received: ")],
+            }
+            with open(os.path.join(DATA, "transactions.jsonl"), "a") as journal:
+                journal.write(json.dumps(record) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
             print("stored", name, mail_from, rcpts, flush=True)
             send("250 2.0.0 stored")
             mail_from, rcpts = None, []

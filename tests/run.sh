@@ -107,6 +107,10 @@ rm -f "$controlplane_log"
 step "cargo test --workspace"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${MAILCLUSTER_TEST_THREADS:-4}"
 
+step "real pods: the operator and a MailCluster on kubelet nodes (tests/realpods)"
+# Debian's python3, which has pytest from set-up; no cache directory in the clone.
+/usr/bin/python3 -m pytest tests/realpods -v -s -p no:cacheprovider --durations=0
+
 step "fuzz the network-facing parsers (${MAILCLUSTER_FUZZ_SECONDS:=20}s per target)"
 fuzz_log=$(mktemp)
 for target in $(cd node && cargo "+$fuzz_toolchain" fuzz list); do
@@ -120,7 +124,7 @@ done
 rm -f "$fuzz_log"
 
 step "no test process left behind"
-left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode " || true)
+left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode |mailcluster-realpods" || true)
 if [ -n "$left" ]; then
   printf 'processes left running after the tests:\n%s\n' "$left" >&2
   exit 1

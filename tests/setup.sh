@@ -19,9 +19,13 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # - python3: smtplib clients and small test servers;
 # - gcc, g++, libc6-dev, make: C parts of crates (ring, libfuzzer-sys); musl-tools: static binaries;
 # - shellcheck: the scripts; git: the file list it checks;
-# - iproute2, procps, util-linux, mount: addresses, process checks, tmpfs mounts in tests.
+# - iproute2, procps, util-linux, mount: addresses, process checks, tmpfs mounts in tests;
+# - real pods (tests/realpods): containerd, runc and containernetworking-plugins (the nodes'
+#   runtime and pod network), iptables and conntrack (kube-proxy), buildah (images without a
+#   Docker daemon), python3-pytest (the end-to-end tests, on Debian's python3).
 packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl ca-certificates python3
-  gcc g++ libc6-dev make musl-tools shellcheck git iproute2 procps util-linux mount)
+  gcc g++ libc6-dev make musl-tools shellcheck git iproute2 procps util-linux mount
+  containerd runc containernetworking-plugins iptables conntrack buildah python3-pytest)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -64,6 +68,13 @@ python3 -c 'import smtplib, ssl; ssl.create_default_context()' ||
   die "python3 cannot import smtplib and ssl"
 openssl version >/dev/null || die "openssl does not run"
 command -v musl-gcc >/dev/null || die "musl-gcc is missing (package musl-tools)"
+for tool in containerd containerd-shim-runc-v2 ctr runc buildah conntrack iptables-restore nsenter; do
+  command -v "$tool" >/dev/null || die "$tool is missing (see the package list in $0)"
+done
+[ -x /usr/lib/cni/bridge ] || die "the CNI bridge plugin is missing (package containernetworking-plugins)"
+[ -x /usr/lib/cni/host-local ] ||
+  die "the CNI host-local plugin is missing (package containernetworking-plugins)"
+/usr/bin/python3 -m pytest --version >/dev/null 2>&1 || die "Debian's python3 has no pytest (python3-pytest)"
 if [ "$(id -u)" -eq 0 ]; then
   probe=$(mktemp -d)
   if mount -t tmpfs -o size=1m tmpfs "$probe" 2>/dev/null; then
@@ -71,7 +82,17 @@ if [ "$(id -u)" -eq 0 ]; then
   else
     die "cannot mount a tmpfs as root (the disk-full tests need it)"
   fi
-  rmdir "$probe"
+  # Real pods: network namespaces, netfilter, overlay mounts (containerd's snapshotter).
+  ip netns add mcrp-probe 2>/dev/null || die "cannot create a network namespace (ip netns add)"
+  ip netns del mcrp-probe
+  iptables -S >/dev/null 2>&1 || die "iptables does not work here (kube-proxy needs it)"
+  mkdir -p "$probe/l" "$probe/u" "$probe/w" "$probe/m"
+  if mount -t overlay overlay -o "lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w" "$probe/m" 2>/dev/null; then
+    umount "$probe/m"
+  else
+    die "cannot mount an overlay file system (containerd's snapshotter needs it)"
+  fi
+  rm -rf "$probe"
 else
   die "the tests run as root (tmpfs mounts, Postfix's smtp-sink, network checks)"
 fi

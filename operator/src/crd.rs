@@ -675,7 +675,10 @@ pub struct MemberStatus {
     pub node: Option<String>,
     /// Whether the pod is ready.
     pub ready: bool,
-    /// Image of the relay container, which names the node version.
+    /// Image of the relay container in the member's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Version of mailnode the member runs, as it reports it (its `/status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     /// Whether the member runs the current configuration.

@@ -63,6 +63,10 @@ struct RunArgs {
     /// Seconds between resyncs of a healthy MailCluster.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds between refreshes of the member table from every member's /status (queue depth,
+    /// loaded configuration, peers reached).
+    #[arg(long, default_value_t = 15)]
+    member_refresh_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -222,6 +226,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let settings = Settings {
         default_image: args.default_image.clone(),
         resync: Duration::from_secs(args.resync_seconds),
+        member_refresh: Duration::from_secs(args.member_refresh_seconds),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

@@ -81,6 +81,9 @@ pub struct Settings {
     pub default_image: String,
     /// Requeue interval of a healthy cluster (drift of objects not watched, e.g. DNSEndpoint).
     pub resync: Duration,
+    /// How often the member table (queue depth, loaded configuration, peers reached) is read
+    /// again from every member's `/status`: nothing about a member's queue is watched.
+    pub member_refresh: Duration,
 }
 
 impl Default for Settings {
@@ -88,6 +91,7 @@ impl Default for Settings {
         Self {
             default_image: crate::DEFAULT_IMAGE.to_string(),
             resync: Duration::from_secs(300),
+            member_refresh: Duration::from_secs(15),
         }
     }
 }
@@ -533,7 +537,9 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
         Ok(Action::requeue(Duration::from_secs(30)))
     } else {
-        Ok(Action::requeue(ctx.settings.resync))
+        Ok(Action::requeue(
+            ctx.settings.member_refresh.min(ctx.settings.resync),
+        ))
     }
 }
 

@@ -92,7 +92,7 @@ pub fn members(
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .map(|p| {
             let status = p.status.as_ref();
-            let version = p
+            let image = p
                 .spec
                 .as_ref()
                 .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
@@ -107,7 +107,8 @@ pub fn members(
                 ip: status.and_then(|s| s.pod_ip.clone()),
                 node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
                 ready: pod_ready(p),
-                version,
+                image,
+                version: None,
                 config_in_sync: template_in_sync,
                 config_hash: None,
                 config_loaded_at: None,
@@ -466,7 +467,7 @@ mod tests {
         assert_eq!(pods, ["relay-0", "relay-1", "relay-2"]);
         assert_eq!(s.members[1].ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(s.members[1].node.as_deref(), Some("node-1"));
-        assert_eq!(s.members[1].version.as_deref(), Some("mailnode:1"));
+        assert_eq!(s.members[1].image.as_deref(), Some("mailnode:1"));
         assert!(s.members.iter().all(|m| m.config_in_sync));
     }
 
@@ -563,12 +564,14 @@ mod tests {
         assert_eq!(cond(&s, READY).status, "True");
         let m = &s.members[0];
         assert_eq!(m.version.as_deref(), Some("0.2.0"));
+        assert_eq!(m.image.as_deref(), Some("mailnode:1"));
         assert_eq!(m.queue_depth, Some(4));
         assert_eq!(m.oldest_message_age_seconds, Some(60));
         assert_eq!(m.peers_reachable, Some(1));
         assert!(m.config_in_sync && m.config_hash.as_deref().unwrap().starts_with('h'));
         assert_eq!(s.members[2].status_error.as_deref(), Some("timeout"));
-        assert_eq!(s.members[2].version.as_deref(), Some("mailnode:1"));
+        assert_eq!(s.members[2].image.as_deref(), Some("mailnode:1"));
+        assert_eq!(s.members[2].version, None, "no /status, no version");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl, kwok, helm) from their Go modules with the machine's Go, into a cache outside the clone.
+# kubectl, kwok, helm) and the parts of a real node (kubelet, kube-proxy, CoreDNS) from their Go
+# modules with the machine's Go, into a cache outside the clone.
 # Idempotent: when every binary of these pinned versions is already there, it only prints the path.
 #
 # Usage: tests/controlplane/build.sh         # builds if needed, prints the bin directory last
@@ -12,12 +13,14 @@ K8S_VERSION=v1.36.3
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+COREDNS_VERSION=v1.14.7
 
 cache_root=${MAILCLUSTER_CACHE:-$HOME/.cache/mailcluster}
-key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
+key="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}"
 bin="$cache_root/controlplane/$key/bin"
 work="$cache_root/controlplane/$key/src"
-binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy kwok helm
+  coredns)
 
 all_present() {
   local b
@@ -60,7 +63,11 @@ prepare_kubernetes() {
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	_ "k8s.io/kubernetes/cmd/kube-proxy/app"
+	_ "k8s.io/kubernetes/cmd/kubelet/app"
+)
 GO
   # Fills go.sum; errors about packages that are not built are not ours to fix.
   (cd "$dir" && { go mod tidy -e >/dev/null 2>&1 || true; })
@@ -75,7 +82,7 @@ build_kubernetes() {
   # One invocation for every command: the k8s.io packages they share are compiled once and the
   # links run side by side.
   local cmd pkgs=()
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     [ -x "$bin/$cmd" ] || pkgs+=("k8s.io/kubernetes/cmd/$cmd")
   done
   [ ${#pkgs[@]} -gt 0 ] || return 0
@@ -122,6 +129,47 @@ GO
   mv "$bin/etcd.tmp" "$bin/etcd"
 }
 
+# --- CoreDNS: a wrapper main with only the plugins a test cluster's DNS needs (no forwarding, so
+# no name ever leaves the test network), which also keeps the build small ---
+build_coredns() {
+  [ -x "$bin/coredns" ] && return
+  local dir="$work/coredns"
+  mkdir -p "$dir"
+  cat >"$dir/go.mod" <<GOMOD
+module mailcluster.dev/controlplane/coredns
+
+go 1.26.0
+
+require github.com/coredns/coredns $COREDNS_VERSION
+GOMOD
+  cat >"$dir/main.go" <<'GO'
+// Command coredns runs CoreDNS with the plugins of a test cluster's DNS.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/template"
+)
+
+func init() {
+	dnsserver.Directives = []string{"errors", "log", "health", "ready", "kubernetes", "template", "cache", "loadbalance"}
+}
+
+func main() { coremain.Run() }
+GO
+  log "building coredns $COREDNS_VERSION"
+  (cd "$dir" && go mod tidy >/dev/null && go build -trimpath -ldflags "-s -w" -o "$bin/coredns.tmp" .)
+  mv "$bin/coredns.tmp" "$bin/coredns"
+}
+
 build_go_install() { # name module@version
   local name=$1 target=$2
   [ -x "$bin/$name" ] && return
@@ -153,6 +201,7 @@ kwok_stages() {
   mv "$bin/kwok-stages.yaml.tmp" "$bin/kwok-stages.yaml"
 }
 
+build_coredns
 wait "$prepare_pid"
 build_kubernetes
 kwok_stages

@@ -119,7 +119,7 @@ impl Operator {
                 client,
                 Settings {
                     default_image: "mailnode:test".into(),
-                    resync: Duration::from_secs(300),
+                    ..Settings::default()
                 },
                 Arc::new(Metrics::default()),
                 identity,

@@ -120,7 +120,7 @@ async fn operator_works_with_exactly_the_charts_rbac() {
             client.clone(),
             Settings {
                 default_image: "mailnode:test".into(),
-                resync: Duration::from_secs(300),
+                ..Settings::default()
             },
             Arc::new(Metrics::default()),
             "rbac-test",

@@ -1,0 +1,382 @@
+"""End-to-end tests on real pods: the operator (installed by its chart) and a MailCluster of real
+mailnode containers on two kubelet nodes, reached through LoadBalancer addresses from client
+network namespaces, delivering to a sink in the test network that records every transaction.
+Every message is counted by the SHA-256 of its body: what got a 250 must reach the sink.
+
+The tests run in file order on one cluster and one MailCluster; later ones change it (rolling
+update, scale-down, a node lost), and the last one tears the cluster down and checks that
+nothing is left.
+"""
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import BALANCER_PORT, CLUSTER_SH, SINK_PORT, STATE, TAG, log
+
+NS = "e2e"
+NAME = "relay"
+HOSTNAME = "smtp.e2e.test"
+# The version mailnode reports: the workspace's.
+with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "Cargo.toml")) as _f:
+    VERSION = next(line.split('"')[1] for line in _f if line.startswith("version = "))
+# The member table is refreshed from every member's /status at least this often.
+MEMBER_REFRESH_SECONDS = 15
+
+
+def manifest(cluster, replicas=3, retry_first="5s", image=None):
+    image_line = f"\n  image: {image}" if image else ""
+    return f"""
+apiVersion: mailcluster.dev/v1alpha1
+kind: MailCluster
+metadata: {{name: {NAME}, namespace: {NS}}}
+spec:
+  hostname: {HOSTNAME}
+  replicas: {replicas}{image_line}
+  listeners:
+    - name: relay
+      port: 25
+      relay: {{allowedSources: [{cluster.allowed_ip}/32]}}
+    - name: proxied
+      port: 2526
+      proxyProtocol: true
+      trustedProxies: [{cluster.balancer_ip}/32]
+      relay: {{allowedSources: [{cluster.allowed_ip}/32]}}
+  delivery:
+    smarthosts:
+      - {{host: "{cluster.sink_ip}", port: {SINK_PORT}, priority: 10}}
+    retry: {{first: {retry_first}, max: 10s, lifetime: 1h}}
+  storage: {{size: 64Mi}}
+  dns:
+    ttl: 60
+    mx: [{{domain: e2e.test, priority: 10}}]
+  scheduling: {{spread: Preferred}}
+"""
+
+
+def mailcluster(cluster):
+    return cluster.get("-n", NS, "mailcluster", NAME)
+
+
+def condition(mc, type_):
+    return next((c for c in mc.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def ready(cluster, replicas):
+    mc = mailcluster(cluster)
+    members = mc.get("status", {}).get("members", [])
+    return (condition(mc, "Ready").get("status") == "True"
+            and mc["status"].get("observedGeneration") == mc["metadata"]["generation"]
+            and len(members) == replicas and all(m["ready"] and m.get("configInSync") for m in members))
+
+
+def wait_ready(cluster, replicas, timeout=300):
+    cluster.wait(f"MailCluster {NAME} Ready with {replicas} members", timeout,
+                 lambda: ready(cluster, replicas), interval=2, diagnose=NS)
+
+
+def wait_delivered(cluster, journal, prefix, timeout=240, exactly_once=False):
+    """Waits until every message in the sender's journal is at the sink; returns the copies."""
+    sent = {r["sha256"] for r in cluster.journal(journal)}
+
+    def all_there():
+        got = cluster.delivered(prefix)
+        missing = sent - set(got)
+        return got if not missing else None
+
+    got = cluster.wait(f"{len(sent)} '{prefix}' messages at the sink", timeout, all_there,
+                       interval=2, diagnose=NS)
+    # A message whose answer the client never saw (connection lost after the final dot) may
+    # have been accepted: it may arrive, once. Nothing else may.
+    unknown = {r["sha256"] for r in cluster.journal(journal, "failed")}
+    extra = set(got) - sent - unknown
+    assert not extra, f"the sink got {len(extra)} '{prefix}' messages that were never accepted"
+    if exactly_once:
+        dups = {h: n for h, n in got.items() if n > 1}
+        assert not dups, f"{len(dups)} '{prefix}' messages were delivered more than once"
+    return got
+
+
+def member_pod(cluster, ordinal):
+    return cluster.get("-n", NS, "pod", f"{NAME}-{ordinal}")
+
+
+def lb(cluster, listener):
+    return cluster.wait(f"a load balancer address for {listener}", 60,
+                        lambda: cluster.lb_address(NS, f"{NAME}-{listener}"), diagnose=NS)
+
+
+@pytest.fixture(scope="module")
+def relay(cluster):
+    cluster.apply(f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n")
+    t0 = time.time()
+    cluster.apply(manifest(cluster))
+    wait_ready(cluster, 3)
+    log(f"MailCluster Ready with 3 members in {time.time() - t0:.0f}s")
+    # The relay listener answers through its load balancer address before the tests start.
+    address = lb(cluster, "relay")
+    cluster.wait("the relay listener through its load balancer", 90, lambda: cluster.run(
+        "python3", "-c", "import smtplib,sys; s=smtplib.SMTP(sys.argv[1], 25, timeout=5); s.noop(); s.quit()",
+        address, netns="c1", check=False).returncode == 0, diagnose=NS)
+    return cluster
+
+
+def test_members_run_on_both_nodes_and_report_status(relay):
+    mc = mailcluster(relay)
+    status = mc["status"]
+    members = status["members"]
+    assert {m["node"] for m in members} == {"mcrp-n1", "mcrp-n2"}, members
+    for m in members:
+        assert m["ready"] and m["configInSync"], m
+        assert m["image"] == f"ghcr.io/mailcluster/mailnode:{TAG}", m
+        assert m["version"] == VERSION, m
+        assert m["configHash"].startswith(status["configHash"]), m
+        assert m.get("peersReachable") == 2, f"peers over the headless Service: {m}"
+        assert m.get("queueDepth") == 0, m
+        assert not m.get("statusError"), m
+    assert condition(mc, "Degraded").get("status") == "False", status["conditions"]
+    # What a person sees: kubectl get mc and describe.
+    out = relay.kubectl("get", "mc", "-n", NS, NAME).stdout
+    header, row = out.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "READY", "MEMBERS", "HOSTNAME"], out
+    assert row.split()[:4] == [NAME, "True", "3/3", HOSTNAME], out
+    for address in status["addresses"]:
+        assert address in row, out
+    describe = relay.kubectl("describe", "mc", "-n", NS, NAME).stdout
+    for m in members:
+        assert m["pod"] in describe, describe
+
+
+def test_relay_by_source_through_local_load_balancer(relay):
+    svc = relay.get("-n", NS, "service", f"{NAME}-relay")
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["externalTrafficPolicy"] == "Local"
+    address = lb(relay, "relay")
+    journal = os.path.join(relay.work, "allowed.jsonl")
+    out = relay.send("c1", address, 25, 10, "allowed", sessions=2, journal=journal)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = relay.send("c2", address, 25, 3, "denied")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "550" in out.stdout, out.stdout
+    got = wait_delivered(relay, journal, "allowed", exactly_once=True)
+    assert len(got) == 10
+    for r in relay.sink_records():
+        assert not r["subject"].startswith("denied-"), r
+        if r["subject"].startswith("allowed-"):
+            # The first Received header is the member's: it names the real client address.
+            assert f"[{relay.allowed_ip}]" in r["received"][0], r["received"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_relay_through_proxy_protocol_balancer(relay, version):
+    address = lb(relay, "proxied")
+    with open(os.path.join(relay.work, "balancer-target"), "w") as f:
+        f.write(f"{address} 2526 {version}\n")
+    prefix = f"proxied-{version}"
+    journal = os.path.join(relay.work, f"{prefix}.jsonl")
+    out = relay.send("c1", relay.balancer_ip, BALANCER_PORT, 4, prefix, journal=journal)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = relay.send("c2", relay.balancer_ip, BALANCER_PORT, 2, f"denied-{prefix}")
+    assert out.returncode == 3, out.stdout + out.stderr
+    wait_delivered(relay, journal, prefix, exactly_once=True)
+    for r in relay.sink_records():
+        if r["subject"].startswith(prefix + "-"):
+            # The client is the one behind the balancer; the balancer is named as the proxy.
+            received = r["received"][0]
+            assert f"([{relay.allowed_ip}]:" in received, received
+            assert f"via proxy {relay.balancer_ip}" in received, received
+
+
+def dns_query(server, port, name, netns_run):
+    """One A query over UDP from the client namespace; returns the addresses."""
+    script = r"""
+import socket, struct, sys
+name, server, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+q = struct.pack("!HHHHHH", 0x4d43, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.sendto(q, (server, port)); r, _ = s.recvfrom(4096)
+an = struct.unpack("!H", r[6:8])[0]; i = len(q)
+for _ in range(an):
+    if r[i] & 0xC0 == 0xC0: i += 2
+    else:
+        while r[i]: i += r[i] + 1
+        i += 1
+    t, _, _, n = struct.unpack("!HHIH", r[i:i+10]); i += 10
+    if t == 1: print(socket.inet_ntoa(r[i:i+4]))
+    i += n
+"""
+    out = netns_run("python3", "-c", script, name, server, str(port), netns="c1")
+    return sorted(out.stdout.split())
+
+
+def test_dns_records_and_peer_names(relay):
+    status = mailcluster(relay)["status"]
+    addresses = sorted(status["addresses"])
+    assert len(addresses) == 2, status
+    endpoints = relay.get("-n", NS, "dnsendpoints")["items"]
+    assert len(endpoints) == 1, endpoints
+    records = {(e["dnsName"], e["recordType"]): e for e in endpoints[0]["spec"]["endpoints"]}
+    assert sorted(records[(HOSTNAME, "A")]["targets"]) == addresses, records
+    assert records[("e2e.test", "MX")]["targets"] == [f"10 {HOSTNAME}"], records
+    # CoreDNS (a real pod) resolves each member's stable peer name to its pod.
+    dns = relay.get("-n", "kube-system", "pods", "-l", "k8s-app=kube-dns")["items"][0]["status"]["podIP"]
+    for i in range(3):
+        pod_ip = member_pod(relay, i)["status"]["podIP"]
+        name = f"{NAME}-{i}.{NAME}-peers.{NS}.svc.cluster.local"
+        assert dns_query(dns, 1053, name, relay.run) == [pod_ip], name
+
+
+def container_id(pod, name="mailnode"):
+    for c in pod["status"]["containerStatuses"]:
+        if c["name"] == name:
+            return c["containerID"].split("://", 1)[1]
+    raise AssertionError(f"no container {name} in {pod['metadata']['name']}")
+
+
+def kill9(cluster, pod):
+    node = {"mcrp-n1": "n1", "mcrp-n2": "n2"}[pod["spec"]["nodeName"]]
+    cluster.run("ctr", "--address", os.path.join(STATE, node, "containerd.sock"), "-n", "k8s.io",
+                "tasks", "kill", "--signal", "SIGKILL", container_id(pod))
+
+
+def test_kill9_and_pod_delete_under_load_lose_nothing(relay):
+    address = lb(relay, "relay")
+    journal = os.path.join(relay.work, "load.jsonl")
+    restarts = member_pod(relay, 0)["status"]["containerStatuses"][0]["restartCount"]
+    sender = relay.send_background("load", "c1", address, 25, 1000000, "load", 8, journal)
+    time.sleep(3)
+    log("kill -9 of relay-0's mailnode through containerd")
+    kill9(relay, member_pod(relay, 0))
+    time.sleep(3)
+    log("deleting pod relay-1")
+    relay.kubectl("-n", NS, "delete", "pod", f"{NAME}-1", "--wait=false")
+    wait_ready(relay, 3)
+    time.sleep(3)
+    relay.stop_sender(sender)
+    accepted = len(relay.journal(journal))
+    failed = len(relay.journal(journal, "failed"))
+    log(f"{accepted} accepted, {failed} failed under kill -9 and pod deletion")
+    assert accepted >= 200, "the cluster stopped accepting while members were killed"
+    got = wait_delivered(relay, journal, "load")
+    dups = sum(n - 1 for n in got.values())
+    log(f"all {accepted} accepted messages delivered ({dups} duplicates, at-least-once after kill -9)")
+    assert member_pod(relay, 0)["status"]["containerStatuses"][0]["restartCount"] > restarts
+
+
+def rollout(relay, change, prefix):
+    """Applies `change` under load; checks one member at a time and that nothing is lost."""
+    address = lb(relay, "relay")
+    journal = os.path.join(relay.work, f"{prefix}.jsonl")
+    sts = relay.get("-n", NS, "statefulset", NAME)
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    sender = relay.send_background(prefix, "c1", address, 25, 100000, prefix, 4, journal)
+    time.sleep(2)
+    change()
+    most_unready = 0
+    deadline = time.time() + 420
+    while True:
+        pods = relay.pods(NS, "app.kubernetes.io/instance=" + NAME)
+        members = [p for p in pods if p["metadata"]["name"].startswith(NAME + "-")]
+        unready = sum(1 for p in members if not any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
+        most_unready = max(most_unready, unready + max(0, 3 - len(members)))
+        sts = relay.get("-n", NS, "statefulset", NAME)
+        st = sts["status"]
+        if (st.get("observedGeneration") == sts["metadata"]["generation"]
+                and st.get("updateRevision") == st.get("currentRevision")
+                and st.get("updatedReplicas") == 3 and st.get("readyReplicas") == 3):
+            break
+        assert time.time() < deadline, relay.diagnostics(NS)
+        time.sleep(0.5)
+    wait_ready(relay, 3)
+    time.sleep(3)
+    relay.stop_sender(sender)
+    assert most_unready <= 1, f"{most_unready} members were down at once"
+    accepted = len(relay.journal(journal))
+    log(f"{prefix}: {accepted} accepted during the rollout")
+    assert accepted > 50
+    return wait_delivered(relay, journal, prefix, exactly_once=True)
+
+
+def test_rolling_update_of_config_then_image_under_load(relay):
+    before = mailcluster(relay)["status"]["configHash"]
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s")), "roll-config")
+    status = mailcluster(relay)["status"]
+    assert status["configHash"] != before
+    assert all(m["configHash"].startswith(status["configHash"]) for m in status["members"]), status["members"]
+    # The same image under a new tag, as an upgrade would bring.
+    new = f"ghcr.io/mailcluster/mailnode:{TAG}-next"
+    for node in ("n1", "n2"):
+        relay.run("ctr", "--address", os.path.join(STATE, node, "containerd.sock"), "-n", "k8s.io",
+                  "images", "tag", "--force", f"ghcr.io/mailcluster/mailnode:{TAG}", new)
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", image=new)), "roll-image")
+    status = mailcluster(relay)["status"]
+    assert {m["image"] for m in status["members"]} == {new}, status["members"]
+    assert {m["version"] for m in status["members"]} == {VERSION}, status["members"]
+
+
+def test_scale_down_with_the_sink_down_hands_the_queue_over(relay):
+    address = lb(relay, "relay")
+    image = f"ghcr.io/mailcluster/mailnode:{TAG}-next"
+    relay.sink_paused(True)
+    try:
+        journal = os.path.join(relay.work, "queued.jsonl")
+        out = relay.send("c1", address, 25, 30, "queued", sessions=3, journal=journal)
+        assert out.returncode == 0, out.stdout
+        member2 = member_pod(relay, 2)["status"]["podIP"]
+        out = relay.send("c1", member2, 25, 10, "queued", sessions=1, journal=journal)
+        assert out.returncode == 0, out.stdout
+        relay.wait("relay-2's queue in the member table", MEMBER_REFRESH_SECONDS + 15, lambda: next(
+            m for m in mailcluster(relay)["status"]["members"] if m["pod"] == f"{NAME}-2"
+        ).get("queueDepth", 0) > 0, diagnose=NS)
+        log("scaling 3 -> 2 with the sink refusing")
+        relay.apply(manifest(relay, replicas=2, retry_first="6s", image=image))
+        relay.wait("relay-2 gone", 180, lambda: relay.kubectl(
+            "-n", NS, "get", "pod", f"{NAME}-2", check=False).returncode != 0, diagnose=NS)
+        relay.wait("relay-2's volume claim removed", 240, lambda: relay.kubectl(
+            "-n", NS, "get", "pvc", f"queue-{NAME}-2", check=False).returncode != 0, diagnose=NS)
+        assert not relay.delivered("queued"), "mail was delivered while the sink refused"
+    finally:
+        relay.sink_paused(False)
+    got = wait_delivered(relay, journal, "queued", exactly_once=True)
+    assert len(got) == 40
+    wait_ready(relay, 2)
+
+
+def test_node_lost_keeps_accepting_and_its_queue_is_delivered_when_back(relay):
+    address = lb(relay, "relay")
+    pods = {p["metadata"]["name"]: p for p in relay.pods(NS, "app.kubernetes.io/instance=" + NAME)}
+    on_n2 = [p for p in pods.values() if p["spec"].get("nodeName") == "mcrp-n2" and p["metadata"]["name"].startswith(NAME)]
+    assert on_n2, "no member on node 2"
+    victim = on_n2[0]
+    relay.sink_paused(True)
+    journal = os.path.join(relay.work, "lost.jsonl")
+    try:
+        out = relay.send("c1", victim["status"]["podIP"], 25, 10, "lost", journal=journal)
+        assert out.returncode == 0, out.stdout
+        log("stopping node 2 (kubelet, kube-proxy, containerd and its containers)")
+        subprocess.run(["bash", CLUSTER_SH, "stop-node", "n2"], check=True, timeout=120)
+        # The balancer stops sending to node 2 once its endpoints are not ready; until then a
+        # client sees failed connections and retries, as it would behind a cloud balancer.
+        journal2 = os.path.join(relay.work, "during.jsonl")
+        relay.wait("mail accepted through the load balancer with node 2 down", 120, lambda: relay.send(
+            "c1", address, 25, 5, "during", journal=journal2, timeout=10).returncode == 0, interval=3, diagnose=NS)
+    finally:
+        relay.sink_paused(False)
+    wait_delivered(relay, journal2, "during")
+    mc = mailcluster(relay)
+    assert condition(mc, "Ready").get("status") != "True" or condition(mc, "Degraded").get("status") == "True", mc["status"]
+    assert not relay.delivered("lost"), "mail on the lost node's volume cannot be delivered while it is down"
+    log("starting node 2 again")
+    subprocess.run(["bash", CLUSTER_SH, "start-node", "n2"], check=True, timeout=180)
+    wait_delivered(relay, journal, "lost", timeout=300, exactly_once=True)
+    wait_ready(relay, 2, timeout=300)
+
+
+def test_teardown_leaves_nothing_behind(cluster):
+    cluster.teardown()
+    out = subprocess.run(["bash", CLUSTER_SH, "check-clean", cluster.saved_sysctls or ""],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
