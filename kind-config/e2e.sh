@@ -3,8 +3,9 @@
 # .github/workflows/e2e-kind.yml):
 #   1. creates the kind cluster of kind-config/cluster.yaml (1 control plane, 2 workers) and
 #      starts cloud-provider-kind, which gives LoadBalancer Services an address;
-#   2. builds the operator and relay node images (operator/Dockerfile, node/Dockerfile, context
-#      = repository root) and loads them into the cluster;
+#   2. builds the static binaries in a container (images/binaries.Containerfile) and the
+#      operator and relay node images from them (images/build.sh --builder docker: the same
+#      FROM-scratch Containerfiles the real-pod tests build with buildah), and loads them;
 #   3. installs the Helm chart (2 operator replicas, leader election);
 #   4. applies examples/mailcluster.yaml (with a generated TLS certificate and AUTH users) and
 #      waits until it is Ready;
@@ -38,8 +39,8 @@ cd "$root"
 cluster=${KIND_CLUSTER_NAME:-mailcluster-e2e}
 context="kind-$cluster"
 tag=${E2E_IMAGE_TAG:-e2e}
-operator_image="mailcluster-operator:$tag"
-node_image="mailnode:$tag"
+operator_image="mailcluster.local/mailcluster-operator:$tag"
+node_image="mailcluster.local/mailnode:$tag"
 timeout=${E2E_TIMEOUT:-300}
 artifacts=${E2E_ARTIFACTS:-$(mktemp -d -t mailcluster-e2e.XXXXXX)}
 operator_ns=mailcluster-system
@@ -117,9 +118,11 @@ cpk_pid=$!
 
 # --- 2. images ------------------------------------------------------------------------------------
 if [ "${E2E_SKIP_BUILD:-0}" != 1 ]; then
-  log "building $operator_image and $node_image"
-  DOCKER_BUILDKIT=1 docker build -f operator/Dockerfile -t "$operator_image" .
-  DOCKER_BUILDKIT=1 docker build -f node/Dockerfile -t "$node_image" .
+  log "building the binaries, then $operator_image and $node_image"
+  DOCKER_BUILDKIT=1 docker build -f images/binaries.Containerfile \
+    --output "type=local,dest=$artifacts/bin" .
+  images/build.sh --builder docker --bin-dir "$artifacts/bin" --repository mailcluster.local \
+    --tag "$tag"
 fi
 log "loading the images into the cluster"
 kind load docker-image --name "$cluster" "$operator_image" "$node_image"
@@ -128,7 +131,7 @@ kind load docker-image --name "$cluster" "$operator_image" "$node_image"
 log "installing the chart"
 helm --kube-context "$context" upgrade --install mailcluster charts/mailcluster-operator \
   --namespace "$operator_ns" --create-namespace \
-  --set image.repository=mailcluster-operator --set image.tag="$tag" --set image.pullPolicy=Never \
+  --set image.repository=mailcluster.local/mailcluster-operator --set image.tag="$tag" --set image.pullPolicy=Never \
   --set nodeImage="$node_image" --set replicaCount=2 --set logLevel=info,mailcluster_operator=debug \
   --wait --timeout "${timeout}s"
 k -n "$operator_ns" rollout status deployment/mailcluster-mailcluster-operator --timeout "${timeout}s"

@@ -32,6 +32,11 @@ async def handle(reader, writer):
                 send("250-8BITMIME")
                 send("250 SIZE 104857600")
         elif verb == "MAIL":
+            # Paused also for a connection opened before (a relay keeps its connections).
+            if os.path.exists(os.path.join(DATA, "paused")):
+                send("421 4.3.2 sink paused, try again later")
+                await writer.drain()
+                break
             mail_from, rcpts = cmd[10:], []
             send("250 2.1.0 ok")
         elif verb == "RCPT":

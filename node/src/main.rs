@@ -117,9 +117,11 @@ macro_rules! out {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILNODE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a container's log (kubectl logs) gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

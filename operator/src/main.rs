@@ -141,6 +141,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -171,6 +172,8 @@ fn main() -> ExitCode {
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
+                // Colours only on a terminal: the pod's log (kubectl logs) gets plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
                 .init();
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -14,7 +14,12 @@
 # A guard rule drops every forwarded packet towards the machine's uplink; no component is given
 # a resolver of the machine (pods get CoreDNS, which answers only cluster names).
 #
-# Usage: tests/realpods/cluster.sh up       builds images, starts everything, waits for Ready
+# Usage: tests/realpods/cluster.sh demo     up + install + examples/realpods.yaml; prints how to
+#                                           send mail; Ctrl-C tears everything down
+#        tests/realpods/cluster.sh up       builds images, starts everything, waits for Ready
+#        tests/realpods/cluster.sh install  the operator by its Helm chart (2 replicas, leader
+#                                           election), the external-dns CRD, the sink and the
+#                                           PROXY balancer (idempotent)
 #        tests/realpods/cluster.sh down     stops everything and removes every trace
 #        tests/realpods/cluster.sh check-clean   fails if anything of a cluster is left
 #        tests/realpods/cluster.sh env      prints the variables tests use (KUBECONFIG, ...)
@@ -75,13 +80,15 @@ stop_proc() { # NAME [SIGNAL]
   local f=$state/pids/$1 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill "-${2:-TERM}" "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$f"
 }
+# Whether PID runs: a zombie (exited, not yet reaped by whoever inherited it) does not.
+alive() { [ -r "/proc/$1/stat" ] && ! awk '{exit $3 == "Z" ? 0 : 1}' "/proc/$1/stat" 2>/dev/null; }
 wait_for() { # WHAT SECONDS CMD...
   local what=$1 deadline=$((SECONDS + $2))
   shift 2
@@ -168,6 +175,9 @@ add_host() { # NS IP: a namespace with a veth on the bridge
   ip link add "$hv" type veth peer name eth0 netns "$ns"
   ip link set "$hv" master "$bridge" up
   in_ns "$1" ip link set lo up
+  # Equal-cost routes to a load balancer address spread connections by port too, not only by
+  # address, as a cloud balancer spreads clients (this namespace's setting only).
+  in_ns "$1" sysctl -q -w net.ipv4.fib_multipath_hash_policy=1
   in_ns "$1" ip link set eth0 up
   in_ns "$1" ip addr add "$ip/24" dev eth0
   # Pod networks are routed to their nodes, as a flat routed network would.
@@ -494,6 +504,62 @@ spec:
 EOF
 }
 
+# The operator as users install it, and the test network's mail peers.
+install() {
+  kctl apply --server-side -f "$root/tests/integration/tests/fixtures/dnsendpoints.externaldns.k8s.io.yaml" >/dev/null
+  log "installing the operator with its Helm chart"
+  HOME=$state "$bin/helm" --kubeconfig "$state/admin.kubeconfig" upgrade --install mailcluster \
+    "$root/charts/mailcluster-operator" --namespace mailcluster-system --create-namespace \
+    --set image.tag="${MAILCLUSTER_IMAGE_TAG:-e2e}" --set image.pullPolicy=Never \
+    --set nodeImage="ghcr.io/mailcluster/mailnode:${MAILCLUSTER_IMAGE_TAG:-e2e}" \
+    --set replicaCount=2 --set 'logLevel=info\,mailcluster_operator=debug' \
+    --wait --timeout 180s >/dev/null
+  mkdir -p "$state/sink"
+  stop_proc sink
+  stop_proc balancer
+  # The sink stores every message under $state/sink and journals each transaction.
+  SINK_DATA=$state/sink SINK_ADDRESS=$net.50 SINK_PORT=2525 \
+    start_proc sink sink python3 "$root/kind-config/sink.py"
+  start_proc balancer lb python3 "$here/balancer.py" --listen "$net.60:10025" \
+    --routes-file "$state/balancer-target"
+  wait_for "the sink" 30 in_ns c1 bash -c "exec 3<>/dev/tcp/$net.50/2525"
+}
+
+lb_address() { # SERVICE in namespace demo
+  kctl -n demo get service "$1" -o jsonpath='{.status.loadBalancer.ingress[0].ip}'
+}
+
+demo() {
+  up
+  install
+  kctl create namespace demo >/dev/null
+  kctl apply -f "$root/examples/realpods.yaml" >/dev/null
+  log "waiting for MailCluster demo/relay to be Ready"
+  wait_for "MailCluster demo/relay Ready" 300 \
+    kctl -n demo wait mailcluster/relay --for=condition=Ready --timeout=2s
+  wait_for "load balancer addresses" 60 test -n "$(lb_address relay-proxied)"
+  local lb_relay lb_proxied
+  lb_relay=$(lb_address relay-relay)
+  lb_proxied=$(lb_address relay-proxied)
+  echo "$lb_proxied 2526 v2" >"$state/balancer-target"
+  kctl get mc -A -o wide
+  cat <<EOF
+
+The cluster runs until Ctrl-C, which removes all of it. In another shell:
+  source $state/env                      # KUBECONFIG and the binaries
+  \$MAILCLUSTER_CONTROLPLANE_BIN/kubectl describe mc -n demo relay
+  # an allowed client (10.123.0.101) through the load balancer address:
+  ip netns exec mcrp-c1 swaks --server $lb_relay:25 --from app@demo.test --to someone@example.org
+  # a refused one (550):
+  ip netns exec mcrp-c2 swaks --server $lb_relay:25 --from app@demo.test --to someone@example.org
+  # behind the PROXY-protocol balancer:
+  ip netns exec mcrp-c1 swaks --server $net.60:10025 --from app@demo.test --to someone@example.org
+Delivered mail: $state/sink/*.eml (one JSON line per transaction in transactions.jsonl).
+EOF
+  trap 'log "tearing down"; down; exit 0' INT TERM
+  while sleep 3600; do :; done
+}
+
 env_file() {
   cat <<EOF
 export KUBECONFIG=$state/admin.kubeconfig
@@ -546,23 +612,15 @@ up() {
 
 down() {
   [ -d "$state" ] || { cleanup_network; remove_cgroups; restore_sysctls; return 0; }
-  bin=${MAILCLUSTER_CONTROLPLANE_BIN:-}
-  [ -n "$bin" ] || bin=$(controlplane_bin 2>/dev/null || true)
-  local n
-  # Pods first, through the API, so that kubelet tears down their networks (CNI DEL).
-  if [ -f "$state/pids/kube-apiserver" ] && kctl get --raw=/readyz >/dev/null 2>&1; then
-    kctl delete namespaces -l "!kubernetes.io/metadata.name" --wait=false >/dev/null 2>&1 || true
-    kctl get ns -o name 2>/dev/null | grep -v -E '/(default|kube-system|kube-public|kube-node-lease)$' |
-      xargs -r "$bin/kubectl" --kubeconfig "$state/admin.kubeconfig" delete --wait=false >/dev/null 2>&1 || true
-    kctl delete pods --all -A --grace-period=1 --wait=false >/dev/null 2>&1 || true
-    for _ in $(seq 40); do
-      [ -z "$(kctl get pods -A -o name 2>/dev/null)" ] && break
-      sleep 0.5
-    done
-  fi
+  local n p
+  # The pods' networks need no CNI DEL: their namespaces, veths and bridges go with the nodes'
+  # network namespaces, and the pinned pod namespaces are removed below.
   stop_proc cloud
+  stop_proc sink
+  stop_proc balancer
   for n in "${nodes[@]}"; do node_down "$n"; done
-  for p in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_proc "$p"; done
+  # Nothing of theirs is kept: no graceful shutdown needed.
+  for p in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_proc "$p" KILL; done
   # Whatever the processes left mounted under the state directory (tokens, rootfs, shm, netns).
   for _ in 1 2 3; do
     awk -v s="$state" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -ru |
@@ -629,11 +687,13 @@ check_clean() {
 }
 
 case "${1:-}" in
+  demo) demo ;;
   up) up ;;
+  install) bin=$(controlplane_bin); install ;;
   down) down ;;
   check-clean) check_clean "${2:-}" ;;
   env) bin=$(controlplane_bin); env_file ;;
   stop-node) bin=$(controlplane_bin); node_down "${2:?node (n1, n2)}" ;;
   start-node) bin=$(controlplane_bin); node_up "${2:?node (n1, n2)}"; restore_sysctls ;;
-  *) sed -n '2,25p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,32p' "$0" >&2; exit 2 ;;
 esac

@@ -23,7 +23,7 @@ STATE = os.environ.get("MAILCLUSTER_REALPODS_DIR", "/tmp/mailcluster-realpods")
 OPERATOR_NS = "mailcluster-system"
 TAG = os.environ.get("MAILCLUSTER_IMAGE_TAG", "e2e")
 SINK_PORT = 2525
-BALANCER_PORT = 10025
+BALANCER_PORT = 10025  # the PROXY-protocol balancer's port (cluster.sh install)
 
 
 def log(*args):
@@ -41,6 +41,7 @@ class Cluster:
         self.balancer_ip = env["MAILCLUSTER_REALPODS_BALANCER_IP"]
         self.allowed_ip, self.denied_ip = env["MAILCLUSTER_REALPODS_CLIENT_IPS"].split()
         self.sink_dir = os.path.join(STATE, "sink")
+        self.balancer_target = os.path.join(STATE, "balancer-target")
         self.work = os.path.join(STATE, "e2e")
         self.procs = []
         self.torn_down = False
@@ -173,30 +174,8 @@ class Cluster:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def install(self):
-        os.makedirs(self.work, exist_ok=True)
-        self.kubectl("apply", "-f", os.path.join(ROOT, "tests/integration/tests/fixtures/dnsendpoints.externaldns.k8s.io.yaml"))
-        log("installing the operator with its Helm chart")
-        self.helm("install", "mailcluster", os.path.join(ROOT, "charts/mailcluster-operator"),
-                  "--namespace", OPERATOR_NS, "--create-namespace",
-                  "--set", f"image.tag={TAG}", "--set", "image.pullPolicy=Never",
-                  "--set", f"nodeImage=ghcr.io/mailcluster/mailnode:{TAG}",
-                  "--set", "logLevel=info\\,mailcluster_operator=debug",
-                  "--wait", "--timeout", "180s")
-        self.restart_helpers()
-
-    def restart_helpers(self):
-        os.makedirs(self.work, exist_ok=True)
-        os.makedirs(self.sink_dir, exist_ok=True)
-        log("starting the sink and the PROXY-protocol balancer")
-        self.start("sink", "sink", "python3", os.path.join(ROOT, "kind-config", "sink.py"),
-                   env={"SINK_DATA": self.sink_dir, "SINK_ADDRESS": self.sink_ip,
-                        "SINK_PORT": str(SINK_PORT)})
-        self.start("balancer", "lb", "python3", os.path.join(HERE, "balancer.py"),
-                   "--listen", f"{self.balancer_ip}:{BALANCER_PORT}", "--routes-file",
-                   os.path.join(self.work, "balancer-target"))
-        self.wait("the sink", 30, lambda: self.run("python3", "-c",
-                  "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 2)",
-                  self.sink_ip, str(SINK_PORT), netns="c1", check=False).returncode == 0)
+        """The operator by its chart, the sink and the balancer (cluster.sh install)."""
+        subprocess.run(["bash", CLUSTER_SH, "install"], check=True, timeout=300)
 
     def stop_helpers(self):
         for name, p in self.procs:
@@ -243,9 +222,8 @@ def cluster():
             # A new session counts its own mail only.
             for d in (c.work, c.sink_dir):
                 shutil.rmtree(d, ignore_errors=True)
-            c.restart_helpers()
-        else:
-            c.install()
+        os.makedirs(c.work, exist_ok=True)
+        c.install()
     except Exception:
         if os.environ.get("MAILCLUSTER_REALPODS_KEEP") != "1":
             c.teardown()
