@@ -93,17 +93,25 @@ build_kubernetes() {
   mv "$out"/* "$bin/"
 }
 
+# A wrapper module: a main of our own that requires the real module at a pinned version.
+wrapper_module() { # NAME "MODULE VERSION": writes its go.mod, prints its directory
+  local dir="$work/$1"
+  mkdir -p "$dir"
+  printf 'module mailcluster.dev/controlplane/%s\n\ngo 1.26.0\n\nrequire %s\n' "$1" "$2" >"$dir/go.mod"
+  echo "$dir"
+}
+build_wrapper() { # NAME VERSION: builds the wrapper module's main.go into $bin/NAME
+  log "building $1 $2"
+  (cd "$work/$1" && go mod tidy >/dev/null && go build -trimpath -ldflags "-s -w" -o "$bin/$1.tmp" .)
+  mv "$bin/$1.tmp" "$bin/$1"
+}
+
 # --- etcd: a wrapper main that calls etcdmain.Main, with etcd's sibling modules pinned ---
 build_etcd() {
   [ -x "$bin/etcd" ] && return
-  local dir="$work/etcd"
-  mkdir -p "$dir"
-  cat >"$dir/go.mod" <<GOMOD
-module mailcluster.dev/controlplane/etcd
-
-go 1.26.0
-
-require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+  local dir
+  dir=$(wrapper_module etcd "go.etcd.io/etcd/server/v3 $ETCD_VERSION")
+  cat >>"$dir/go.mod" <<GOMOD
 
 replace (
 	go.etcd.io/etcd/api/v3 => go.etcd.io/etcd/api/v3 $ETCD_VERSION
@@ -124,24 +132,15 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GO
-  log "building etcd $ETCD_VERSION"
-  (cd "$dir" && go mod tidy >/dev/null && go build -trimpath -ldflags "-s -w" -o "$bin/etcd.tmp" .)
-  mv "$bin/etcd.tmp" "$bin/etcd"
+  build_wrapper etcd "$ETCD_VERSION"
 }
 
 # --- CoreDNS: a wrapper main with only the plugins a test cluster's DNS needs (no forwarding, so
 # no name ever leaves the test network), which also keeps the build small ---
 build_coredns() {
   [ -x "$bin/coredns" ] && return
-  local dir="$work/coredns"
-  mkdir -p "$dir"
-  cat >"$dir/go.mod" <<GOMOD
-module mailcluster.dev/controlplane/coredns
-
-go 1.26.0
-
-require github.com/coredns/coredns $COREDNS_VERSION
-GOMOD
+  local dir
+  dir=$(wrapper_module coredns "github.com/coredns/coredns $COREDNS_VERSION")
   cat >"$dir/main.go" <<'GO'
 // Command coredns runs CoreDNS with the plugins of a test cluster's DNS.
 package main
@@ -165,9 +164,7 @@ func init() {
 
 func main() { coremain.Run() }
 GO
-  log "building coredns $COREDNS_VERSION"
-  (cd "$dir" && go mod tidy >/dev/null && go build -trimpath -ldflags "-s -w" -o "$bin/coredns.tmp" .)
-  mv "$bin/coredns.tmp" "$bin/coredns"
+  build_wrapper coredns "$COREDNS_VERSION"
 }
 
 build_go_install() { # name module@version
