@@ -60,9 +60,15 @@ spec:
 EOF
 }
 
-members_ready() { # MEMBERS
-  [ "$(k -n bench get mc bench -o jsonpath='{.status.membersReady}')" = "$1/$1" ] &&
-    [ "$(k -n bench get mc bench -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+members_ready() { # MEMBERS: Ready, every member on the current revision, nothing rolling
+  local mc sts
+  mc=$(k -n bench get mc bench -o jsonpath='{.status.membersReady} {.status.observedGeneration} {.metadata.generation} {.status.conditions[?(@.type=="Ready")].status}')
+  sts=$(k -n bench get sts bench -o jsonpath='{.status.observedGeneration} {.metadata.generation} {.status.currentRevision} {.status.updateRevision} {.status.readyReplicas} {.status.updatedReplicas}')
+  read -r ready mc_seen mc_gen mc_ready <<<"$mc"
+  read -r sts_seen sts_gen current update ready_replicas updated <<<"$sts"
+  [ "$ready" = "$1/$1" ] && [ "$mc_seen" = "$mc_gen" ] && [ "$mc_ready" = True ] &&
+    [ "$sts_seen" = "$sts_gen" ] && [ "$current" = "$update" ] &&
+    [ "$ready_replicas" = "$1" ] && [ "$updated" = "$1" ]
 }
 
 queued() { # sum of the members' queue depths, from their own /status
