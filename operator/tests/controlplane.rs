@@ -356,7 +356,7 @@ async fn a_mailcluster_becomes_a_ready_relay_cluster() {
     let st = mc.status.clone().unwrap();
     assert_eq!(st.members_ready.as_deref(), Some("3/3"));
     assert_eq!(st.observed_generation, mc.metadata.generation);
-    assert_eq!(st.members[0].version.as_deref(), Some("mailnode:test"));
+    assert_eq!(st.members[0].image.as_deref(), Some("mailnode:test"));
     let nodes: std::collections::BTreeSet<_> = st.members.iter().map(|m| m.node.clone()).collect();
     assert_eq!(
         nodes.len(),
