@@ -5,7 +5,6 @@ PROXY-protocol balancer; torn down at the end (the last test checks that nothing
 Env: MAILCLUSTER_REALPODS_KEEP=1 keeps the cluster after the session (then `cluster.sh down`);
      MAILCLUSTER_REALPODS_REUSE=1 uses the cluster a kept session left (for working on a test).
 """
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CLUSTER_SH = os.path.join(HERE, "cluster.sh")
 STATE = os.environ.get("MAILCLUSTER_REALPODS_DIR", "/tmp/mailcluster-realpods")
-OPERATOR_NS = "mailcluster-system"
 TAG = os.environ.get("MAILCLUSTER_IMAGE_TAG", "e2e")
 SINK_PORT = 2525
 BALANCER_PORT = 10025  # the PROXY-protocol balancer's port (cluster.sh install)
@@ -65,10 +63,6 @@ class Cluster:
     def apply(self, manifest):
         return self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=e2e",
                             "-f", "-", stdin=manifest)
-
-    def helm(self, *args):
-        return self.run(os.path.join(self.bin, "helm"), "--kubeconfig", self.kubeconfig, *args,
-                        timeout=300, env={**os.environ, "HOME": self.work})
 
     def start(self, name, netns, *cmd, env=None):
         logf = open(os.path.join(self.work, name + ".log"), "w")
@@ -236,10 +230,3 @@ def cluster():
     else:
         c.teardown()
 
-
-def body_hashes(records):
-    return {r["sha256"] for r in records}
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()

@@ -136,6 +136,10 @@ def relay(cluster):
 
 
 def test_members_run_on_both_nodes_and_report_status(relay):
+    # Each member probes its peers on its own schedule; the table shows it within a refresh.
+    relay.wait("every member reaching its 2 peers in the member table", MEMBER_REFRESH_SECONDS + 30,
+               lambda: all(m.get("peersReachable") == 2 for m in mailcluster(relay)["status"]["members"]),
+               interval=2, diagnose=NS)
     mc = mailcluster(relay)
     status = mc["status"]
     members = status["members"]
