@@ -694,6 +694,12 @@ case "${1:-}" in
   check-clean) check_clean "${2:-}" ;;
   env) bin=$(controlplane_bin); env_file ;;
   stop-node) bin=$(controlplane_bin); node_down "${2:?node (n1, n2)}" ;;
-  start-node) bin=$(controlplane_bin); node_up "${2:?node (n1, n2)}"; restore_sysctls ;;
+  start-node)
+    bin=$(controlplane_bin)
+    node_up "${2:?node (n1, n2)}"
+    # kubelet sets its kernel settings before its node is Ready: put them back after.
+    wait_for "node $(node_name "$2") Ready" 120 kctl wait --for=condition=Ready "node/$(node_name "$2")" --timeout=2s
+    restore_sysctls
+    ;;
   *) sed -n '2,32p' "$0" >&2; exit 2 ;;
 esac
