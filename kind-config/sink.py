@@ -8,11 +8,15 @@ import asyncio, hashlib, json, os, time
 DATA = os.environ.get("SINK_DATA", "/data")
 counter = 0
 
+def paused():
+    return os.path.exists(os.path.join(DATA, "paused"))
+
+
 async def handle(reader, writer):
     global counter
     def send(line):
         writer.write((line + "\r\n").encode())
-    if os.path.exists(os.path.join(DATA, "paused")):
+    if paused():
         send("421 4.3.2 sink paused, try again later")
         await writer.drain()
         writer.close()
@@ -33,7 +37,7 @@ async def handle(reader, writer):
                 send("250 SIZE 104857600")
         elif verb == "MAIL":
             # Paused also for a connection opened before (a relay keeps its connections).
-            if os.path.exists(os.path.join(DATA, "paused")):
+            if paused():
                 send("421 4.3.2 sink paused, try again later")
                 await writer.drain()
                 break

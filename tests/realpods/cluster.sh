@@ -565,7 +565,6 @@ env_file() {
 export KUBECONFIG=$state/admin.kubeconfig
 export MAILCLUSTER_REALPODS_DIR=$state
 export MAILCLUSTER_CONTROLPLANE_BIN=$bin
-export MAILCLUSTER_REALPODS_NODES="$(for n in "${nodes[@]}"; do printf '%s ' "$(node_name "$n")"; done | xargs)"
 export MAILCLUSTER_REALPODS_SINK_IP=$net.50
 export MAILCLUSTER_REALPODS_BALANCER_IP=$net.60
 export MAILCLUSTER_REALPODS_CLIENT_IPS="$net.101 $net.102"

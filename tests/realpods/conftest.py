@@ -88,17 +88,19 @@ class Cluster:
             time.sleep(interval)
 
     # --- mail ---------------------------------------------------------------------------------
-    def send(self, netns, host, port, count, prefix, sessions=1, journal=None, size=200, timeout=600):
+    @staticmethod
+    def send_command(host, port, count, prefix, sessions=1, journal=None, size=200):
+        """kind-config/send.py's command line."""
         cmd = ["python3", os.path.join(ROOT, "kind-config", "send.py"), host, str(port), str(count),
                prefix, "--sessions", str(sessions), "--size", str(size)]
-        if journal:
-            cmd += ["--journal", journal]
-        return self.run(*cmd, netns=netns, check=False, timeout=timeout)
+        return cmd + (["--journal", journal] if journal else [])
+
+    def send(self, netns, host, port, count, prefix, sessions=1, journal=None, size=200, timeout=600):
+        return self.run(*self.send_command(host, port, count, prefix, sessions, journal, size),
+                        netns=netns, check=False, timeout=timeout)
 
     def send_background(self, name, netns, host, port, count, prefix, sessions, journal):
-        return self.start(name, netns, "python3", os.path.join(ROOT, "kind-config", "send.py"),
-                          host, str(port), str(count), prefix, "--sessions", str(sessions),
-                          "--journal", journal)
+        return self.start(name, netns, *self.send_command(host, port, count, prefix, sessions, journal))
 
     def sink_records(self):
         path = os.path.join(self.sink_dir, "transactions.jsonl")
