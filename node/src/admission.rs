@@ -2,10 +2,10 @@
 //! message content held in memory while it is being received.
 //!
 //! Both protect the node from one client or a burst of large messages: a session over the
-//! per-client limit gets `421 4.7.0` at once; content that would push the total held in memory
-//! over the budget is read to its end and discarded, and the message gets `452 4.3.1` (try
-//! again later), so the pod stays inside its memory limit instead of being OOM-killed with
-//! every session's message.
+//! per-client limit gets `421 4.7.0` at once; a session's content goes to its queue file as it
+//! arrives once it reaches `limits.contentSpillBytes`, or at once when the content of all
+//! sessions together would pass the budget, so the pod stays inside its memory limit however
+//! many large messages arrive together, and none of them is refused for it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -87,6 +87,15 @@ impl Drop for Hold {
     fn drop(&mut self) {
         self.budget.release(self.bytes);
     }
+}
+
+/// How much received content a session keeps in memory before it goes to the queue file.
+#[derive(Debug, Clone)]
+pub struct ContentMemory {
+    /// Shared by all sessions.
+    pub budget: Arc<MemoryBudget>,
+    /// A session's content goes to disk when it reaches this many bytes.
+    pub spill_at: u64,
 }
 
 /// Bytes of message content held in memory by all sessions together.

@@ -296,10 +296,13 @@ pub struct Limits {
     /// exempt, as Postfix exempts `mynetworks`. `0`: no limit.
     pub max_sessions_per_client: usize,
     /// Bytes of message content all sessions together may hold in memory, counted from the
-    /// first byte received (DATA or BDAT) until the message is queued. Content beyond this is
-    /// read to its end and discarded, and the message gets `452 4.3.1` (the client retries
-    /// later). At least `maxMessageSize`.
+    /// first byte received (DATA or BDAT) until the message is queued. A session whose
+    /// content does not fit writes it to its queue file at once instead.
     pub max_in_flight_bytes: u64,
+    /// Bytes of content one session holds in memory before it writes them to the message's
+    /// queue file, where the rest follows as it arrives; smaller messages are written in one
+    /// go when they are complete. At least 4096.
+    pub content_spill_bytes: u64,
     /// Maximum recipients per message.
     pub max_recipients: usize,
     /// Maximum message size in bytes (announced with SIZE).
@@ -355,6 +358,7 @@ impl Default for Limits {
             max_sessions: 1000,
             max_sessions_per_client: 50,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            content_spill_bytes: 256 * 1024,
             max_recipients: 100,
             max_message_size: 25 * 1024 * 1024,
             max_command_line: 2048,
@@ -730,19 +734,10 @@ impl Config {
         if self.queue.min_free_percent > 100 {
             return Err(invalid("queue.minFreePercent".into(), "must be 0..=100"));
         }
-        let largest = self
-            .listeners
-            .iter()
-            .filter_map(|l| l.max_message_size)
-            .chain(std::iter::once(self.limits.max_message_size))
-            .max()
-            .unwrap_or(0);
-        if self.limits.max_in_flight_bytes < largest {
+        if self.limits.content_spill_bytes < 4096 {
             return Err(invalid(
-                "limits.maxInFlightBytes".into(),
-                &format!(
-                    "must be at least the largest message size allowed ({largest} bytes), or no such message could ever be received"
-                ),
+                "limits.contentSpillBytes".into(),
+                "must be at least 4096, or content would go to disk in tiny writes",
             ));
         }
         self.validate_delivery()?;

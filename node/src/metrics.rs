@@ -21,6 +21,8 @@ pub struct Metrics {
     pub sessions_active: Gauge,
     /// Bytes of message content held in memory while being received.
     pub content_in_memory: Gauge,
+    /// Bytes of content written to queue files while still being received.
+    pub content_spilled: Counter<u64, AtomicU64>,
     /// Connections refused with 421 (overload, shutdown), by reason.
     pub connections_refused: Family<Labels, Counter>,
     /// Messages accepted (queued), by listener.
@@ -79,6 +81,7 @@ impl Metrics {
             sessions: Family::default(),
             sessions_active: Gauge::default(),
             content_in_memory: Gauge::default(),
+            content_spilled: Counter::default(),
             connections_refused: Family::default(),
             accepted: Family::default(),
             refused: Family::default(),
@@ -110,6 +113,11 @@ impl Metrics {
             "content_in_memory_bytes",
             "Message content held in memory while being received (limits.maxInFlightBytes)",
             m.content_in_memory.clone(),
+        );
+        registry.register(
+            "content_spilled_bytes",
+            "Message content written to queue files while still being received (beyond limits.contentSpillBytes, or when limits.maxInFlightBytes is spent)",
+            m.content_spilled.clone(),
         );
         registry.register(
             "connections_refused",

@@ -21,7 +21,7 @@ use crate::config::{Config, Listener, TlsMode};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, canonical_ip};
 use crate::proxy_protocol::{self, ProxyHeader};
-use crate::queue::{Envelope, Queue};
+use crate::queue::{Envelope, MessageFile, Queue};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, Draft, Event, Next, Session, SessionConfig, Step};
@@ -89,6 +89,10 @@ impl ListenerCtx {
         tls_available: bool,
         budget: Arc<crate::admission::MemoryBudget>,
     ) -> Self {
+        let memory = crate::admission::ContentMemory {
+            budget,
+            spill_at: cfg.limits.content_spill_bytes,
+        };
         let starttls = tls_available && l.tls.mode == TlsMode::Starttls;
         Self {
             config: l.clone(),
@@ -102,7 +106,7 @@ impl ListenerCtx {
                 tls_required: l.tls.required,
                 auth: starttls && cfg.auth.is_some(),
                 policy: Arc::new(Policy::from_listener(l)),
-                budget: Some(budget),
+                memory: Some(memory),
                 forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
             },
         }
@@ -291,6 +295,11 @@ struct Driver {
     session: Session,
     deadline: Instant,
     shutdown: watch::Receiver<bool>,
+    /// The queue file of the message being received, once its content went to disk.
+    file: Option<MessageFile>,
+    /// Writing that file failed: the rest of the content is read and dropped, and the
+    /// message gets `451`.
+    file_error: Option<String>,
 }
 
 enum Flow {
@@ -360,6 +369,8 @@ async fn handle(
         buf,
         out: Vec::with_capacity(1024),
         session,
+        file: None,
+        file_error: None,
     };
     let greeting = d.session.greeting();
     greeting.write_to(&mut d.out);
@@ -539,8 +550,19 @@ impl Driver {
         .write_to(&mut self.out);
     }
 
-    /// Send a step's reply and perform its action; chained steps are handled here too.
-    async fn apply(&mut self, mut step: Step) -> Result<Flow, SessionEnd> {
+    /// Send a step's reply and perform its action; chained steps are handled here too. A
+    /// queue file whose transaction is over without being queued (refused, reset, aborted)
+    /// is removed.
+    async fn apply(&mut self, step: Step) -> Result<Flow, SessionEnd> {
+        let flow = self.perform(step).await;
+        if !self.session.receiving_chunks() {
+            self.file = None;
+            self.file_error = None;
+        }
+        flow
+    }
+
+    async fn perform(&mut self, mut step: Step) -> Result<Flow, SessionEnd> {
         loop {
             self.record_events();
             let next = std::mem::replace(&mut step.next, Next::Continue);
@@ -655,9 +677,9 @@ impl Driver {
         ),
         SessionEnd,
     > {
-        let mut dec = DataDecoder::with_budget(
+        let mut dec = DataDecoder::with_memory(
             self.ctx.session.max_message_size,
-            self.ctx.session.budget.clone(),
+            self.ctx.session.memory.clone(),
         );
         loop {
             if !self.buf.is_empty() {
@@ -666,6 +688,9 @@ impl Driver {
                     return Ok(dec.finish_held());
                 }
                 self.buf.clear();
+                if let Some(bytes) = dec.take_spill() {
+                    self.spill(bytes).await;
+                }
             }
             if !self.read_more(false).await? {
                 return Err(SessionEnd::Protocol("shutdown".into()));
@@ -673,8 +698,47 @@ impl Driver {
         }
     }
 
+    /// Content of the message being received goes to its queue file (started with the
+    /// Received header on the first call). After a write failed, content is dropped.
+    async fn spill(&mut self, bytes: Vec<u8>) {
+        if self.file_error.is_some() {
+            return;
+        }
+        let n = bytes.len() as u64;
+        let queue = &self.node.queue;
+        let written = match self.file.take() {
+            Some(file) => queue.append_to(file, bytes).await,
+            None => {
+                let Some(draft) = self.session.pending_draft() else {
+                    return;
+                };
+                let id = queue.new_id();
+                let header = self.received_header(&draft, &id);
+                queue.start_file(id, [header.into_bytes(), bytes]).await
+            }
+        };
+        match written {
+            Ok(file) => {
+                self.node.metrics.content_spilled.inc_by(n);
+                self.file = Some(file);
+            }
+            Err(e) => {
+                tracing::error!(client = %self.session.client().addr, error = %e, "writing received content to the queue failed");
+                self.file_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn received_header(&self, draft: &Draft, id: &str) -> String {
+        let date = jiff::Timestamp::now()
+            .strftime("%a, %d %b %Y %H:%M:%S +0000")
+            .to_string();
+        draft.received_header(&self.node.config.hostname, id, &date)
+    }
+
     /// Read `size` octets of a BDAT chunk, passing them to the session as they arrive when
-    /// `keep` (so they count against the memory budget at once), discarding them otherwise.
+    /// `keep` (so they count against the memory budget at once, and go to the queue file
+    /// beyond its threshold), discarding them otherwise.
     async fn read_chunk(&mut self, size: u64, keep: bool) -> Result<(), SessionEnd> {
         let mut remaining = size;
         loop {
@@ -685,6 +749,9 @@ impl Driver {
                 self.session.chunk_data(&self.buf[..take]);
             }
             self.buf.drain(..take);
+            if let Some(bytes) = self.session.take_spill() {
+                self.spill(bytes).await;
+            }
             remaining -= take as u64;
             if remaining == 0 {
                 return Ok(());
@@ -696,12 +763,23 @@ impl Driver {
     }
 
     async fn queue(&mut self, draft: Draft) -> Reply {
-        let node = &self.node;
-        let id = node.queue.new_id();
+        if let Some(e) = self.file_error.take() {
+            self.file = None;
+            return self.session.queued(Err(&e));
+        }
+        let node = Arc::clone(&self.node);
         let now = jiff::Timestamp::now();
-        let date = now.strftime("%a, %d %b %Y %H:%M:%S +0000").to_string();
-        let header = draft.received_header(&node.config.hostname, &id, &date);
-        let size = (header.len() + draft.body.len()) as u64;
+        let file = self.file.take();
+        let (id, header) = match &file {
+            Some(f) => (f.id().to_owned(), Vec::new()),
+            None => {
+                let id = node.queue.new_id();
+                let header = self.received_header(&draft, &id).into_bytes();
+                (id, header)
+            }
+        };
+        let size =
+            file.as_ref().map_or(0, MessageFile::len) + (header.len() + draft.body.len()) as u64;
         let env = Envelope {
             version: 1,
             id: id.clone(),
@@ -719,10 +797,10 @@ impl Driver {
             size,
             attempts: 0,
         };
-        let res = node
-            .queue
-            .enqueue(env, header.into_bytes(), draft.body)
-            .await;
+        let res = match file {
+            Some(f) => node.queue.enqueue_file(f, env, draft.body).await,
+            None => node.queue.enqueue(env, header, draft.body).await,
+        };
         let reply = match &res {
             Ok(()) => {
                 node.metrics.accepted(&draft.listener, size);

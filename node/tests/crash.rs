@@ -1,5 +1,6 @@
-//! kill -9 while clients send: after restart every message that got a 250 is in the queue
-//! intact, and no partial message is left.
+//! kill -9 while clients send small messages and large ones (streamed to their queue files
+//! as they arrive): after restart every message that got a 250 is in the queue intact, and no
+//! partial message is left.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -16,11 +17,13 @@ hostname: smtp.test.example
 listeners:
   - {name: open, address: "127.0.0.1:{port0}", relay: {allowedSources: [127.0.0.0/8]}}
 queue: {path: "{dir}/queue", minFreeBytes: 0, minFreePercent: 0, groupCommit: GROUP, syncFilesystem: SYNCFS}
+limits: {contentSpillBytes: 65536}
 admin: {address: "127.0.0.1:{admin}"}
 delivery: {enabled: false}
 "#;
 
-/// Threads send distinct messages; after each 250 print "OK <sha256 of content>".
+/// Threads send distinct messages (two of them 600 KB ones); after each 250 print
+/// "OK <sha256 of content>".
 const SENDER: &str = r#"
 import socket, sys, threading, hashlib, os
 port = int(sys.argv[1]); lock = threading.Lock()
@@ -33,8 +36,9 @@ def run(t):
     try:
         s = socket.create_connection(('127.0.0.1', port)); f = s.makefile('rb'); reply(f)
         s.sendall(b'EHLO crash.example\r\n'); reply(f)
+        lines = 8000 if t < 2 else 80
         for i in range(100000):
-            body = (f'X-Test-Id: {t}-{i}\r\nSubject: crash\r\n\r\n'.encode() + b''.join(os.urandom(38).hex().encode() + b'\r\n' for _ in range(80)))
+            body = (f'X-Test-Id: {t}-{i}\r\nSubject: crash\r\n\r\n'.encode() + b''.join(os.urandom(38).hex().encode() + b'\r\n' for _ in range(lines)))
             s.sendall(b'MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n')
             assert reply(f) == 250 and reply(f) == 250 and reply(f) == 354
             s.sendall(body + b'.\r\n')
@@ -116,6 +120,14 @@ fn crash_run(group: bool, syncfs: bool) {
             );
         }
     }
+    let files = std::fs::read_dir(node.queue_dir().join("active"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        files,
+        list.len(),
+        "every file in active/ is a complete message"
+    );
     let missing: Vec<_> = acked.iter().filter(|h| !present.contains(*h)).collect();
     assert!(
         missing.is_empty(),
@@ -135,8 +147,10 @@ fn crash_run(group: bool, syncfs: bool) {
         )
         .starts_with("250")
     );
+    let large = list.iter().filter(|e| e.file_size > 500_000).count();
+    assert!(large > 0, "large messages were queued before the kill");
     eprintln!(
-        "acked {} queued {} (group commit {group})",
+        "acked {} queued {} ({large} large; group commit {group})",
         acked.len(),
         list.len()
     );

@@ -1,5 +1,5 @@
 //! Admission limits with real clients on loopback: sessions per client address (distinct
-//! loopback sources), and the memory budget for content being received.
+//! loopback sources), and content being received: in memory within the budget, on disk beyond.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -52,71 +52,140 @@ fn sessions_per_client_address_are_limited_except_for_relay_sources() {
     assert!(node.metric("mailnode_connections_refused_total{reason=\"client_limit\"}") >= 1.0);
 }
 
+/// The message `id` as queued: its envelope size and its bytes (Received header and content).
+fn queued_message(node: &Node, id: &str) -> (u64, Vec<u8>) {
+    let out = node.queue(&["show", id, "--body"]);
+    let (json, msg) = out.split_once("\n\n").unwrap();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    (
+        v["envelope"]["size"].as_u64().unwrap(),
+        msg.as_bytes().to_vec(),
+    )
+}
+
+/// Files in the queue's `active/` directory, complete or not.
+fn active_files(node: &Node) -> Vec<(String, u64)> {
+    std::fs::read_dir(node.queue_dir().join("active"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn content_over_the_memory_budget_gets_452_and_nothing_is_lost() {
-    // Budget for one 120 KB message in flight, not two.
+fn content_streams_to_the_queue_file_beyond_the_memory_budget_and_nothing_is_refused() {
+    // Budget for less than one message in memory; the spill threshold is above it, so the
+    // budget is what sends content to disk.
     let node = Node::start(
-        &yaml("{maxMessageSize: 150000, maxInFlightBytes: 200000}"),
+        &yaml("{maxMessageSize: 3000000, maxInFlightBytes: 100000, contentSpillBytes: 1048576}"),
         1,
     );
     let line = format!("{}\r\n", "x".repeat(98));
-    let body = |id: &str| {
+    let body = |id: &str, lines: usize| {
         format!(
             "Message-ID: <{id}>\r\nSubject: big\r\n\r\n{}",
-            line.repeat(1200)
+            line.repeat(lines)
         )
     };
-    // Session A has sent 120 KB and not yet the final dot: its content is held.
+    // Session A has sent 80 KB and not yet the final dot: its content is held in memory.
     let (mut a, _) = Client::connect("127.0.0.2", node.addr(0));
     assert!(a.cmd("EHLO a.test").starts_with("250"));
     assert!(a.cmd("MAIL FROM:<a@src.example>").starts_with("250"));
     assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
     assert!(a.cmd("DATA").starts_with("354"));
-    a.send(body("a1@t").as_bytes());
-    let held = || node.metric("mailnode_content_in_memory_bytes") >= 120_000.0;
+    let a_body = body("a1@t", 20_000);
+    a.send(&a_body.as_bytes()[..80_000]);
+    let held = || node.metric("mailnode_content_in_memory_bytes") >= 80_000.0;
     assert!(common::sink::wait_until(
         std::time::Duration::from_secs(10),
         held
     ));
-    // Session B's 120 KB does not fit: read to the end, then 452 4.3.1; the session goes on.
+    assert_eq!(node.metric("mailnode_content_spilled_bytes"), 0.0);
+    // Session B's 120 KB do not fit beside them: they go to B's queue file as they arrive, and
+    // the message is accepted.
     let (mut b, _) = Client::connect("127.0.0.2", node.addr(0));
     assert!(b.cmd("EHLO b.test").starts_with("250"));
-    let r = b.mail("b@src.example", &["y@out.example"], &body("b1@t"));
-    assert!(r.starts_with("452 4.3.1"), "{r}\n{}", node.log());
-    // A finishes and is queued; then B's retry fits.
-    a.send(b".\r\n");
-    let r = a.reply();
-    assert!(r.starts_with("250"), "{r}");
-    let r = b.mail("b@src.example", &["y@out.example"], &body("b1@t"));
+    let b_body = body("b1@t", 1200);
+    let r = b.mail("b@src.example", &["y@out.example"], &b_body);
     assert!(r.starts_with("250"), "{r}\n{}", node.log());
-    assert_eq!(node.queue_ids().len(), 2);
-    assert!(node.metric("mailnode_refused_total{reason=\"insufficient_memory\"}") >= 1.0);
-    // BDAT content is under the same budget.
-    assert!(a.cmd("MAIL FROM:<a@src.example>").starts_with("250"));
-    assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
-    let chunk = body("a2@t");
-    a.send(format!("BDAT {}\r\n", chunk.len()).as_bytes());
-    a.send(chunk.as_bytes());
-    assert!(a.reply().starts_with("250"));
-    assert!(node.metric("mailnode_content_in_memory_bytes") >= 120_000.0);
+    assert!(node.metric("mailnode_content_spilled_bytes") > 0.0);
+    // A's remaining 1.9 MB cannot stay in memory either: its file is written while the content
+    // arrives, and is not listed (nor delivered) before it is complete.
+    a.send(&a_body.as_bytes()[80_000..1_500_000]);
+    let partial = || active_files(&node).iter().any(|(_, len)| *len >= 1_000_000);
+    assert!(common::sink::wait_until(
+        std::time::Duration::from_secs(10),
+        partial
+    ));
+    assert_eq!(node.queue_ids().len(), 1, "only B's message is complete");
+    assert!(node.metric("mailnode_content_in_memory_bytes") <= 100_000.0);
+    a.send(&a_body.as_bytes()[1_500_000..]);
+    a.send(b".\r\n");
+    let ra = a.reply();
+    assert!(ra.starts_with("250"), "{ra}");
+    for (reply, sent) in [(&r, &b_body), (&ra, &a_body)] {
+        let (size, msg) = queued_message(&node, &queue_id(reply));
+        assert_eq!(size, msg.len() as u64);
+        assert!(msg.starts_with(b"Received: from "));
+        assert!(msg.ends_with(sent.as_bytes()), "content as sent");
+        assert!(
+            String::from_utf8_lossy(&msg[..300]).contains(&format!("id {}", queue_id(reply))),
+            "the Received header names the message's id"
+        );
+    }
+    // BDAT: chunks stream to the file the same way; a transaction that is reset removes it.
     assert!(b.cmd("MAIL FROM:<b@src.example>").starts_with("250"));
     assert!(b.cmd("RCPT TO:<y@out.example>").starts_with("250"));
-    let chunk_b = body("b2@t");
-    b.send(format!("BDAT {} LAST\r\n", chunk_b.len()).as_bytes());
-    b.send(chunk_b.as_bytes());
-    let r = b.reply();
-    assert!(r.starts_with("452 4.3.1"), "{r}");
-    a.send(b"BDAT 0 LAST\r\n");
-    assert!(a.reply().starts_with("250"));
+    let chunk = body("b2@t", 3000);
+    b.send(format!("BDAT {}\r\n", chunk.len()).as_bytes());
+    b.send(chunk.as_bytes());
+    assert!(b.reply().starts_with("250"));
+    assert_eq!(active_files(&node).len(), 3, "B's partial file is on disk");
+    assert!(b.cmd("RSET").starts_with("250"));
+    assert_eq!(
+        active_files(&node).len(),
+        2,
+        "and removed with the transaction"
+    );
+    assert!(b.cmd("MAIL FROM:<b@src.example>").starts_with("250"));
+    assert!(b.cmd("RCPT TO:<y@out.example>").starts_with("250"));
+    b.send(format!("BDAT {}\r\n", chunk.len()).as_bytes());
+    b.send(chunk.as_bytes());
+    assert!(b.reply().starts_with("250"));
+    b.send(b"BDAT 7 LAST\r\nend\r\n\r\n");
+    let rb = b.reply();
+    assert!(rb.starts_with("250"), "{rb}");
+    let (_, msg) = queued_message(&node, &queue_id(&rb));
+    assert!(msg.ends_with(format!("{chunk}end\r\n\r\n").as_bytes()));
+    // A session that ends in the middle of its content leaves no file behind.
+    assert!(a.cmd("MAIL FROM:<a@src.example>").starts_with("250"));
+    assert!(a.cmd("RCPT TO:<x@out.example>").starts_with("250"));
+    assert!(a.cmd("DATA").starts_with("354"));
+    a.send(&a_body.as_bytes()[..500_000]);
+    assert!(common::sink::wait_until(
+        std::time::Duration::from_secs(10),
+        || active_files(&node).len() == 4
+    ));
+    drop(a);
+    assert!(common::sink::wait_until(
+        std::time::Duration::from_secs(10),
+        || active_files(&node).len() == 3
+    ));
     assert_eq!(node.queue_ids().len(), 3);
+    assert_eq!(node.metric("mailnode_content_in_memory_bytes"), 0.0);
 }
 
 #[test]
-fn budget_smaller_than_the_message_size_is_a_config_error_naming_the_key() {
+fn a_tiny_spill_threshold_is_a_config_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.yaml");
     let y = render(
-        &yaml("{maxMessageSize: 150000, maxInFlightBytes: 1000}"),
+        &yaml("{contentSpillBytes: 100}"),
         &[free_port()],
         free_port(),
         dir.path(),
@@ -129,5 +198,5 @@ fn budget_smaller_than_the_message_size_is_a_config_error_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("limits.maxInFlightBytes"), "{err}");
+    assert!(err.contains("limits.contentSpillBytes"), "{err}");
 }

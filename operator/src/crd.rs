@@ -72,8 +72,7 @@ pub const PEER_PORT: i32 = 7025;
 #[x_kube(
     validation = Rule::new("!self.listeners.exists(l, has(l.tls) && l.tls.mode != 'None') || has(self.tls)").message("a listener uses TLS: set spec.tls (secretName or issuerRef) so members have a certificate"),
     validation = Rule::new("!self.listeners.exists(l, has(l.relay) && has(l.relay.requireAuth) && l.relay.requireAuth) || (has(self.auth) && has(self.tls))").message("a listener sets relay.requireAuth: set spec.auth.secretName to the Secret with the users, and spec.tls (AUTH is offered only after STARTTLS)"),
-    validation = Rule::new("!has(self.disruptionBudget) || !has(self.disruptionBudget.maxUnavailable) || self.disruptionBudget.maxUnavailable <= self.replicas").message("disruptionBudget.maxUnavailable cannot be larger than replicas"),
-    validation = Rule::new("!has(self.limits) || !has(self.limits.maxInFlightBytes) || self.listeners.all(l, (has(l.maxMessageSize) ? l.maxMessageSize : 26214400) <= self.limits.maxInFlightBytes)").message("limits.maxInFlightBytes must be at least every listener's maxMessageSize (default 26214400), or such a message could never be received")
+    validation = Rule::new("!has(self.disruptionBudget) || !has(self.disruptionBudget.maxUnavailable) || self.disruptionBudget.maxUnavailable <= self.replicas").message("disruptionBudget.maxUnavailable cannot be larger than replicas")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MailClusterSpec {
@@ -590,11 +589,11 @@ pub struct Limits {
     #[schemars(range(min = 0, max = 100000))]
     pub max_sessions_per_client: Option<i32>,
     /// Bytes of message content a member holds in memory, over all sessions, from the first
-    /// byte received until the message is queued. A message that does not fit is read to its
-    /// end and answered `452 4.3.1`, and the client retries later, instead of the member
-    /// running out of memory. Keep it under half the container's memory limit (buffers grow
-    /// by doubling) and at least the largest `maxMessageSize`.
-    /// Default 268435456 (256 MiB).
+    /// byte received until the message is queued. Each session keeps at most 256 KiB of its
+    /// message in memory and writes the rest to the message's queue file as it arrives; when
+    /// this budget is spent, sessions write their content to disk at once. Messages are never
+    /// refused for it; it bounds memory. Keep it under half the container's memory limit
+    /// (buffers grow by doubling). Default 268435456 (256 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 68719476736_i64))]
     pub max_in_flight_bytes: Option<i64>,

@@ -151,13 +151,13 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.listeners", "at least 1"],
         ),
         (
-            "in-flight memory below the message size",
+            "in-flight memory below its minimum",
             set(
                 base.clone(),
                 "/spec/limits",
-                json!({"maxInFlightBytes": 1048576}),
+                json!({"maxInFlightBytes": 100}),
             ),
-            &["limits.maxInFlightBytes", "maxMessageSize"],
+            &["spec.limits.maxInFlightBytes", "1024"],
         ),
         (
             "open relay: every IPv4 source, any domain, no AUTH",

@@ -143,25 +143,55 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The SHA-256 and length of a message's bytes, fed as they are written, so a file can be
+/// written in pieces (content streamed as it arrives) and still end with the same footer.
+#[derive(Debug, Clone, Default)]
+pub struct MessageDigest {
+    hash: Sha256,
+    len: usize,
+}
+
+impl MessageDigest {
+    /// Add message bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hash.update(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Message bytes so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No message bytes yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// What follows the message bytes in the file: the envelope JSON and the footer.
+    pub fn trailer(mut self, env: &Envelope) -> Result<Vec<u8>, serde_json::Error> {
+        let env_json = serde_json::to_vec(env)?;
+        self.hash.update(&env_json);
+        let footer = format!(
+            "\nMNQ1 {:016x} {:08x} {}\n",
+            self.len,
+            env_json.len(),
+            hex(&self.hash.finalize())
+        );
+        let mut out = env_json;
+        out.extend_from_slice(footer.as_bytes());
+        Ok(out)
+    }
+}
+
 /// What follows the message parts in the file (envelope JSON and footer), so a writer can
 /// write the parts as they are instead of copying them into one buffer first.
 pub fn trailer(env: &Envelope, parts: &[&[u8]]) -> Result<Vec<u8>, serde_json::Error> {
-    let env_json = serde_json::to_vec(env)?;
-    let msg_len: usize = parts.iter().map(|p| p.len()).sum();
-    let mut h = Sha256::new();
+    let mut d = MessageDigest::default();
     for p in parts {
-        h.update(p);
+        d.update(p);
     }
-    h.update(&env_json);
-    let footer = format!(
-        "\nMNQ1 {:016x} {:08x} {}\n",
-        msg_len,
-        env_json.len(),
-        hex(&h.finalize())
-    );
-    let mut out = env_json;
-    out.extend_from_slice(footer.as_bytes());
-    Ok(out)
+    d.trailer(env)
 }
 
 /// Decode and verify a message file. Returns the envelope and the message byte range.
@@ -196,7 +226,7 @@ pub fn decode(file: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), FormatE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Encode a message file from the message parts (written in order) and the envelope.

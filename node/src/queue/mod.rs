@@ -18,11 +18,12 @@
 
 pub mod commit;
 pub mod format;
+pub mod message_file;
 pub mod writer;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{IoSlice, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use std::time::Instant;
 use prometheus_client::metrics::histogram::Histogram;
 
 pub use format::{DeliveryState, Envelope, RecipientState, RecipientStatus};
+pub use message_file::MessageFile;
 
 use commit::GroupCommit;
 use writer::WriterLane;
@@ -169,20 +171,6 @@ fn fsync_dir(path: &Path) -> Result<(), QueueError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", path))
-}
-
-/// `write_all` for several buffers in as few system calls as the kernel allows.
-fn write_all_vectored(f: &mut File, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match f.write_vectored(bufs) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn is_id(name: &str) -> bool {
@@ -342,12 +330,62 @@ impl Queue {
         header: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<(), QueueError> {
-        let me = Arc::clone(self);
-        let (size, file) = self
+        let active = self.root.join("active");
+        let written = self
             .writer
-            .run(move || me.write_message(&env, &header, &body))
+            .run(move || MessageFile::create(&active, &env.id)?.finish(&env, &[&header, &body]))
             .await
             .map_err(|e| QueueError::Task(e.to_string()))??;
+        self.make_durable(written).await
+    }
+
+    /// Start the file of message `id` whose content is still arriving, with its first bytes
+    /// (the Received header and the content so far); more follow with
+    /// [`Queue::append_to`], and [`Queue::enqueue_file`] finishes it.
+    pub async fn start_file(
+        &self,
+        id: String,
+        first: [Vec<u8>; 2],
+    ) -> Result<MessageFile, QueueError> {
+        let active = self.root.join("active");
+        self.writer
+            .run(move || {
+                let mut f = MessageFile::create(&active, &id)?;
+                f.append(&[&first[0], &first[1]])?;
+                Ok(f)
+            })
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))?
+    }
+
+    /// Append content to a started message file (on the blocking pool).
+    pub async fn append_to(
+        &self,
+        mut file: MessageFile,
+        bytes: Vec<u8>,
+    ) -> Result<MessageFile, QueueError> {
+        tokio::task::spawn_blocking(move || file.append(&[&bytes]).map(|()| file))
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))?
+    }
+
+    /// Finish a started message file with the content's last bytes and the envelope, and make
+    /// it durable, as [`Queue::enqueue`]. On an error the caller removes the file
+    /// ([`Queue::discard`]).
+    pub async fn enqueue_file(
+        self: &Arc<Self>,
+        file: MessageFile,
+        env: Envelope,
+        tail: Vec<u8>,
+    ) -> Result<(), QueueError> {
+        let written = tokio::task::spawn_blocking(move || file.finish(&env, &[&tail]))
+            .await
+            .map_err(|e| QueueError::Task(e.to_string()))??;
+        self.make_durable(written).await
+    }
+
+    /// The durability step for a written file (by `mode`), then the counts.
+    async fn make_durable(self: &Arc<Self>, (size, file): (u64, File)) -> Result<(), QueueError> {
         match (&self.group, self.mode) {
             (Some(g), _) => g.commit(file).await.map_err(QueueError::Commit)?,
             (None, SyncMode::PerMessage) => {
@@ -372,35 +410,6 @@ impl Queue {
         fsync_dir(&active)?;
         self.fsync_seconds.observe(t.elapsed().as_secs_f64());
         mark_complete(file).map_err(io("mark complete", &active))
-    }
-
-    /// Create `active/ID` (mode 0600, not yet complete) and write the message into it; returns
-    /// the size and the open file for the durability step.
-    fn write_message(
-        &self,
-        env: &Envelope,
-        header: &[u8],
-        body: &[u8],
-    ) -> Result<(u64, File), QueueError> {
-        let trailer = format::trailer(env, &[header, body])?;
-        let dst = self.root.join("active").join(&env.id);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(WRITING_MODE)
-            .open(&dst)
-            .map_err(io("create", &dst))?;
-        let mut bufs = [
-            IoSlice::new(header),
-            IoSlice::new(body),
-            IoSlice::new(&trailer),
-        ];
-        if let Err(e) = write_all_vectored(&mut f, &mut bufs) {
-            let _ = fs::remove_file(&dst);
-            return Err(io("write", &dst)(e));
-        }
-        let size = header.len() + body.len() + trailer.len();
-        Ok((size as u64, f))
     }
 
     /// Take a message moved from a peer: its delivery state is written first, then the

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use crate::admission::{Hold, MemoryBudget};
+use crate::admission::{ContentMemory, Hold};
 
 /// Longest allowed line without its CRLF.
 pub const MAX_LINE: usize = 998;
@@ -26,18 +26,22 @@ pub struct BodyFlaws {
     pub bare_newline: bool,
     /// A line was longer than [`MAX_LINE`].
     pub long_line: bool,
-    /// The content did not fit in the node's memory budget for content being received.
-    pub no_memory: bool,
 }
 
 impl BodyFlaws {
     /// No flaw.
     pub fn is_clean(&self) -> bool {
-        !self.too_big && !self.bare_newline && !self.long_line && !self.no_memory
+        !self.too_big && !self.bare_newline && !self.long_line
     }
 }
 
 /// Collects body bytes, enforcing size and checking line endings and lengths.
+///
+/// With a [`ContentMemory`], kept bytes are reserved from its budget, and once they reach its
+/// `spill_at` (or the budget has no room for them) they are due to go to the message's queue
+/// file: the reader takes them with [`BodyCheck::take_spill`] after each piece of input, so a
+/// session never holds more than `spill_at` plus one piece. A flawed body is no longer kept:
+/// it will be refused.
 #[derive(Debug)]
 pub struct BodyCheck {
     body: Vec<u8>,
@@ -46,20 +50,21 @@ pub struct BodyCheck {
     prev_cr: bool,
     line_len: usize,
     flaws: BodyFlaws,
-    budget: Option<Arc<MemoryBudget>>,
-    /// Bytes of `budget` held for `body`.
+    memory: Option<ContentMemory>,
+    /// Bytes of the budget held for `body`.
     held: u64,
+    spill_due: bool,
 }
 
 impl BodyCheck {
-    /// A collector for at most `max` bytes.
+    /// A collector for at most `max` bytes, kept in memory.
     pub fn new(max: u64) -> Self {
-        Self::with_budget(max, None)
+        Self::with_memory(max, None)
     }
 
-    /// A collector for at most `max` bytes whose kept bytes are reserved from `budget`; when
-    /// the budget is spent, the content is still checked to its end but no longer kept.
-    pub fn with_budget(max: u64, budget: Option<Arc<MemoryBudget>>) -> Self {
+    /// A collector for at most `max` bytes whose kept bytes are reserved from `memory`'s
+    /// budget and handed out for the queue file beyond its threshold.
+    pub fn with_memory(max: u64, memory: Option<ContentMemory>) -> Self {
         Self {
             body: Vec::with_capacity(16 * 1024),
             size: 0,
@@ -67,31 +72,30 @@ impl BodyCheck {
             prev_cr: false,
             line_len: 0,
             flaws: BodyFlaws::default(),
-            budget,
+            memory,
             held: 0,
+            spill_due: false,
         }
     }
 
     fn give_back(&mut self) {
-        if let Some(b) = &self.budget {
-            b.release(std::mem::take(&mut self.held));
+        if let Some(m) = &self.memory {
+            m.budget.release(std::mem::take(&mut self.held));
         }
     }
 
-    /// Keep `data` if the budget allows.
     fn keep(&mut self, data: &[u8]) {
-        if self.flaws.no_memory {
-            return;
-        }
-        if let Some(b) = &self.budget {
+        if let Some(m) = &self.memory {
             let n = data.len() as u64;
-            if !b.try_reserve(n) {
-                self.flaws.no_memory = true;
-                self.body = Vec::new();
-                self.give_back();
-                return;
+            if m.budget.try_reserve(n) {
+                self.held += n;
+            } else {
+                // Kept only until the reader takes it, right after this piece.
+                self.spill_due = true;
             }
-            self.held += n;
+            if self.body.len() as u64 + n >= m.spill_at {
+                self.spill_due = true;
+            }
         }
         self.body.extend_from_slice(data);
     }
@@ -118,10 +122,13 @@ impl BodyCheck {
         self.size = self.size.saturating_add(data.len() as u64);
         if self.size > self.max {
             self.flaws.too_big = true;
-            self.body = Vec::new();
-            self.give_back();
-        } else {
+        }
+        if self.flaws.is_clean() {
             self.keep(data);
+        } else if !self.body.is_empty() || self.held > 0 {
+            self.body = Vec::new();
+            self.spill_due = false;
+            self.give_back();
         }
     }
 
@@ -130,9 +137,14 @@ impl BodyCheck {
         self.size
     }
 
-    /// The memory budget ran out: the content is no longer kept.
-    pub fn out_of_memory(&self) -> bool {
-        self.flaws.no_memory
+    /// The kept bytes, when they are due to go to the queue file (see [`BodyCheck`]); their
+    /// budget is given back.
+    pub fn take_spill(&mut self) -> Option<Vec<u8>> {
+        if !std::mem::take(&mut self.spill_due) {
+            return None;
+        }
+        self.give_back();
+        Some(std::mem::take(&mut self.body))
     }
 
     /// Finish: the body and its flaws, the budget given back. A trailing lone CR counts as
@@ -149,10 +161,14 @@ impl BodyCheck {
         if self.prev_cr {
             self.flaws.bare_newline = true;
         }
+        if !self.flaws.is_clean() {
+            self.body = Vec::new();
+            self.give_back();
+        }
         let hold = self
-            .budget
-            .clone()
-            .map(|b| Hold::new(b, std::mem::take(&mut self.held)));
+            .memory
+            .as_ref()
+            .map(|m| Hold::new(Arc::clone(&m.budget), std::mem::take(&mut self.held)));
         (std::mem::take(&mut self.body), self.flaws, hold)
     }
 }
@@ -184,15 +200,16 @@ pub struct DataDecoder {
 impl DataDecoder {
     /// A decoder for a message of at most `max` bytes.
     pub fn new(max: u64) -> Self {
-        Self::with_budget(max, None)
+        Self::with_memory(max, None)
     }
 
-    /// A decoder whose kept content is reserved from `budget` (see [`BodyCheck::with_budget`]).
-    pub fn with_budget(max: u64, budget: Option<Arc<MemoryBudget>>) -> Self {
+    /// A decoder whose kept content is reserved from `memory`'s budget and handed out for the
+    /// queue file beyond its threshold (see [`BodyCheck`]).
+    pub fn with_memory(max: u64, memory: Option<ContentMemory>) -> Self {
         Self {
             st: St::Bol,
             out: Vec::with_capacity(8192),
-            check: BodyCheck::with_budget(max, budget),
+            check: BodyCheck::with_memory(max, memory),
         }
     }
 
@@ -257,6 +274,11 @@ impl DataDecoder {
         self.check.size()
     }
 
+    /// Content due to go to the queue file (see [`BodyCheck::take_spill`]).
+    pub fn take_spill(&mut self) -> Option<Vec<u8>> {
+        self.check.take_spill()
+    }
+
     /// The decoded body and its flaws (call after `feed` returned `Some`).
     pub fn finish(self) -> (Vec<u8>, BodyFlaws) {
         self.check.finish()
@@ -272,6 +294,7 @@ impl DataDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::MemoryBudget;
 
     fn decode(input: &[u8], max: u64) -> (Vec<u8>, BodyFlaws, Option<usize>) {
         let mut d = DataDecoder::new(max);
@@ -336,21 +359,31 @@ mod tests {
     #[test]
     fn budget_is_reserved_while_receiving_and_given_back() {
         let budget = MemoryBudget::new(100);
-        let mut fits = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
+        let memory = |spill_at| {
+            Some(ContentMemory {
+                budget: Arc::clone(&budget),
+                spill_at,
+            })
+        };
+        let mut fits = DataDecoder::with_memory(1000, memory(1000));
         assert_eq!(fits.feed(b"0123456789\r\n"), None);
+        assert_eq!(fits.take_spill(), None);
         assert_eq!(budget.used(), 12);
-        let mut over = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
-        let big = "y".repeat(95) + "\r\n.\r\n";
-        assert!(over.feed(big.as_bytes()).is_some());
-        let (body, flaws) = over.finish();
-        assert!(flaws.no_memory && body.is_empty());
-        assert_eq!(budget.used(), 12, "the refused body holds nothing");
+        // Content the budget has no room for is due for the queue file at once.
+        let mut over = DataDecoder::with_memory(1000, memory(1000));
+        assert_eq!(over.feed("y".repeat(95).as_bytes()), None);
+        assert_eq!(over.take_spill(), Some(b"y".repeat(95)));
+        assert_eq!(budget.used(), 12, "taken content holds nothing");
+        assert!(over.feed(b"\r\n.\r\n").is_some());
+        let (tail, flaws) = over.finish();
+        assert!(flaws.is_clean());
+        assert_eq!(tail, b"\r\n");
         assert!(fits.feed(b".\r\n").is_some());
         let (body, flaws) = fits.finish();
         assert!(flaws.is_clean());
         assert_eq!(body, b"0123456789\r\n");
         assert_eq!(budget.used(), 0);
-        let mut dropped = DataDecoder::with_budget(1000, Some(Arc::clone(&budget)));
+        let mut dropped = DataDecoder::with_memory(1000, memory(1000));
         dropped.feed(b"abc\r\n");
         drop(dropped);
         assert_eq!(
@@ -358,5 +391,44 @@ mod tests {
             0,
             "a session that ends mid-DATA gives its bytes back"
         );
+    }
+
+    #[test]
+    fn content_past_the_threshold_is_handed_out_in_pieces_and_adds_up() {
+        let budget = MemoryBudget::new(1 << 20);
+        let mut dec = DataDecoder::with_memory(
+            1 << 20,
+            Some(ContentMemory {
+                budget: Arc::clone(&budget),
+                spill_at: 100,
+            }),
+        );
+        let line = format!("{}\r\n", "z".repeat(38));
+        let mut spilled = Vec::new();
+        for _ in 0..10 {
+            assert_eq!(dec.feed(line.as_bytes()), None);
+            if let Some(bytes) = dec.take_spill() {
+                assert!(bytes.len() >= 100 && bytes.len() < 140, "{}", bytes.len());
+                spilled.extend(bytes);
+            }
+            assert!(budget.used() < 100);
+        }
+        assert!(dec.feed(b".\r\n").is_some());
+        let (tail, flaws) = dec.finish();
+        assert!(flaws.is_clean());
+        spilled.extend(tail);
+        assert_eq!(spilled, line.repeat(10).into_bytes());
+        // A flawed body stops being kept: nothing more is handed out.
+        let mut bad = DataDecoder::with_memory(
+            1 << 20,
+            Some(ContentMemory {
+                budget: Arc::clone(&budget),
+                spill_at: 100,
+            }),
+        );
+        bad.feed(b"bare\nnewline\r\n");
+        bad.feed(line.repeat(5).as_bytes());
+        assert_eq!(bad.take_spill(), None);
+        assert_eq!(budget.used(), 0);
     }
 }

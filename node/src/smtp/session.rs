@@ -41,8 +41,9 @@ pub struct SessionConfig {
     pub auth: bool,
     /// Relay policy.
     pub policy: Arc<Policy>,
-    /// Memory budget for content being received (shared by all sessions).
-    pub budget: Option<Arc<crate::admission::MemoryBudget>>,
+    /// Memory for content being received: the budget shared by all sessions and the size
+    /// beyond which content goes to the queue file. `None`: kept in memory (tests).
+    pub memory: Option<crate::admission::ContentMemory>,
     /// Close the session when the client has sent more input after a DATA that was refused
     /// (content pipelined before the 354 it must wait for, RFC 2920), as Postfix's
     /// `smtpd_forbid_unauth_pipelining` does: that content would otherwise be read as commands.
@@ -816,10 +817,10 @@ impl Session {
                 discard(self, Reply::new(554, "5.5.1", "No valid recipients"))
             }
             Some(tx) => {
-                let budget = self.cfg.budget.clone();
+                let memory = self.cfg.memory.clone();
                 let check = tx
                     .chunks
-                    .get_or_insert_with(|| BodyCheck::with_budget(max, budget));
+                    .get_or_insert_with(|| BodyCheck::with_memory(max, memory));
                 if check.size().saturating_add(size) > max {
                     self.tx = None;
                     self.events.push(Event::Refused {
@@ -850,8 +851,46 @@ impl Session {
         }
     }
 
-    /// The BDAT chunk has been read to its end. A chunk that ran out of the memory budget ends
-    /// the transaction at once with `452` (RFC 3030: the client sends no further chunks).
+    /// BDAT content due to go to the queue file (see [`BodyCheck::take_spill`]).
+    pub fn take_spill(&mut self) -> Option<Vec<u8>> {
+        self.tx
+            .as_mut()
+            .and_then(|tx| tx.chunks.as_mut())
+            .and_then(BodyCheck::take_spill)
+    }
+
+    /// A BDAT transaction has content under way (between its first chunk and its last);
+    /// content of a message that went to a queue file belongs to it while this holds, or
+    /// until the message is queued.
+    pub fn receiving_chunks(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.chunks.is_some())
+    }
+
+    /// The message being received as it would be queued, without its body: for the Received
+    /// header of content that goes to the queue file before it is complete. `None` outside
+    /// DATA or BDAT.
+    pub fn pending_draft(&self) -> Option<Draft> {
+        let tx = self.tx.as_ref()?;
+        (!tx.rcpts.is_empty()).then(|| self.draft(tx, Vec::new()))
+    }
+
+    fn draft(&self, tx: &Transaction, body: Vec<u8>) -> Draft {
+        Draft {
+            sender: tx.from.to_string(),
+            recipients: tx.rcpts.iter().map(ToString::to_string).collect(),
+            helo: self.helo.clone().unwrap_or_default(),
+            client: self.client,
+            auth_user: self.auth_user.clone(),
+            listener: self.cfg.listener.clone(),
+            tls: self.tls,
+            esmtp: self.esmtp,
+            smtputf8: tx.params.smtputf8,
+            eight_bit: tx.params.body == BodyType::EightBitMime,
+            body,
+        }
+    }
+
+    /// The BDAT chunk has been read to its end.
     pub fn chunk_done(&mut self) -> Step {
         let Some((size, last)) = self.pending_chunk.take() else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
@@ -859,10 +898,10 @@ impl Session {
         let Some(tx) = &mut self.tx else {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
         };
-        let Some(check) = &tx.chunks else {
+        if tx.chunks.is_none() {
             return Step::reply(Reply::new(503, "5.5.1", "Bad sequence"));
-        };
-        if !last && !check.out_of_memory() {
+        }
+        if !last {
             return Step::reply(Reply::new(250, "2.0.0", format!("{size} octets received")));
         }
         let Some(check) = tx.chunks.take() else {
@@ -907,17 +946,6 @@ impl Session {
                 ),
             );
         }
-        if flaws.no_memory {
-            return self.refuse(
-                "insufficient_memory",
-                "content over the node's in-flight memory budget".into(),
-                Reply::new(
-                    452,
-                    "4.3.1",
-                    "Insufficient system resources; try again later",
-                ),
-            );
-        }
         if flaws.bare_newline {
             return self.refuse(
                 "bare_newline",
@@ -936,19 +964,7 @@ impl Session {
                 Reply::new(554, "5.6.0", "Message refused: line longer than 998 octets"),
             );
         }
-        let draft = Draft {
-            sender: tx.from.to_string(),
-            recipients: tx.rcpts.iter().map(ToString::to_string).collect(),
-            helo: self.helo.clone().unwrap_or_default(),
-            client: self.client,
-            auth_user: self.auth_user.clone(),
-            listener: self.cfg.listener.clone(),
-            tls: self.tls,
-            esmtp: self.esmtp,
-            smtputf8: tx.params.smtputf8,
-            eight_bit: tx.params.body == BodyType::EightBitMime,
-            body,
-        };
+        let draft = self.draft(&tx, body);
         Step {
             reply: None,
             next: Next::Queue(Box::new(draft)),
@@ -974,6 +990,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::ContentMemory;
     use crate::config::{Listener, RelayPolicy};
 
     fn session(tls_required: bool) -> Session {
@@ -992,7 +1009,7 @@ mod tests {
             tls_required,
             auth: true,
             policy: Arc::new(Policy::from_listener(&l)),
-            budget: None,
+            memory: None,
             forbid_unauth_pipelining: true,
         };
         Session::new(
@@ -1159,13 +1176,26 @@ mod tests {
         assert!(s.input_before_reply().is_none());
     }
 
+    fn memory(
+        budget: &Arc<crate::admission::MemoryBudget>,
+        spill_at: u64,
+    ) -> Option<ContentMemory> {
+        Some(ContentMemory {
+            budget: Arc::clone(budget),
+            spill_at,
+        })
+    }
+
     #[test]
-    fn bdat_content_counts_against_the_budget_as_it_arrives() {
+    fn bdat_content_counts_against_the_budget_as_it_arrives_and_goes_to_the_file_beyond_it() {
         let budget = crate::admission::MemoryBudget::new(60);
         let mut s = session(false);
-        s.cfg.budget = Some(Arc::clone(&budget));
+        s.cfg.max_message_size = 1000;
+        s.cfg.memory = memory(&budget, 45);
         s.line(b"EHLO c");
         s.line(b"MAIL FROM:<a@b.example>");
+        assert!(!s.receiving_chunks());
+        assert!(s.pending_draft().is_none(), "no recipient yet");
         s.line(b"RCPT TO:<x@in.example>");
         let st = s.line(b"BDAT 50");
         assert_eq!(
@@ -1175,43 +1205,35 @@ mod tests {
                 accept: true
             }
         );
+        assert!(s.receiving_chunks());
+        let pending = s.pending_draft().unwrap();
+        assert_eq!(pending.recipients, ["x@in.example"]);
         s.chunk_data(&[b'a'; 30]);
         assert_eq!(budget.used(), 30, "counted before the chunk is complete");
+        assert_eq!(s.take_spill(), None);
+        // Past the threshold the content is handed out for the queue file.
         s.chunk_data(&[b'a'; 20]);
-        assert_eq!(budget.used(), 50);
+        assert_eq!(s.take_spill(), Some(vec![b'a'; 50]));
+        assert_eq!(budget.used(), 0);
         assert_eq!(code(&s.chunk_done()), 250);
-        // The next chunk does not fit: the transaction ends at this chunk with 452.
-        let st = s.line(b"BDAT 40 LAST");
-        assert_eq!(
-            st.next,
-            Next::Chunk {
-                size: 40,
-                accept: true
-            }
-        );
-        s.chunk_data(&[b'a'; 20]);
-        assert_eq!(budget.used(), 0, "given back as soon as it ran out");
-        s.chunk_data(&[b'a'; 20]);
+        // A chunk the budget has no room for goes to the file at once; nothing is refused.
+        assert!(budget.try_reserve(55));
+        s.line(b"BDAT 10 LAST");
+        s.chunk_data(&[b'b'; 10]);
+        assert_eq!(budget.used(), 55);
+        assert_eq!(s.take_spill(), Some(vec![b'b'; 10]));
         let st = s.chunk_done();
-        assert_eq!(code(&st), 452, "{st:?}");
-        // A non-last chunk that runs out ends the transaction too, at once.
-        s.line(b"MAIL FROM:<a@b.example>");
-        s.line(b"RCPT TO:<x@in.example>");
-        s.line(b"BDAT 70");
-        s.chunk_data(&[b'a'; 70]);
-        assert_eq!(code(&s.chunk_done()), 452);
-        let st = s.line(b"BDAT 10 LAST");
+        let Next::Queue(draft) = st.next else {
+            panic!("{st:?}")
+        };
+        assert!(draft.body.is_empty(), "everything went to the file");
         assert_eq!(
-            (code(&st), st.next),
-            (
-                503,
-                Next::Chunk {
-                    size: 10,
-                    accept: false
-                }
-            ),
-            "later chunks are discarded"
+            *draft, pending,
+            "the Received header of the file is the message's"
         );
+        let _ = s.queued(Ok("ID"));
+        assert!(!s.receiving_chunks());
+        budget.release(55);
         assert_eq!(budget.used(), 0);
     }
 
@@ -1219,7 +1241,7 @@ mod tests {
     fn a_received_body_counts_against_the_budget_until_it_is_queued() {
         let budget = crate::admission::MemoryBudget::new(1000);
         let mut s = session(false);
-        s.cfg.budget = Some(Arc::clone(&budget));
+        s.cfg.memory = memory(&budget, 500);
         s.line(b"EHLO c");
         s.line(b"MAIL FROM:<a@b.example>");
         s.line(b"RCPT TO:<x@in.example>");
