@@ -11,7 +11,7 @@ declare -A RATE
 bench_prepare() { # builds the release binary if missing; puts smtp-source on PATH
   command -v smtp-source >/dev/null || PATH=$PATH:/usr/sbin
   command -v smtp-source >/dev/null || { echo "smtp-source missing (apt-get install postfix)"; exit 1; }
-  BIN=target/release/mailnode
+  BIN=${CARGO_TARGET_DIR:-target}/release/mailnode
   cargo build --release -q -p mailnode # a no-op when the binary is current
 }
 

@@ -2,7 +2,9 @@
 # Accept benchmark: smtp-source -> mailnode and smtp-source -> a private Postfix that only
 # accepts and queues (qmgr not running), 10 KiB messages, 1/10/50 sessions, fsync on in both.
 # Prints messages/s, p50/p99 from end of DATA to 250 (a probe session running beside the
-# load), peak RSS, and the mailnode/Postfix throughput ratio.
+# load), peak RSS, and the mailnode/Postfix throughput ratio; then what the disk allows
+# (node/benches/disk_rate.rs: durable 10 KiB files/s by as many writer threads as the most
+# sessions, no SMTP) and mailnode's rate at the most sessions as a share of it.
 # Needs: postfix (smtp-source), python3, a release build (built here if missing).
 # Usage: bench/node-accept.sh [sessions...]   (default: 1 10 50)
 #        MAILNODE_GROUP_COMMIT=false bench/node-accept.sh   (per-message fsync pair)
@@ -65,4 +67,10 @@ measure() { # server sessions
   if [ "$1" = mailnode ]; then run_one mailnode "$MN_PORT" "$2"; else run_one postfix "$PF_PORT" "$2"; fi
 }
 bench_table "msg/s" "mailnode/postfix msg/s" measure
+most=${SESSIONS[-1]}
+echo
+settle
+cargo bench -q -p mailnode --bench disk_rate -- "$T/disk" "$most" "$(msgs_for "$most")" "$SIZE" | tee "$T/disk.out"
+disk=$(awk '$1 == "group" {print $4}' "$T/disk.out")
+python3 -c "print(f'mailnode at $most sessions: {${RATE[mn$most]}/$disk:.0%} of the disk rate by group syncfs ($disk files/s)')"
 echo "(group commit: $GROUP, syncfs: $SYNCFS; Postfix peak RSS is the sum over its processes)"
