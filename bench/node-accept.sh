@@ -71,6 +71,6 @@ most=${SESSIONS[-1]}
 echo
 settle
 cargo bench -q -p mailnode --bench disk_rate -- "$T/disk" "$most" "$(msgs_for "$most")" "$SIZE" | tee "$T/disk.out"
-disk=$(awk '$1 == "group" {print $4}' "$T/disk.out")
+disk=$(awk '$1 == "group" {print $NF}' "$T/disk.out")
 python3 -c "print(f'mailnode at $most sessions: {${RATE[mn$most]}/$disk:.0%} of the disk rate by group syncfs ($disk files/s)')"
 echo "(group commit: $GROUP, syncfs: $SYNCFS; Postfix peak RSS is the sum over its processes)"

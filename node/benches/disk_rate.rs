@@ -134,7 +134,10 @@ fn run(dir: &Path, mode: Mode, threads: usize, files: usize, size: usize) -> f64
 
 fn main() {
     // `cargo bench` passes `--bench`; the rest are ours.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let Some(dir) = args.first().map(PathBuf::from) else {
         eprintln!("usage: disk_rate DIR [THREADS] [FILES] [SIZE]");
         std::process::exit(2);
@@ -145,7 +148,10 @@ fn main() {
             .unwrap_or(default)
     };
     let (threads, files, size) = (num(1, 50), num(2, 8000), num(3, 10240));
-    println!("{:<14} {:>8} {:>8} {:>10}", "durable by", "threads", "files", "files/s");
+    println!(
+        "{:<14} {:>8} {:>8} {:>10}",
+        "durable by", "threads", "files", "files/s"
+    );
     for mode in [Mode::GroupSyncfs, Mode::PerFile] {
         let sub = dir.join(mode.name().replace(' ', "-"));
         let rate = run(&sub, mode, threads, files, size);

@@ -15,8 +15,84 @@ fn smtpish() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// DATA decoding written plainly, as the oracle of the decoder: the content ends at the first
+/// CRLF "." CRLF (the start of the data counting as a line start), a "." that starts a line is
+/// dropped, and the flaws are read off the decoded body.
+fn reference_decode(
+    raw: &[u8],
+    max: usize,
+) -> Option<(usize, Vec<u8>, mailnode::smtp::data::BodyFlaws)> {
+    let framed = [b"\r\n".as_slice(), raw].concat();
+    let stop = framed.windows(5).position(|w| w == b"\r\n.\r\n")?;
+    let content = &framed[2..stop + 2];
+    let mut body = Vec::new();
+    for (i, &b) in content.iter().enumerate() {
+        let line_start = i == 0 || content[..i].ends_with(b"\r\n");
+        if !(b == b'.' && line_start) {
+            body.push(b);
+        }
+    }
+    let bare = body.iter().enumerate().any(|(i, &b)| {
+        (b == b'\r' && body.get(i + 1) != Some(&b'\n'))
+            || (b == b'\n' && (i == 0 || body[i - 1] != b'\r'))
+    });
+    let long = body
+        .split(|b| *b == b'\n')
+        .any(|l| l.iter().filter(|b| **b != b'\r').count() > mailnode::smtp::data::MAX_LINE);
+    let flaws = mailnode::smtp::data::BodyFlaws {
+        too_big: body.len() > max,
+        bare_newline: bare,
+        long_line: long,
+    };
+    if !flaws.is_clean() {
+        body.clear();
+    }
+    Some((stop + 3, body, flaws))
+}
+
+fn content_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => Just(b"a".to_vec()),
+            2 => Just(b"\r\n".to_vec()),
+            1 => Just(b".".to_vec()),
+            1 => Just(b"\r".to_vec()),
+            1 => Just(b"\n".to_vec()),
+            1 => Just(b"\r\n.\r\n".to_vec()),
+            1 => Just(vec![b'x'; 997]),
+        ],
+        0..40,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn data_decoder_agrees_with_the_plain_reference(raw in content_bytes(), pieces in proptest::collection::vec(1usize..700, 1..8), max in 0usize..5000) {
+        let mut dec = mailnode::smtp::data::DataDecoder::new(max as u64);
+        let mut at = 0;
+        let mut end = None;
+        for p in pieces.iter().cycle() {
+            if at >= raw.len() {
+                break;
+            }
+            let n = (*p).min(raw.len() - at);
+            if let Some(used) = dec.feed(&raw[at..at + n]) {
+                end = Some(at + used);
+                break;
+            }
+            at += n;
+        }
+        match reference_decode(&raw, max) {
+            None => prop_assert_eq!(end, None),
+            Some((stop, body, flaws)) => {
+                prop_assert_eq!(end, Some(stop));
+                prop_assert_eq!(dec.finish(), (body, flaws));
+            }
+        }
+    }
 
     #[test]
     fn command_parser_never_panics(line in smtpish()) {

@@ -105,8 +105,15 @@ impl MessageFile {
         let trailer = digest.trailer(env)?;
         let mut parts = tail.to_vec();
         parts.push(&trailer);
-        self.write(&parts)?;
-        let size = written + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        let (size, file) = self.close(&parts)?;
+        Ok((written + size, file))
+    }
+
+    /// Write the last bytes, the caller's trailer ([`super::format::trailer`]) among them, and
+    /// hand out the file as [`MessageFile::finish`] does. Returns the bytes written here.
+    pub(super) fn close(mut self, parts: &[&[u8]]) -> Result<(u64, File), QueueError> {
+        self.write(parts)?;
+        let size = parts.iter().map(|p| p.len() as u64).sum::<u64>();
         let file = self
             .file
             .take()
@@ -132,9 +139,11 @@ mod tests {
     fn pieces_make_the_same_file_as_one_write_and_unfinished_files_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let env = format::tests::sample();
+        let parts: [&[u8]; 2] = [b"Received: x\r\n", b"body\r\n"];
+        let trailer = format::trailer(&env, &parts).unwrap();
         let (size, _) = MessageFile::create(dir.path(), "A1")
             .unwrap()
-            .finish(&env, &[b"Received: x\r\n", b"body\r\n"])
+            .close(&[parts[0], parts[1], &trailer])
             .unwrap();
         let mut f = MessageFile::create(dir.path(), "B1").unwrap();
         f.append(&[b"Received: x\r\n", b"bo"]).unwrap();

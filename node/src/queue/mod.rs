@@ -330,10 +330,13 @@ impl Queue {
         header: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<(), QueueError> {
+        // The checksum and envelope are made here, on the session's thread, so that the
+        // writer thread only creates and writes the file.
+        let trailer = format::trailer(&env, &[&header, &body])?;
         let active = self.root.join("active");
         let written = self
             .writer
-            .run(move || MessageFile::create(&active, &env.id)?.finish(&env, &[&header, &body]))
+            .run(move || MessageFile::create(&active, &env.id)?.close(&[&header, &body, &trailer]))
             .await
             .map_err(|e| QueueError::Task(e.to_string()))??;
         self.make_durable(written).await

@@ -100,24 +100,37 @@ impl BodyCheck {
         self.body.extend_from_slice(data);
     }
 
-    /// Add content bytes.
+    /// Add content bytes. Runs of ordinary bytes are found with a vectorized search for the
+    /// next CR or LF; only those two are looked at one by one.
     pub fn push(&mut self, data: &[u8]) {
-        for &b in data {
-            if self.prev_cr && b != b'\n' {
-                self.flaws.bare_newline = true;
+        let mut i = 0;
+        while i < data.len() {
+            let run = memchr::memchr2(b'\r', b'\n', &data[i..]).unwrap_or(data.len() - i);
+            if run > 0 {
+                if self.prev_cr {
+                    self.flaws.bare_newline = true;
+                    self.prev_cr = false;
+                }
+                self.line_len += run;
+                if self.line_len > MAX_LINE {
+                    self.flaws.long_line = true;
+                }
+                i += run;
+                continue;
             }
-            if b == b'\n' {
+            if data[i] == b'\n' {
                 if !self.prev_cr {
                     self.flaws.bare_newline = true;
                 }
                 self.line_len = 0;
-            } else if b != b'\r' {
-                self.line_len += 1;
-                if self.line_len > MAX_LINE {
-                    self.flaws.long_line = true;
+                self.prev_cr = false;
+            } else {
+                if self.prev_cr {
+                    self.flaws.bare_newline = true;
                 }
+                self.prev_cr = true;
             }
-            self.prev_cr = b == b'\r';
+            i += 1;
         }
         self.size = self.size.saturating_add(data.len() as u64);
         if self.size > self.max {
@@ -217,7 +230,19 @@ impl DataDecoder {
     /// (the rest belongs to the next command); `None` when all of `input` was consumed.
     pub fn feed(&mut self, input: &[u8]) -> Option<usize> {
         let mut end = None;
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
+            if self.st == St::Text {
+                // Ordinary bytes up to the next CR pass through as they are.
+                let run = memchr::memchr(b'\r', &input[i..]).unwrap_or(input.len() - i);
+                self.out.extend_from_slice(&input[i..i + run]);
+                i += run;
+                if i == input.len() {
+                    break;
+                }
+            }
+            let b = input[i];
+            i += 1;
             let mut st = self.st;
             if st == St::Bol {
                 if b == b'.' {
@@ -235,7 +260,7 @@ impl DataDecoder {
             }
             if st == St::DotCr {
                 if b == b'\n' {
-                    end = Some(i + 1);
+                    end = Some(i);
                     break;
                 }
                 st = St::Cr;
