@@ -125,6 +125,15 @@ postfix_rss_mb() { # sum of the peak RSS of the instance's processes (master and
   awk -v k="$total" 'BEGIN{printf "%.1f", k/1024}'
 }
 
+# The machine's CPU time: "busy idle" in clock ticks (all cores), from /proc/stat.
+cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
+cpu_busy() { # "busy idle" from cpu_ticks -> share of all cores busy since then
+  local b0 i0 b1 i1
+  read -r b0 i0 <<<"$1"
+  read -r b1 i1 <<<"$(cpu_ticks)"
+  python3 -c "print(f'{($b1-$b0)/max(1,($b1-$b0)+($i1-$i0)):.0%}')"
+}
+
 rate_of() { python3 -c "print(f'{$1/($3-$2):.0f}')"; } # messages t0 t1 -> msg/s
 
 row() { printf '%-9s %-9s %10s %9s %9s %12s\n' "$@"; }

@@ -54,10 +54,12 @@ run_one() { # name port sessions -> "msgs/s p50 p99"
   rm -f "$T/stop"
   python3 bench/latency_probe.py 127.0.0.1 "$port" 120 "$T/stop" >"$T/probe.out" &
   local probe=$!
-  local t0 t1
+  local t0 t1 cpu0
+  cpu0=$(cpu_ticks)
   t0=$(date +%s.%N)
   smtp-source -d -s "$s" -m "$n" -l "$SIZE" -f bench@example.com -t sink@example.net 127.0.0.1:"$port"
   t1=$(date +%s.%N)
+  cpu_busy "$cpu0" >"$T/cpu.$1.$s"
   touch "$T/stop"; wait $probe || true
   read -r p50 p99 _ <"$T/probe.out"
   echo "$(rate_of "$n" "$t0" "$t1") $p50 $p99"
@@ -73,4 +75,5 @@ settle
 cargo bench -q -p mailnode --bench disk_rate -- "$T/disk" "$most" "$(msgs_for "$most")" "$SIZE" | tee "$T/disk.out"
 disk=$(awk '$1 == "group" {print $NF}' "$T/disk.out")
 python3 -c "print(f'mailnode at $most sessions: {${RATE[mn$most]}/$disk:.0%} of the disk rate by group syncfs ($disk files/s)')"
+echo "machine CPU busy (client, server, kernel) at $most sessions: mailnode $(cat "$T/cpu.mailnode.$most"), postfix $(cat "$T/cpu.postfix.$most")"
 echo "(group commit: $GROUP, syncfs: $SYNCFS; Postfix peak RSS is the sum over its processes)"

@@ -710,6 +710,9 @@ impl Driver {
             Some(file) => queue.append_to(file, bytes).await,
             None => {
                 let Some(draft) = self.session.pending_draft() else {
+                    // Content comes only inside a transaction with recipients; should it ever
+                    // not, the message fails rather than lose what was taken.
+                    self.file_error = Some("content outside a transaction".into());
                     return;
                 };
                 let id = queue.new_id();
