@@ -11,6 +11,9 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
+use mailnode_api::admin::{DRAIN, HEALTHZ, METRICS, READYZ, STATUS};
+use mailnode_api::status::StatusReport;
+
 use crate::server::Node;
 
 async fn healthz() -> &'static str {
@@ -55,7 +58,7 @@ fn node_name() -> String {
 }
 
 /// The `/status` document.
-pub async fn status_json(node: &Arc<Node>) -> serde_json::Value {
+pub async fn status_report(node: &Arc<Node>) -> StatusReport {
     let q = Arc::clone(&node.queue);
     let (depth, oldest) = tokio::task::spawn_blocking(move || {
         let _ = q.rescan();
@@ -64,30 +67,33 @@ pub async fn status_json(node: &Arc<Node>) -> serde_json::Value {
     .await
     .unwrap_or((node.queue.depth(), 0));
     let peers = node.peers.as_ref().map(|p| p.status()).unwrap_or_default();
-    serde_json::json!({
-        "name": node_name(),
-        "hostname": node.config.hostname,
-        "instance": node.peers.as_ref().map(|p| p.instance.clone()),
-        "version": env!("CARGO_PKG_VERSION"),
-        "configHash": node.config_hash,
-        "configLoadedAt": node.config_loaded_at,
-        "queueDepth": depth,
-        "oldestMessageAgeSeconds": oldest,
-        "draining": node.draining.load(Ordering::Relaxed),
-        "drained": node.drained.load(Ordering::Relaxed),
-        "ready": !node.draining.load(Ordering::Relaxed) && node.storage_ok.load(Ordering::Relaxed),
-        "peers": peers,
-        "peersReachable": node.peers.as_ref().map_or(0, |p| p.status().iter().filter(|s| s.reachable).count()),
-        "failedPeerTransfers": node.peers.as_ref().map_or(0, |p| p.failed_transfers.load(Ordering::Relaxed)),
-    })
+    let draining = node.draining.load(Ordering::Relaxed);
+    StatusReport {
+        name: node_name(),
+        hostname: node.config.hostname.clone(),
+        instance: node.peers.as_ref().map(|p| p.instance.clone()),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_hash: node.config_hash.clone(),
+        config_loaded_at: Some(node.config_loaded_at.clone()),
+        queue_depth: depth,
+        oldest_message_age_seconds: oldest,
+        draining,
+        drained: node.drained.load(Ordering::Relaxed),
+        ready: !draining && node.storage_ok.load(Ordering::Relaxed),
+        peers_reachable: peers.iter().filter(|p| p.reachable).count() as i64,
+        peers,
+        failed_peer_transfers: node
+            .peers
+            .as_ref()
+            .map_or(0, |p| p.failed_transfers.load(Ordering::Relaxed)),
+    }
 }
 
-async fn status(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let v = status_json(&node).await;
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        format!("{v}\n"),
-    )
+async fn status(State(node): State<Arc<Node>>) -> axum::response::Response {
+    match serde_json::to_string(&status_report(&node).await) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json + "\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn drain(State(node): State<Arc<Node>>) -> (StatusCode, &'static str) {
@@ -101,11 +107,11 @@ async fn drain(State(node): State<Arc<Node>>) -> (StatusCode, &'static str) {
 /// The admin router.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/status", get(status))
-        .route("/drain", post(drain))
+        .route(HEALTHZ, get(healthz))
+        .route(READYZ, get(readyz))
+        .route(METRICS, get(metrics))
+        .route(STATUS, get(status))
+        .route(DRAIN, post(drain))
         .with_state(node)
 }
 

@@ -38,6 +38,24 @@ pub struct AuthLimits {
     pub failure_delay: Duration,
 }
 
+impl AuthLimits {
+    /// The limiter's settings from the node config (`authCheckSlots: 0` resolved to the
+    /// number of cores).
+    pub fn from_config(l: &crate::config::Limits) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Self {
+            slots: if l.auth_check_slots == 0 {
+                cores
+            } else {
+                l.auth_check_slots
+            },
+            per_client: l.auth_checks_per_client,
+            free_failures: l.auth_failures_before_delay,
+            failure_delay: Duration::from_millis(l.auth_failure_delay_ms),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ClientRecord {
     queue: Arc<Semaphore>,

@@ -2,13 +2,14 @@
 //!
 //! The protocol ([`smtp`]), relay policy ([`policy`]) and PROXY header parser
 //! ([`proxy_protocol`]) are pure; [`server`] drives them from sockets; [`queue`] is the
-//! durable queue; [`config`] is the configuration the operator renders.
+//! durable queue; [`config`] is the configuration the operator renders (from the
+//! `mailnode-api` crate, which the operator shares).
 
 pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod auth_limit;
-pub mod config;
+pub use mailnode_api::config;
 pub mod delivery;
 pub mod metrics;
 pub mod peer;

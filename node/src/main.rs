@@ -282,49 +282,22 @@ async fn drain_dir(cfg: Config, dir: PathBuf, timeout: u64) -> Result<(), String
     }
 }
 
-fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    use std::io::Write as _;
-    let addr = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .map_err(|e| format!("admin port {addr}: {e}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: mailnode\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-fn drain_running(cfg: &Config, timeout: u64) -> Result<(), String> {
-    let (code, body) = http(cfg.admin.address, "POST", "/drain")?;
-    if code != 202 {
-        return Err(format!("drain refused ({code}): {}", body.trim()));
-    }
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+/// Ask the running node of `cfg` to drain, and wait until its queue is handed off.
+async fn drain_running(cfg: Config, timeout: u64) -> Result<(), String> {
+    use std::time::Duration;
+    let admin = mailnode_api::admin::AdminClient::new(cfg.admin.address, Duration::from_secs(30));
+    admin.drain().await.map_err(|e| e.to_string())?;
+    let until = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
-        let (_, body) = http(cfg.admin.address, "GET", "/status")?;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        if v["drained"] == true && v["queueDepth"] == 0 {
+        let s = admin.status().await.map_err(|e| e.to_string())?;
+        if s.fully_drained() {
             out!("drained");
             return Ok(());
         }
-        if std::time::Instant::now() > until {
-            return Err(format!("timeout; queue depth {}", v["queueDepth"]));
+        if tokio::time::Instant::now() > until {
+            return Err(format!("timeout; queue depth {}", s.queue_depth));
         }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -362,15 +335,17 @@ fn main() -> ExitCode {
             timeout,
         } => {
             init_tracing();
-            match (Config::load(&config), queue_dir) {
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(cfg), None) => drain_running(&cfg, timeout),
-                (Ok(cfg), Some(dir)) => match tokio::runtime::Builder::new_multi_thread()
+            match (
+                Config::load(&config),
+                tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
-                    .build()
-                {
-                    Err(e) => Err(format!("cannot start runtime: {e}")),
-                    Ok(rt) => rt.block_on(drain_dir(cfg, dir, timeout)),
+                    .build(),
+            ) {
+                (Err(e), _) => Err(e.to_string()),
+                (_, Err(e)) => Err(format!("cannot start runtime: {e}")),
+                (Ok(cfg), Ok(rt)) => match queue_dir {
+                    None => rt.block_on(drain_running(cfg, timeout)),
+                    Some(dir) => rt.block_on(drain_dir(cfg, dir, timeout)),
                 },
             }
         }

@@ -28,7 +28,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -167,25 +166,7 @@ fn server_mac(key: &[u8], snonce: &str, cnonce: &str) -> [u8; 32] {
 // ---------------------------------------------------------------------------------------------
 // Shared peer state
 
-/// Last probe result of one peer (for `/status`).
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerStatus {
-    /// Member entry of the config.
-    pub member: String,
-    /// Resolved address.
-    pub address: String,
-    /// Instance id of the node that answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// The last probe connected and authenticated.
-    pub reachable: bool,
-    /// Error of the last probe.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Time of the last probe (RFC 3339).
-    pub last_probe: String,
-}
+pub use mailnode_api::status::PeerStatus;
 
 /// The node's view of the cluster.
 #[derive(Debug)]

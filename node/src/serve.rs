@@ -113,7 +113,9 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         active: AtomicUsize::new(0),
         client_slots: crate::admission::ClientSlots::new(config.limits.max_sessions_per_client),
         budget: crate::admission::MemoryBudget::new(config.limits.max_in_flight_bytes),
-        auth_limiter: crate::auth_limit::AuthLimiter::new(config.limits.auth()),
+        auth_limiter: crate::auth_limit::AuthLimiter::new(
+            crate::auth_limit::AuthLimits::from_config(&config.limits),
+        ),
         tls_handshakes: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_tls_handshakes,
         )),

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mailnode::config as node;
+use mailnode_api::admin::AdminClient;
+use mailnode_api::config as node;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -692,22 +693,6 @@ fn log_tail(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
 async fn wait_ready(members: &mut [Member]) -> Result<(), LocalError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     for m in members.iter_mut() {
@@ -719,7 +704,8 @@ async fn wait_ready(members: &mut [Member]) -> Result<(), LocalError> {
                     log: m.log.display().to_string(),
                 });
             }
-            if http_status(m.layout.admin(), "/readyz").await == Some(200) {
+            let admin = AdminClient::new(m.layout.admin(), Duration::from_secs(2));
+            if admin.ready().await.unwrap_or(false) {
                 break;
             }
             if Instant::now() > deadline {

@@ -571,7 +571,7 @@ fn members_rolled(mc: &MailCluster, sts: Option<&StatefulSet>, key_hash: &str) -
 async fn member_reports(
     ctx: &Context,
     pods: &[Pod],
-) -> std::collections::BTreeMap<String, Result<member_status::NodeStatus, String>> {
+) -> std::collections::BTreeMap<String, Result<mailnode_api::status::StatusReport, String>> {
     let asks = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && status::pod_ready(p))

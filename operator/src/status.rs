@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use crate::crd::{
     DnsRecordStatus, MailCluster, MailClusterStatus, MemberStatus, OrphanedVolumeStatus,
 };
-use crate::member_status::NodeStatus;
+use mailnode_api::status::StatusReport;
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -61,7 +61,7 @@ pub struct Observed {
     pub spec_valid: bool,
     /// What ready members reported on `/status`, by pod name (an error when it could not be
     /// read). Members not in the map were not asked.
-    pub reports: BTreeMap<String, Result<NodeStatus, String>>,
+    pub reports: BTreeMap<String, Result<StatusReport, String>>,
     /// Queue volumes of removed members.
     pub orphaned_volumes: Vec<OrphanedVolumeStatus>,
 }
@@ -85,7 +85,7 @@ fn ordinal(name: &str) -> u64 {
 pub fn members(
     pods: &[Pod],
     config_hash: Option<&str>,
-    reports: &BTreeMap<String, Result<NodeStatus, String>>,
+    reports: &BTreeMap<String, Result<StatusReport, String>>,
 ) -> Vec<MemberStatus> {
     let mut rows: Vec<MemberStatus> = pods
         .iter()
@@ -321,7 +321,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
 /// Why members that are all ready still do not form a healthy cluster: they run different
 /// configurations or versions, or cannot reach each other. From the members' own `/status`.
 fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
-    let reports: Vec<(&String, &NodeStatus)> = o
+    let reports: Vec<(&String, &StatusReport)> = o
         .reports
         .iter()
         .filter_map(|(pod, r)| r.as_ref().ok().map(|r| (pod, r)))
@@ -398,6 +398,7 @@ mod tests {
     use crate::builders::testing::sample;
     use k8s_openapi::api::apps::v1::StatefulSetStatus;
     use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec, PodStatus};
+    use mailnode_api::status::PeerStatus;
     use std::collections::BTreeMap;
 
     fn pod(i: usize, ready: bool, hash: &str) -> Pod {
@@ -520,25 +521,26 @@ mod tests {
         assert_eq!(cond(&s, READY).status, "True", "mail still flows");
     }
 
-    fn report(version: &str, hash: &str, reachable: bool) -> Result<NodeStatus, String> {
-        Ok(NodeStatus {
+    fn report(version: &str, hash: &str, reachable: bool) -> Result<StatusReport, String> {
+        Ok(StatusReport {
             version: version.into(),
             config_hash: format!("{hash}0123456789abcdef"),
             queue_depth: 4,
             oldest_message_age_seconds: 60,
             config_loaded_at: Some("2026-01-01T00:00:00Z".into()),
             peers_reachable: i64::from(reachable),
-            peers: vec![crate::member_status::PeerView {
+            peers: vec![PeerStatus {
                 member: "relay-peers.mail.svc:7025".into(),
                 address: "10.0.0.9:7025".into(),
                 reachable,
                 error: (!reachable).then(|| "connection refused".into()),
+                ..PeerStatus::default()
             }],
             ..Default::default()
         })
     }
 
-    fn healthy(reports: [Result<NodeStatus, String>; 3]) -> Observed {
+    fn healthy(reports: [Result<StatusReport, String>; 3]) -> Observed {
         Observed {
             statefulset: Some(sts(3, 3, true)),
             pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],

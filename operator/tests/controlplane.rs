@@ -304,7 +304,7 @@ async fn a_mailcluster_becomes_a_ready_relay_cluster() {
         .clone();
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let config = cm.get("relay-config").await.unwrap().data.unwrap()["mailnode.yaml"].clone();
-    mailnode::config::Config::from_yaml(&config)
+    mailnode_api::config::Config::from_yaml(&config)
         .expect("the rendered config is valid for mailnode");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let key1 = secrets.get("relay-cluster").await.unwrap().data.unwrap()["cluster-key"].clone();

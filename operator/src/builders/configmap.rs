@@ -1,11 +1,11 @@
-//! The ConfigMap with the node configuration (`mailnode::config::Config` rendered as YAML).
+//! The ConfigMap with the node configuration (`mailnode_api::config::Config` rendered as YAML).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use mailnode::config as node;
+use mailnode_api::config as node;
 use sha2::{Digest, Sha256};
 
 use super::{BuildError, Names, meta};

@@ -52,7 +52,7 @@ pub enum BuildError {
     },
     /// The rendered node configuration is refused by mailnode's own validation.
     #[error("the rendered node configuration is invalid: {0}")]
-    NodeConfig(#[from] mailnode::config::ConfigError),
+    NodeConfig(#[from] mailnode_api::config::ConfigError),
     /// The node configuration cannot be serialized.
     #[error("cannot serialize the node configuration: {0}")]
     Yaml(#[from] serde_yaml::Error),

@@ -335,23 +335,6 @@ pub struct Limits {
     pub max_tls_handshakes: usize,
 }
 
-impl Limits {
-    /// The AUTH limiter's settings (`authCheckSlots: 0` resolved to the number of cores).
-    pub fn auth(&self) -> crate::auth_limit::AuthLimits {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        crate::auth_limit::AuthLimits {
-            slots: if self.auth_check_slots == 0 {
-                cores
-            } else {
-                self.auth_check_slots
-            },
-            per_client: self.auth_checks_per_client,
-            free_failures: self.auth_failures_before_delay,
-            failure_delay: std::time::Duration::from_millis(self.auth_failure_delay_ms),
-        }
-    }
-}
-
 impl Default for Limits {
     fn default() -> Self {
         Self {
