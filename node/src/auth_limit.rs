@@ -117,7 +117,7 @@ pub struct VerifySlot {
 
 /// The client key: the address itself for IPv4, its /64 for IPv6 (one subscriber's network).
 pub fn client_key(ip: IpAddr) -> IpAddr {
-    match crate::policy::canonical_ip(ip) {
+    match crate::smtp::policy::canonical_ip(ip) {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(bits.into())

@@ -1,6 +1,6 @@
 //! `mailnode`: the relay node of a mailcluster.
 //!
-//! The protocol ([`smtp`]), relay policy ([`policy`]) and PROXY header parser
+//! The protocol with its relay policy ([`smtp`]) and the PROXY header parser
 //! ([`proxy_protocol`]) are pure; [`server`] drives them from sockets; [`queue`] is the
 //! durable queue; [`config`] is the configuration the operator renders (from the
 //! `mailnode-api` crate, which the operator shares).
@@ -13,7 +13,6 @@ pub use mailnode_api::config;
 pub mod delivery;
 pub mod metrics;
 pub mod peer;
-pub mod policy;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod serve;

@@ -33,7 +33,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
-use crate::queue::{DeliveryState, Envelope, Queue, QueueError, RecipientStatus};
+use crate::queue::{DeliveryState, Envelope, Queue, QueueError};
 
 /// Peer channel errors.
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +225,7 @@ impl Peers {
         }
         let ips: HashSet<IpAddr> = out
             .iter()
-            .flat_map(|(_, a)| a.iter().map(|s| crate::policy::canonical_ip(s.ip())))
+            .flat_map(|(_, a)| a.iter().map(|s| crate::smtp::policy::canonical_ip(s.ip())))
             .collect();
         if let Ok(mut w) = self.member_ips.write() {
             w.extend(ips);
@@ -237,11 +237,11 @@ impl Peers {
     }
 
     fn known_member(&self, ip: IpAddr) -> bool {
-        let ip = crate::policy::canonical_ip(ip);
+        let ip = crate::smtp::policy::canonical_ip(ip);
         let p = &self.cfg.peers;
         p.self_addresses
             .iter()
-            .any(|a| crate::policy::canonical_ip(*a) == ip)
+            .any(|a| crate::smtp::policy::canonical_ip(*a) == ip)
             || p.allowed_sources.iter().any(|n| n.contains(&ip))
             || self
                 .member_ips
@@ -389,12 +389,7 @@ impl Peers {
                     continue;
                 }
             };
-            if !state.recipients.iter().any(|r| {
-                matches!(
-                    r.status,
-                    RecipientStatus::Pending | RecipientStatus::Deferred
-                )
-            }) {
+            if state.open_recipients().next().is_none() {
                 queue.delete(&e.id)?;
                 continue;
             }
@@ -739,17 +734,7 @@ async fn receive(
     let now = crate::delivery::now_ms();
     state.next_attempt_at = now / 1000;
     let old_id = env.id.clone();
-    let pending: Vec<String> = state
-        .recipients
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.status,
-                RecipientStatus::Pending | RecipientStatus::Deferred
-            )
-        })
-        .map(|r| r.address.clone())
-        .collect();
+    let pending: Vec<String> = state.open_recipients().map(|r| r.address.clone()).collect();
     let received_ms = env.received_at * 1000;
     match Arc::clone(&ctx.node.queue)
         .import(env, state, msg, hold)

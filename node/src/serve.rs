@@ -81,7 +81,7 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         metrics.fsync_seconds.clone(),
         metrics.commit_batch.clone(),
     )?;
-    tracing::info!(path = %config.queue.path.display(), kept = rec.kept, removed_partial = rec.removed, removed_tmp = rec.tmp_removed, mode = ?mode, "queue recovered");
+    tracing::info!(path = %config.queue.path.display(), kept = rec.kept, removed_partial = rec.removed, removed_tmp = rec.tmp_removed, other_version = rec.other_version, mode = ?mode, "queue recovered");
 
     let (cert, tls) = match &config.tls {
         Some(files) => {

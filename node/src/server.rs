@@ -19,10 +19,10 @@ use tokio::time::Instant;
 use crate::auth::UsersFile;
 use crate::config::{Config, Listener, TlsMode};
 use crate::metrics::Metrics;
-use crate::policy::{Policy, canonical_ip};
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::queue::{Envelope, MessageFile, Queue};
 use crate::smtp::data::DataDecoder;
+use crate::smtp::policy::{Policy, canonical_ip};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, Draft, Event, Next, Session, SessionConfig, Step};
 use crate::tls::ReloadingCert;
@@ -784,7 +784,7 @@ impl Driver {
         let size =
             file.as_ref().map_or(0, MessageFile::len) + (header.len() + draft.body.len()) as u64;
         let env = Envelope {
-            version: 1,
+            version: crate::queue::format::ENVELOPE_VERSION,
             id: id.clone(),
             sender: draft.sender.clone(),
             recipients: draft.recipients.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::config::{Config, DEFAULT_MAX_HOPS, OutboundTlsMode};
 use crate::metrics::Metrics;
+use crate::queue::format::ENVELOPE_VERSION;
 use crate::queue::{DeliveryState, Envelope, Location, Queue, QueueError, RecipientStatus};
 
 use super::client::{
@@ -208,14 +209,7 @@ impl Engine {
         }
         let msg = Arc::new(msg);
         let now = now_ms() / 1000;
-        let pending: Vec<usize> = (0..state.recipients.len())
-            .filter(|&i| {
-                matches!(
-                    state.recipients[i].status,
-                    RecipientStatus::Pending | RecipientStatus::Deferred
-                )
-            })
-            .collect();
+        let pending: Vec<usize> = state.open_indices();
         let mut failed: Vec<DsnRecipient> = Vec::new();
         let d = &self.cfg.delivery;
         let max_hops = d.max_hops.unwrap_or(DEFAULT_MAX_HOPS) as usize;
@@ -316,14 +310,7 @@ impl Engine {
             // queued, nothing is recorded and the attempt is retried.
             self.report(&env, &msg, &failed, Action::Failed).await?;
         }
-        let remaining: Vec<usize> = (0..state.recipients.len())
-            .filter(|&i| {
-                matches!(
-                    state.recipients[i].status,
-                    RecipientStatus::Pending | RecipientStatus::Deferred
-                )
-            })
-            .collect();
+        let remaining: Vec<usize> = state.open_indices();
         if remaining.is_empty() {
             let id_owned = id.to_owned();
             match self.blocking(move |q| q.remove_done(&id_owned)).await {
@@ -447,7 +434,7 @@ impl Engine {
         });
         let now = now_ms();
         let denv = Envelope {
-            version: 1,
+            version: ENVELOPE_VERSION,
             id: id.clone(),
             sender: String::new(),
             recipients: vec![env.sender.clone()],

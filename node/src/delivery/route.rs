@@ -206,7 +206,7 @@ impl SelfSet {
 
     /// Whether a resolved next hop address is self.
     pub fn is_self_addr(&self, addr: SocketAddr) -> bool {
-        let ip = crate::policy::canonical_ip(addr.ip());
+        let ip = crate::smtp::policy::canonical_ip(addr.ip());
         let addr = SocketAddr::new(ip, addr.port());
         self.addresses.contains(&ip)
             || self.sockets.contains(&addr)

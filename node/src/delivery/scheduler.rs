@@ -9,8 +9,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::queue::RecipientStatus;
-
 use super::attempt::{Engine, Next};
 use super::route::{domain_of, route_for};
 use super::{Cmd, FLUSH_DIR, now_ms};
@@ -83,14 +81,7 @@ async fn scan(engine: &Arc<Engine>, st: &mut State) {
             match q.read(&e.id) {
                 Ok((env, state, _, _)) => {
                     let mut domains: Vec<String> = state
-                        .recipients
-                        .iter()
-                        .filter(|r| {
-                            matches!(
-                                r.status,
-                                RecipientStatus::Pending | RecipientStatus::Deferred
-                            )
-                        })
+                        .open_recipients()
                         .map(|r| domain_of(&r.address))
                         .collect();
                     domains.sort();

@@ -16,6 +16,10 @@ use sha2::{Digest, Sha256};
 /// Footer length in bytes.
 pub const FOOTER_LEN: usize = 97;
 
+/// The envelope version this mailnode writes and reads. A file of another version is kept
+/// (never removed as invalid) but not delivered by this version.
+pub const ENVELOPE_VERSION: u32 = 1;
+
 /// Immutable facts about a queued message. Mutable delivery progress (attempts, next retry,
 /// per-recipient status) lives in a separate [`DeliveryState`] file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,13 @@ pub enum RecipientStatus {
     Failed,
 }
 
+impl RecipientStatus {
+    /// Still to be delivered: pending or deferred.
+    pub fn is_open(self) -> bool {
+        matches!(self, RecipientStatus::Pending | RecipientStatus::Deferred)
+    }
+}
+
 /// Per-recipient delivery progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -98,6 +109,18 @@ pub struct DeliveryState {
 }
 
 impl DeliveryState {
+    /// Recipients still to be delivered.
+    pub fn open_recipients(&self) -> impl Iterator<Item = &RecipientState> {
+        self.recipients.iter().filter(|r| r.status.is_open())
+    }
+
+    /// Positions of the recipients still to be delivered.
+    pub fn open_indices(&self) -> Vec<usize> {
+        (0..self.recipients.len())
+            .filter(|&i| self.recipients[i].status.is_open())
+            .collect()
+    }
+
     /// The state of a freshly queued message.
     pub fn initial(env: &Envelope) -> Self {
         Self {
@@ -132,6 +155,15 @@ pub enum FormatError {
     /// Envelope JSON invalid.
     #[error("bad envelope: {0}")]
     Envelope(String),
+    /// A complete file whose envelope this version does not read (written by another
+    /// mailnode version).
+    #[error(
+        "envelope version {found}, but this mailnode reads version {ENVELOPE_VERSION}: run the mailnode version that wrote it to deliver it"
+    )]
+    Version {
+        /// The version in the file.
+        found: u32,
+    },
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -220,8 +252,19 @@ pub fn decode(file: &[u8]) -> Result<(Envelope, std::ops::Range<usize>), FormatE
     if hex(&Sha256::digest(content)) != sum {
         return Err(FormatError::Checksum);
     }
-    let env: Envelope = serde_json::from_slice(&content[msg_len..])
-        .map_err(|e| FormatError::Envelope(e.to_string()))?;
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    let json = &content[msg_len..];
+    let found = serde_json::from_slice::<Versioned>(json)
+        .map_err(|e| FormatError::Envelope(e.to_string()))?
+        .version;
+    if found != ENVELOPE_VERSION {
+        return Err(FormatError::Version { found });
+    }
+    let env: Envelope =
+        serde_json::from_slice(json).map_err(|e| FormatError::Envelope(e.to_string()))?;
     Ok((env, 0..msg_len))
 }
 
@@ -239,7 +282,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample() -> Envelope {
         Envelope {
-            version: 1,
+            version: ENVELOPE_VERSION,
             id: "ABC".into(),
             sender: "a@b.example".into(),
             recipients: vec!["c@d.example".into()],
@@ -270,5 +313,42 @@ pub(crate) mod tests {
         let mut bad = file.clone();
         bad[2] ^= 1;
         assert_eq!(decode(&bad).unwrap_err(), FormatError::Checksum);
+    }
+
+    /// A complete file with `json` as its envelope.
+    pub(crate) fn raw_file(msg: &[u8], json: &str) -> Vec<u8> {
+        let mut h = Sha256::new();
+        h.update(msg);
+        h.update(json.as_bytes());
+        let footer = format!(
+            "\nMNQ1 {:016x} {:08x} {}\n",
+            msg.len(),
+            json.len(),
+            hex(&h.finalize())
+        );
+        [msg, json.as_bytes(), footer.as_bytes()].concat()
+    }
+
+    #[test]
+    fn another_envelope_version_is_named_not_taken_for_damage() {
+        let mut env = sample();
+        env.version = 2;
+        let file = encode(&env, &[b"hello\r\n"]).unwrap();
+        assert_eq!(
+            decode(&file).unwrap_err(),
+            FormatError::Version { found: 2 }
+        );
+        // A newer version may change the envelope's shape: the version is read first.
+        let file = raw_file(
+            b"hello\r\n",
+            r#"{"version":3,"recipients":{"new":"shape"}}"#,
+        );
+        let err = decode(&file).unwrap_err();
+        assert_eq!(err, FormatError::Version { found: 3 });
+        let text = err.to_string();
+        assert!(
+            text.contains("version 3") && text.contains("reads version 1"),
+            "{text}"
+        );
     }
 }

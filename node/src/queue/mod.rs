@@ -139,6 +139,8 @@ pub struct Recovery {
     pub tmp_removed: u64,
     /// Bytes of kept messages.
     pub bytes: u64,
+    /// Kept messages written by another mailnode version (see [`format::ENVELOPE_VERSION`]).
+    pub other_version: u64,
 }
 
 /// How the queue makes messages durable.
@@ -270,6 +272,15 @@ impl Queue {
                         Ok(bytes) => match format::decode(&bytes) {
                             Ok(_) => {
                                 rec.bytes += bytes.len() as u64;
+                                self.complete_recovered(&path)?;
+                                true
+                            }
+                            // Complete (its checksum holds) but from another version: kept,
+                            // never removed as if it were partial.
+                            Err(err @ format::FormatError::Version { .. }) => {
+                                tracing::error!(id = %name, error = %err, "keeping a queued message this version cannot deliver");
+                                rec.bytes += bytes.len() as u64;
+                                rec.other_version += 1;
                                 self.complete_recovered(&path)?;
                                 true
                             }
@@ -637,7 +648,7 @@ mod tests {
 
     fn env(id: &str) -> Envelope {
         let mut e = format::Envelope {
-            version: 1,
+            version: format::ENVELOPE_VERSION,
             id: id.into(),
             sender: "a@b.example".into(),
             recipients: vec!["c@d.example".into(), "e@d.example".into()],
@@ -730,5 +741,25 @@ mod tests {
             assert!(matches!(q2.delete(&id), Err(QueueError::NotFound(_))));
             assert!(matches!(q2.read("../etc"), Err(QueueError::NotFound(_))));
         }
+    }
+
+    #[test]
+    fn recovery_keeps_messages_of_another_version() {
+        let dir = tempfile::tempdir().unwrap();
+        Queue::open_dir(dir.path()).unwrap();
+        let newer = format::tests::raw_file(b"hello\r\n", r#"{"version":2}"#);
+        let path = dir.path().join("active").join("NEWER1");
+        fs::write(&path, &newer).unwrap();
+        let (q, rec) = Queue::open(
+            dir.path(),
+            SyncMode::PerMessage,
+            Histogram::new([0.1]),
+            Histogram::new([1.0]),
+        )
+        .unwrap();
+        assert_eq!((rec.kept, rec.removed, rec.other_version), (1, 0, 1));
+        assert!(path.exists(), "never removed as partial");
+        let err = q.read("NEWER1").unwrap_err().to_string();
+        assert!(err.contains("envelope version 2"), "{err}");
     }
 }

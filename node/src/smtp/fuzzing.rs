@@ -18,7 +18,7 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
         starttls: true,
         tls_required: false,
         auth: true,
-        policy: Arc::new(crate::policy::Policy::default()),
+        policy: Arc::new(crate::smtp::policy::Policy::default()),
         memory: Some(crate::admission::ContentMemory {
             budget: crate::admission::MemoryBudget::new(4000),
             spill_at: 500,
@@ -77,7 +77,7 @@ pub fn drive_stream(input: &[u8]) {
         starttls: false,
         tls_required: false,
         auth: false,
-        policy: Arc::new(crate::policy::Policy::default()),
+        policy: Arc::new(crate::smtp::policy::Policy::default()),
         memory: Some(memory.clone()),
         forbid_unauth_pipelining: input.get(1).is_some_and(|b| b % 2 == 0),
     };

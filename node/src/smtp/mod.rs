@@ -1,10 +1,12 @@
-//! The SMTP protocol, free of I/O: command parser, addresses, DATA decoder, replies and the
-//! session state machine. [`crate::server`] drives it from a socket.
+//! The SMTP protocol, free of I/O: command parser, addresses, DATA decoder, replies, the relay
+//! policy a listener applies to clients and recipients, and the session state machine.
+//! [`crate::server`] drives it from a socket.
 
 pub mod address;
 pub mod command;
 pub mod data;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod policy;
 pub mod reply;
 pub mod session;

@@ -18,7 +18,7 @@ use super::address::{Address, Path};
 use super::command::{self, BodyType, Command, CommandError, MailParams};
 use super::data::{BodyCheck, BodyFlaws};
 use super::reply::Reply;
-use crate::policy::{Policy, Refusal};
+use crate::smtp::policy::{Policy, Refusal};
 
 /// Per-listener settings of a session.
 #[derive(Debug, Clone)]
