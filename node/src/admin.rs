@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use mailnode_api::admin::{DRAIN, HEALTHZ, METRICS, READYZ, STATUS};
 use mailnode_api::status::StatusReport;
 
-use crate::server::Node;
+use crate::state::Node;
 
 async fn healthz() -> &'static str {
     "ok\n"

@@ -18,4 +18,5 @@ pub mod queue;
 pub mod serve;
 pub mod server;
 pub mod smtp;
+pub mod state;
 pub mod tls;

@@ -12,7 +12,8 @@ use crate::auth::{AuthError, UsersFile};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError, SyncMode};
-use crate::server::{ListenerCtx, Node, run_listener};
+use crate::server::{ListenerCtx, run_listener};
+use crate::state::Node;
 use crate::tls::{ReloadingCert, TlsError, server_config};
 
 /// Start-up errors.

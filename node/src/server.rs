@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,61 +16,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::auth::UsersFile;
 use crate::config::{Config, Listener, TlsMode};
-use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, ProxyHeader};
-use crate::queue::{Envelope, MessageFile, Queue};
+use crate::queue::{Envelope, MessageFile};
 use crate::smtp::data::DataDecoder;
 use crate::smtp::policy::{Policy, canonical_ip};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, Draft, Event, Next, Session, SessionConfig, Step};
-use crate::tls::ReloadingCert;
-
-/// Shared state of a running node.
-#[derive(Debug)]
-pub struct Node {
-    /// Configuration.
-    pub config: Config,
-    /// The queue.
-    pub queue: Arc<Queue>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Certificate (when TLS files are configured).
-    pub cert: Option<Arc<ReloadingCert>>,
-    /// STARTTLS acceptor.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// AUTH users.
-    pub users: Option<Arc<UsersFile>>,
-    /// Shutting down.
-    pub draining: AtomicBool,
-    /// The queue disk has room.
-    pub storage_ok: AtomicBool,
-    /// Open sessions.
-    pub active: AtomicUsize,
-    /// Open sessions per client address.
-    pub client_slots: Arc<crate::admission::ClientSlots>,
-    /// Memory budget for content being received.
-    pub budget: Arc<crate::admission::MemoryBudget>,
-    /// Slots and per-client shares for password checks.
-    pub auth_limiter: Arc<crate::auth_limit::AuthLimiter>,
-    /// Slots for TLS handshakes.
-    pub tls_handshakes: Arc<tokio::sync::Semaphore>,
-    /// Shutdown signal for sessions.
-    pub shutdown: watch::Sender<bool>,
-    /// The delivery scheduler (new messages, ETRN).
-    pub delivery: crate::delivery::Handle,
-    /// The peer channel (when `peers` is configured).
-    pub peers: Option<Arc<crate::peer::Peers>>,
-    /// Woken by `POST /drain`: hand the queue to the peers and stay draining.
-    pub drain_requested: tokio::sync::Notify,
-    /// The queue has been handed off (drain finished).
-    pub drained: AtomicBool,
-    /// SHA-256 of the config file bytes (hex).
-    pub config_hash: String,
-    /// When the config was loaded (RFC 3339).
-    pub config_loaded_at: String,
-}
+use crate::state::Node;
 
 /// A listener's precomputed settings.
 #[derive(Debug)]
