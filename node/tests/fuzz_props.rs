@@ -70,6 +70,17 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
+    fn dot_stuffing_and_the_decoder_are_inverses(lines in proptest::collection::vec("[.a ]{0,12}", 0..12)) {
+        let msg: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\r\n").into_bytes()).collect();
+        let wire = mailnode::smtp::data::dot_stuff(&msg);
+        let mut dec = mailnode::smtp::data::DataDecoder::new(1 << 20);
+        prop_assert_eq!(dec.feed(&wire), Some(wire.len()));
+        let (body, flaws) = dec.finish();
+        prop_assert!(flaws.is_clean());
+        prop_assert_eq!(body, msg);
+    }
+
+    #[test]
     fn data_decoder_agrees_with_the_plain_reference(raw in content_bytes(), pieces in proptest::collection::vec(1usize..700, 1..8), max in 0usize..5000) {
         let mut dec = mailnode::smtp::data::DataDecoder::new(max as u64);
         let mut at = 0;

@@ -1,5 +1,5 @@
-//! SMTP client towards a next hop. The reply parser, EHLO capability parser and dot
-//! stuffing are pure; [`Connection`] drives them over a socket (PIPELINING, SIZE,
+//! SMTP client towards a next hop. The EHLO capability parser is pure, replies are read by
+//! [`crate::smtp::reply`] and content stuffed by [`crate::smtp::data`]; [`Connection`] drives them over a socket (PIPELINING, SIZE,
 //! STARTTLS, AUTH PLAIN/LOGIN).
 
 use std::net::SocketAddr;
@@ -12,35 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-/// A reply from the next hop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    /// Reply code.
-    pub code: u16,
-    /// Text of each line (after the code and separator).
-    pub lines: Vec<String>,
-}
-
-impl SmtpReply {
-    /// All lines joined with spaces, prefixed by the code (for logs and DSNs).
-    pub fn text(&self) -> String {
-        format!("{} {}", self.code, self.lines.join(" "))
-    }
-    /// 2xx or 3xx.
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-    /// 5xx.
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-    fn synthetic(code: u16, text: impl Into<String>) -> Self {
-        Self {
-            code,
-            lines: vec![text.into()],
-        }
-    }
-}
+pub use crate::smtp::reply::SmtpReply;
 
 /// Client errors: the hop could not be used (the caller tries the next hop or defers).
 #[derive(Debug, thiserror::Error)]
@@ -107,47 +79,6 @@ pub async fn unless_abandoned<T>(
     }
 }
 
-/// Parse one complete reply at the start of `buf`: the reply and the bytes it used, or
-/// `None` when more input is needed.
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ClientError> {
-    let mut pos = 0;
-    let mut lines = Vec::new();
-    let mut code = None;
-    loop {
-        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
-            if buf.len() - pos > 4096 {
-                return Err(ClientError::Protocol("reply line too long".into()));
-            }
-            return Ok(None);
-        };
-        let line = &buf[pos..pos + nl];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        pos += nl + 1;
-        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(ClientError::Protocol(format!(
-                "bad reply line {:?}",
-                String::from_utf8_lossy(line)
-            )));
-        }
-        let c = u16::from(line[0] - b'0') * 100
-            + u16::from(line[1] - b'0') * 10
-            + u16::from(line[2] - b'0');
-        if *code.get_or_insert(c) != c {
-            return Err(ClientError::Protocol(
-                "reply code changed within a reply".into(),
-            ));
-        }
-        let sep = line.get(3).copied().unwrap_or(b' ');
-        lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
-        if sep != b'-' {
-            return Ok(Some((SmtpReply { code: c, lines }, pos)));
-        }
-        if lines.len() > 200 {
-            return Err(ClientError::Protocol("reply has too many lines".into()));
-        }
-    }
-}
-
 /// ESMTP capabilities from an EHLO reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -184,27 +115,6 @@ impl Capabilities {
         }
         c
     }
-}
-
-/// DATA payload: dot-stuffed, CRLF line ends kept, ending with `CRLF.CRLF`.
-pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in msg {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !out.is_empty() && !out.ends_with(b"\r\n") {
-        if out.ends_with(b"\n") {
-            out.pop();
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// Result for one recipient of a transaction.
@@ -288,7 +198,9 @@ impl Connection {
     async fn read_reply(&mut self, stage: &'static str) -> Result<SmtpReply, ClientError> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            if let Some((r, n)) = parse_reply(&self.rbuf)? {
+            if let Some((r, n)) = crate::smtp::reply::parse_reply(&self.rbuf)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
                 self.rbuf.drain(..n);
                 return Ok(r);
             }
@@ -533,7 +445,7 @@ impl Connection {
         if *abandon.borrow() {
             return Err(ClientError::Abandoned);
         }
-        let payload = dot_stuff(msg);
+        let payload = crate::smtp::data::dot_stuff(msg);
         let end = async {
             self.write(&payload, "end of data").await?;
             self.read_reply("end of data").await
@@ -709,29 +621,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_single_multi_and_partial_replies() {
-        assert!(parse_reply(b"250-a\r\n250 b").unwrap().is_none());
-        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN login\r\n250 STARTTLS\r\nXX").unwrap().unwrap();
-        assert_eq!(n, 83);
-        assert_eq!(r.code, 250);
+    fn ehlo_capabilities() {
+        let (r, _) = crate::smtp::reply::parse_reply(
+            b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN login\r\n250 STARTTLS\r\n",
+        )
+        .unwrap()
+        .unwrap();
         let c = Capabilities::parse(&r);
         assert!(c.pipelining && c.starttls && !c.eight_bit);
         assert_eq!(c.size, Some(1000));
         assert_eq!(c.auth, ["PLAIN", "LOGIN"]);
-        let (r, _) = parse_reply(b"550 5.1.1 no\n").unwrap().unwrap();
-        assert!(r.is_permanent());
-        assert_eq!(r.text(), "550 5.1.1 no");
-        let (r, _) = parse_reply(b"421\r\n").unwrap().unwrap();
-        assert_eq!(r.code, 421);
-        assert!(parse_reply(b"25x ok\r\n").is_err());
-        assert!(parse_reply(b"250-a\r\n251 b\r\n").is_err());
-    }
-
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(dot_stuff(b"a\r\n.b\r\n..\r\n"), b"a\r\n..b\r\n...\r\n.\r\n");
-        assert_eq!(dot_stuff(b".x"), b"..x\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b".\r\n");
     }
 }

@@ -1,5 +1,5 @@
-//! Message content: the DATA decoder (dot-unstuffing, end-of-data detection) and the checks
-//! shared with BDAT (size, line length, line endings).
+//! Message content: the DATA decoder (dot-unstuffing, end-of-data detection), its sending
+//! side ([`dot_stuff`]) and the checks shared with BDAT (size, line length, line endings).
 //!
 //! # Bare CR and bare LF
 //! Only `CRLF . CRLF` ends DATA. A bare LF or a bare CR (one not part of a CRLF pair) anywhere
@@ -316,6 +316,28 @@ impl DataDecoder {
     }
 }
 
+/// The sending side of [`DataDecoder`]: the DATA payload of `msg`, dot-stuffed, with CRLF
+/// line ends kept (a lone LF at the very end made CRLF) and `CRLF.CRLF` at the end.
+pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 5);
+    let mut at_line_start = true;
+    for &b in msg {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        if out.ends_with(b"\n") {
+            out.pop();
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,5 +477,13 @@ mod tests {
         bad.feed(line.repeat(5).as_bytes());
         assert_eq!(bad.take_spill(), None);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n..\r\n"), b"a\r\n..b\r\n...\r\n.\r\n");
+        assert_eq!(dot_stuff(b".x"), b"..x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
     }
 }

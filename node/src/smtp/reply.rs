@@ -1,4 +1,6 @@
-//! SMTP replies (RFC 5321 section 4.2) with enhanced status codes (RFC 3463).
+//! SMTP replies (RFC 5321 section 4.2) with enhanced status codes (RFC 3463), both the ones
+//! this node writes ([`Reply`]) and the ones it reads from a next hop ([`SmtpReply`],
+//! [`parse_reply`]).
 
 use std::fmt::Write as _;
 
@@ -75,6 +77,102 @@ impl std::fmt::Display for Reply {
     }
 }
 
+/// A reply as read from the other side of a connection (a next hop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    /// Reply code.
+    pub code: u16,
+    /// Text of each line (after the code and separator).
+    pub lines: Vec<String>,
+}
+
+impl SmtpReply {
+    /// All lines joined with spaces, prefixed by the code (for logs and DSNs).
+    pub fn text(&self) -> String {
+        format!("{} {}", self.code, self.lines.join(" "))
+    }
+    /// 2xx or 3xx.
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+    /// 5xx.
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+    /// The enhanced status code (RFC 3463) that starts the first line, if any.
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.lines.first()?.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?;
+        let ok = matches!(class, "2" | "4" | "5")
+            && parts.clone().count() == 2
+            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+    /// A reply made up locally (a timeout or error shown as a reply).
+    pub fn synthetic(code: u16, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            lines: vec![text.into()],
+        }
+    }
+}
+
+/// A reply that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// A line of more than 4096 bytes.
+    #[error("reply line too long")]
+    LineTooLong,
+    /// A line that does not start with three digits.
+    #[error("bad reply line {0:?}")]
+    BadLine(String),
+    /// The code changed within a multi-line reply.
+    #[error("reply code changed within a reply")]
+    CodeChanged,
+    /// More than 200 lines.
+    #[error("reply has too many lines")]
+    TooManyLines,
+}
+
+/// Parse one complete reply at the start of `buf`: the reply and the bytes it used, or
+/// `None` when more input is needed.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ReplyError> {
+    let mut pos = 0;
+    let mut lines = Vec::new();
+    let mut code = None;
+    loop {
+        let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+            if buf.len() - pos > 4096 {
+                return Err(ReplyError::LineTooLong);
+            }
+            return Ok(None);
+        };
+        let line = &buf[pos..pos + nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += nl + 1;
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+            return Err(ReplyError::BadLine(
+                String::from_utf8_lossy(line).into_owned(),
+            ));
+        }
+        let c = u16::from(line[0] - b'0') * 100
+            + u16::from(line[1] - b'0') * 10
+            + u16::from(line[2] - b'0');
+        if *code.get_or_insert(c) != c {
+            return Err(ReplyError::CodeChanged);
+        }
+        let sep = line.get(3).copied().unwrap_or(b' ');
+        lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
+        if sep != b'-' {
+            return Ok(Some((SmtpReply { code: c, lines }, pos)));
+        }
+        if lines.len() > 200 {
+            return Err(ReplyError::TooManyLines);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +183,32 @@ mod tests {
         assert_eq!(
             Reply::multi(250, vec!["a".into(), "b".into()]).to_wire(),
             "250-a\r\n250 b\r\n"
+        );
+    }
+
+    #[test]
+    fn parses_single_multi_and_partial_replies() {
+        assert!(parse_reply(b"250-a\r\n250 b").unwrap().is_none());
+        let (r, n) = parse_reply(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-AUTH PLAIN login\r\n250 STARTTLS\r\nXX").unwrap().unwrap();
+        assert_eq!(n, 83);
+        assert_eq!(r.code, 250);
+        assert_eq!(r.lines[3], "AUTH PLAIN login");
+        assert_eq!(r.enhanced(), None);
+        let (r, _) = parse_reply(b"550 5.1.1 no\n").unwrap().unwrap();
+        assert!(r.is_permanent());
+        assert_eq!(r.text(), "550 5.1.1 no");
+        assert_eq!(r.enhanced(), Some("5.1.1"));
+        let (r, _) = parse_reply(b"250 2.0.0.1 ok\r\n").unwrap().unwrap();
+        assert_eq!(r.enhanced(), None);
+        let (r, _) = parse_reply(b"421\r\n").unwrap().unwrap();
+        assert_eq!(r.code, 421);
+        assert!(matches!(
+            parse_reply(b"25x ok\r\n"),
+            Err(ReplyError::BadLine(_))
+        ));
+        assert_eq!(
+            parse_reply(b"250-a\r\n251 b\r\n"),
+            Err(ReplyError::CodeChanged)
         );
     }
 }
