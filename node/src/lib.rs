@@ -1,9 +1,10 @@
 //! `mailnode`: the relay node of a mailcluster.
 //!
 //! The protocol with its relay policy ([`smtp`]) and the PROXY header parser
-//! ([`proxy_protocol`]) are pure; [`server`] drives them from sockets; [`queue`] is the
+//! ([`proxy_protocol`]) are pure; [`smtp_server`] drives them from sockets; [`queue`] is the
 //! durable queue; [`config`] is the configuration the operator renders (from the
-//! `mailnode-api` crate, which the operator shares).
+//! `mailnode-api` crate, which the operator shares); [`state`] is what a running node shares
+//! between its parts, and [`serve`] starts and stops them.
 
 pub mod admin;
 pub mod admission;
@@ -16,7 +17,7 @@ pub mod peer;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod serve;
-pub mod server;
 pub mod smtp;
+pub mod smtp_server;
 pub mod state;
 pub mod tls;

@@ -12,7 +12,7 @@ use crate::auth::{AuthError, UsersFile};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError, SyncMode};
-use crate::server::{ListenerCtx, run_listener};
+use crate::smtp_server::{ListenerCtx, run_listener};
 use crate::state::Node;
 use crate::tls::{ReloadingCert, TlsError, server_config};
 
@@ -33,7 +33,6 @@ pub enum ServeError {
     Bind {
         /// Listener name.
         name: String,
-        /// Address.
         address: std::net::SocketAddr,
         /// Cause.
         source: std::io::Error,

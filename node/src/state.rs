@@ -18,9 +18,7 @@ use crate::tls::ReloadingCert;
 pub struct Node {
     /// Configuration.
     pub config: Config,
-    /// The queue.
     pub queue: Arc<Queue>,
-    /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Certificate (when TLS files are configured).
     pub cert: Option<Arc<ReloadingCert>>,

@@ -136,7 +136,6 @@ pub struct MemberLayout {
     pub ip: IpAddr,
     /// Listener name, manifest port, local port.
     pub listeners: Vec<(String, u16, u16)>,
-    /// Admin port.
     pub admin_port: u16,
     /// Peer channel port.
     pub peer_port: u16,

@@ -103,7 +103,6 @@ pub struct Context {
     pub client: Client,
     /// Operator settings.
     pub settings: Settings,
-    /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Event recorder.
     pub recorder: Recorder,

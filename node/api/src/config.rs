@@ -567,7 +567,6 @@ impl Default for DnsConfig {
 pub struct Smarthost {
     /// Host name or address.
     pub host: String,
-    /// Port.
     pub port: u16,
     /// Lower is preferred.
     pub priority: u32,

@@ -40,7 +40,6 @@ pub enum ClientError {
     /// Negative reply where the session cannot go on (greeting, EHLO, AUTH).
     #[error("{stage} refused: {reply}")]
     Refused {
-        /// Stage.
         stage: &'static str,
         /// Reply text.
         reply: String,
@@ -86,13 +85,11 @@ pub struct Capabilities {
     pub pipelining: bool,
     /// SIZE limit (0: none given).
     pub size: Option<u64>,
-    /// STARTTLS.
     pub starttls: bool,
     /// AUTH mechanisms, upper case.
     pub auth: Vec<String>,
     /// 8BITMIME.
     pub eight_bit: bool,
-    /// SMTPUTF8.
     pub smtputf8: bool,
 }
 
@@ -155,7 +152,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 pub struct ConnectOptions {
     /// Our EHLO name.
     pub helo: String,
-    /// Connect timeout.
     pub connect_timeout: Duration,
     /// Timeout per reply.
     pub command_timeout: Duration,

@@ -83,7 +83,6 @@ pub fn domain_of(address: &str) -> String {
 pub struct Hop {
     /// Host name or address.
     pub host: String,
-    /// Port.
     pub port: u16,
 }
 

@@ -86,7 +86,6 @@ impl RecipientStatus {
 pub struct RecipientState {
     /// Recipient.
     pub address: String,
-    /// Status.
     pub status: RecipientStatus,
     /// Last reply from the next hop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,7 +100,6 @@ pub struct DeliveryState {
     pub attempts: u32,
     /// Next attempt, Unix seconds.
     pub next_attempt_at: i64,
-    /// Recipients.
     pub recipients: Vec<RecipientState>,
     /// A delay warning was sent to the sender.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -59,7 +59,6 @@ pub enum QueueError {
     Io {
         /// What was being done.
         op: &'static str,
-        /// Path.
         path: PathBuf,
         /// Cause.
         source: std::io::Error,
@@ -70,7 +69,6 @@ pub enum QueueError {
     /// Invalid file.
     #[error("message {id}: {source}")]
     Format {
-        /// Id.
         id: String,
         /// Cause.
         source: format::FormatError,
@@ -120,11 +118,8 @@ impl Location {
 /// One row of `queue list`.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Id.
     pub id: String,
-    /// Location.
     pub location: Location,
-    /// File size.
     pub file_size: u64,
 }
 

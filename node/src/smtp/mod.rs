@@ -1,6 +1,6 @@
 //! The SMTP protocol, free of I/O: command parser, addresses, DATA decoder, replies, the relay
 //! policy a listener applies to clients and recipients, and the session state machine.
-//! [`crate::server`] drives it from a socket.
+//! [`crate::smtp_server`] drives it from a socket.
 
 pub mod address;
 pub mod command;

@@ -1,5 +1,5 @@
 //! The SMTP session as a state machine: command lines and results in, replies and actions out.
-//! No I/O and no clock: [`crate::server`] owns the socket, the queue and the time.
+//! No I/O and no clock: [`crate::smtp_server`] owns the socket, the queue and the time.
 //!
 //! Flow: the server sends [`Session::greeting`], then passes every line to
 //! [`Session::line`]; the returned [`Step`] holds the reply (if any) and what to do next
@@ -64,7 +64,6 @@ pub struct ClientInfo {
 pub struct Credentials {
     /// User name.
     pub user: String,
-    /// Password.
     pub password: String,
 }
 
@@ -77,7 +76,6 @@ pub struct Draft {
     pub recipients: Vec<String>,
     /// HELO/EHLO name.
     pub helo: String,
-    /// Client.
     pub client: ClientInfo,
     /// Authenticated user.
     pub auth_user: Option<String>,

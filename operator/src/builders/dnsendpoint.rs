@@ -36,7 +36,6 @@ pub struct Endpoint {
     pub dns_name: String,
     /// Record values.
     pub targets: Vec<String>,
-    /// Record type.
     pub record_type: String,
     /// TTL in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]

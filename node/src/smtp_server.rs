@@ -1,6 +1,7 @@
-//! Socket I/O: accept loops and the thin driver that feeds a [`Session`] from a connection,
-//! performs its actions (STARTTLS, DATA, BDAT, AUTH checks, queueing) and writes its replies.
-//! Replies are buffered and flushed when no further pipelined input is waiting.
+//! The SMTP listeners' socket I/O: accept loops and the thin driver that feeds a [`Session`]
+//! from a connection, performs its actions (STARTTLS, DATA, BDAT, AUTH checks, queueing) and
+//! writes its replies. Replies are buffered and flushed when no further pipelined input is
+//! waiting.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,7 +29,6 @@ use crate::state::Node;
 /// A listener's precomputed settings.
 #[derive(Debug)]
 pub struct ListenerCtx {
-    /// Config.
     pub config: Listener,
     /// Session settings.
     pub session: SessionConfig,
