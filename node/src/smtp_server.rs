@@ -720,7 +720,6 @@ impl Driver {
 
     async fn queue(&mut self, draft: Draft) -> Reply {
         if let Some(e) = self.file_error.take() {
-            self.file = None;
             return self.session.queued(Err(&e));
         }
         let node = Arc::clone(&self.node);

@@ -349,7 +349,8 @@ impl Queue {
     }
 
     /// Start the file of message `id` whose content is still arriving, with its first bytes
-    /// (the Received header and the content so far); more follow with
+    /// (the Received header and the content so far): the writer thread only creates it, and
+    /// the bytes are written as by [`Queue::append_to`]. More follow with
     /// [`Queue::append_to`], and [`Queue::enqueue_file`] finishes it.
     pub async fn start_file(
         &self,
@@ -357,25 +358,33 @@ impl Queue {
         first: [Vec<u8>; 2],
     ) -> Result<MessageFile, QueueError> {
         let active = self.root.join("active");
-        self.writer
-            .run(move || {
-                let mut f = MessageFile::create(&active, &id)?;
-                f.append(&[&first[0], &first[1]])?;
-                Ok(f)
-            })
+        let file = self
+            .writer
+            .run(move || MessageFile::create(&active, &id))
             .await
-            .map_err(|e| QueueError::Task(e.to_string()))?
+            .map_err(|e| QueueError::Task(e.to_string()))??;
+        Self::append_parts(file, first).await
     }
 
     /// Append content to a started message file (on the blocking pool).
     pub async fn append_to(
         &self,
-        mut file: MessageFile,
+        file: MessageFile,
         bytes: Vec<u8>,
     ) -> Result<MessageFile, QueueError> {
-        tokio::task::spawn_blocking(move || file.append(&[&bytes]).map(|()| file))
-            .await
-            .map_err(|e| QueueError::Task(e.to_string()))?
+        Self::append_parts(file, [bytes]).await
+    }
+
+    async fn append_parts<const N: usize>(
+        mut file: MessageFile,
+        parts: [Vec<u8>; N],
+    ) -> Result<MessageFile, QueueError> {
+        tokio::task::spawn_blocking(move || {
+            let slices: [&[u8]; N] = std::array::from_fn(|i| parts[i].as_slice());
+            file.append(&slices).map(|()| file)
+        })
+        .await
+        .map_err(|e| QueueError::Task(e.to_string()))?
     }
 
     /// Finish a started message file with the content's last bytes and the envelope, and make
