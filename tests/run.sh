@@ -28,6 +28,9 @@ timings=()
 step_name=""
 step_start=$SECONDS
 run_start=$SECONDS
+# Temp directories the tests make; none may be left at the end (checked in the last step).
+scratch_dirs() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'mailcluster-*-*' -type d | sort; }
+scratch_before=$(scratch_dirs)
 step() {
   end_step
   step_name=$*
@@ -123,10 +126,15 @@ for target in $(cd node && cargo "+$fuzz_toolchain" fuzz list); do
 done
 rm -f "$fuzz_log"
 
-step "no test process left behind"
+step "no test process or temp directory left behind"
 left=$(pgrep -a -f "$MAILCLUSTER_CONTROLPLANE_BIN/|target/.*/mailnode |mailcluster-realpods" || true)
 if [ -n "$left" ]; then
   printf 'processes left running after the tests:\n%s\n' "$left" >&2
+  exit 1
+fi
+left=$(comm -13 <(echo "$scratch_before") <(scratch_dirs))
+if [ -n "$left" ]; then
+  printf 'temp directories left after the tests:\n%s\n' "$left" >&2
   exit 1
 fi
 echo "none"

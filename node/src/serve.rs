@@ -268,6 +268,22 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
         _ = int.recv() => false,
         () = node.drain_requested.notified() => true,
     };
+    let delay = Duration::from_secs(config.limits.shutdown_delay_seconds);
+    if !by_request && !delay.is_zero() {
+        // Still ready and accepting: a terminating pod's endpoint is already not ready, so
+        // load balancers and kube-proxy stop sending it new connections, while those already
+        // on their way (kube-proxy uses a terminating endpoint that still serves when its node
+        // has no other) are served, not refused, and none reaches a pod that is gone.
+        tracing::info!(
+            delay_seconds = delay.as_secs(),
+            "shutdown requested: accepting mail until the delay is over, then draining"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {},
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
     tracing::info!(
         sessions = node.active.load(Ordering::SeqCst),
         by_request,

@@ -26,7 +26,7 @@ pub struct Node {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// AUTH users.
     pub users: Option<Arc<UsersFile>>,
-    /// Shutting down.
+    /// Draining: new connections get `421`, the queue goes to the peers.
     pub draining: AtomicBool,
     /// The queue disk has room.
     pub storage_ok: AtomicBool,

@@ -134,6 +134,10 @@ fn serve(conn: TcpStream, script: &Mutex<Script>, seen: &Mutex<Seen>) {
 }
 
 fn yaml(hops: &[(&NextHop, u32)], grace: u64) -> String {
+    yaml_with(hops, &format!("{{shutdownGraceSeconds: {grace}}}"))
+}
+
+fn yaml_with(hops: &[(&NextHop, u32)], limits: &str) -> String {
     let mut smarthosts = String::new();
     for (h, prio) in hops {
         smarthosts.push_str(&format!(
@@ -149,7 +153,7 @@ listeners:
     address: 127.0.0.1:{{port0}}
     relay: {{allowedSources: [127.0.0.2/32]}}
 queue: {{path: "{{dir}}/queue", fsync: true, minFreeBytes: 0, minFreePercent: 0}}
-limits: {{shutdownGraceSeconds: {grace}}}
+limits: {limits}
 admin: {{address: "127.0.0.1:{{admin}}"}}
 delivery:
   smarthosts:
@@ -169,6 +173,46 @@ fn submit(node: &Node, id: &str) {
     let r = c.mail("s@a.example", &["r@b.example"], &body);
     assert!(r.starts_with("250"), "{r}\n{}", node.log());
     c.cmd("QUIT");
+}
+
+#[test]
+fn after_sigterm_mail_is_accepted_for_the_shutdown_delay_then_sessions_get_421() {
+    let hop = NextHop::start(Script::Accept);
+    let mut node = Node::start(
+        &yaml_with(
+            &[(&hop, 10)],
+            "{shutdownGraceSeconds: 1, shutdownDelaySeconds: 3}",
+        ),
+        1,
+    );
+    let (mut idle, banner) = Client::connect("127.0.0.2", node.addr(0));
+    assert!(banner.starts_with("220"), "{banner}");
+    assert!(idle.cmd("EHLO idle.test").starts_with("250"));
+    let t = Instant::now();
+    node.send_term();
+    std::thread::sleep(Duration::from_millis(500));
+    // Within the delay the node is ready and serves old and new sessions as usual.
+    assert_eq!(node.http_get("/readyz").0, 200, "{}", node.log());
+    assert!(idle.cmd("NOOP").starts_with("250"), "{}", node.log());
+    submit(&node, "during-delay@t");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Then it drains: the idle session is told so, not before the delay is over.
+    let r = idle.reply();
+    assert!(r.starts_with("421 4.3.2"), "{r}\n{}", node.log());
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(
+        node.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        node.log()
+    );
+    // The message taken during the delay was delivered or waits on the volume.
+    assert_eq!(
+        hop.answered("<during-delay@t>") + node.queue_ids().len(),
+        1,
+        "{}",
+        node.log()
+    );
 }
 
 #[test]

@@ -226,6 +226,8 @@ pub fn localize(
         }
     }
     c.queue.path = me.dir.join("queue");
+    // No balancer or kube-proxy in front of local members to wait for on shutdown.
+    c.limits.shutdown_delay_seconds = 0;
     // Local members share the machine's file system: sync their own files, not all of it.
     c.queue.sync_filesystem = false;
     c.admin.address = me.admin();

@@ -196,6 +196,21 @@ class Cluster:
         subprocess.run(["bash", CLUSTER_SH, "down"], check=True, timeout=300)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the cluster's state and the components' last log lines
+    (as a timed-out wait's does), so that a failure in CI can be understood from its output."""
+    outcome = yield
+    report = outcome.get_result()
+    c = item.funcargs.get("relay") or item.funcargs.get("cluster")
+    if report.when == "call" and report.failed and isinstance(c, Cluster) and not c.torn_down:
+        try:
+            namespace = getattr(item.module, "NS", None)
+            report.sections.append(("cluster diagnostics", c.diagnostics(namespace)))
+        except Exception as e:  # the report must not be lost to a failing diagnosis
+            report.sections.append(("cluster diagnostics", f"could not collect: {e!r}"))
+
+
 @pytest.fixture(scope="session")
 def cluster():
     t0 = time.time()

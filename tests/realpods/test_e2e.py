@@ -308,7 +308,8 @@ def rollout(relay, change, prefix):
     relay.stop_sender(sender)
     assert most_unready <= 1, f"{most_unready} members were down at once"
     accepted = len(relay.journal(journal))
-    log(f"{prefix}: {accepted} accepted during the rollout")
+    failed = len(relay.journal(journal, "failed"))
+    log(f"{prefix}: {accepted} accepted, {failed} failed (4xx or connection) during the rollout")
     assert accepted > 50
     return wait_delivered(relay, journal, prefix, exactly_once=True)
 

@@ -317,6 +317,12 @@ pub struct Limits {
     pub session_timeout_seconds: u64,
     /// Grace period on shutdown for sessions in DATA, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// After SIGTERM, how long the node goes on accepting mail as usual before it drains (new
+    /// connections then get `421`), in seconds. A terminating pod's endpoint is no longer
+    /// ready, so this gives load balancers and kube-proxy time to stop sending it new
+    /// connections; those still on their way are served, and none reaches a pod that is gone.
+    /// Not for drains by request (`POST /drain`). At most 60.
+    pub shutdown_delay_seconds: u64,
     /// Password checks (SMTP AUTH) running at once; each holds its hash's memory while it runs
     /// (19 MiB for argon2id with `mailnode hash-password`'s defaults). More checks wait their
     /// turn. `0`: one per CPU core.
@@ -349,6 +355,7 @@ impl Default for Limits {
             command_timeout_seconds: 300,
             session_timeout_seconds: 1800,
             shutdown_grace_seconds: 30,
+            shutdown_delay_seconds: 0,
             auth_check_slots: 0,
             auth_checks_per_client: 1,
             auth_failures_before_delay: 3,
@@ -698,6 +705,12 @@ impl Config {
                 "must be at least 512 (RFC 5321)",
             ));
         }
+        if self.limits.shutdown_delay_seconds > 60 {
+            return Err(invalid(
+                "limits.shutdownDelaySeconds".into(),
+                "must be at most 60",
+            ));
+        }
         if self.limits.max_recipients == 0 {
             return Err(invalid("limits.maxRecipients".into(), "must be at least 1"));
         }
@@ -812,5 +825,20 @@ impl Default for TlsFiles {
             key_file: PathBuf::new(),
             reload_interval_seconds: 10,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shutdown_delay_over_a_minute_is_refused_naming_the_key() {
+        let mut c = Config::default();
+        c.limits.shutdown_delay_seconds = 61;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.shutdownDelaySeconds"), "{err}");
+        c.limits.shutdown_delay_seconds = 60;
+        c.validate().unwrap();
     }
 }

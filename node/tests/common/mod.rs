@@ -141,13 +141,25 @@ impl Node {
         }
     }
 
-    /// SIGTERM and wait (bounded); returns the exit code.
-    pub fn term(&mut self, within: Duration) -> Option<i32> {
-        let mut c = self.child.take()?;
+    /// SIGTERM, without waiting.
+    pub fn send_term(&self) {
+        let pid = self.pid();
         Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status()
             .unwrap();
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    pub fn term(&mut self, within: Duration) -> Option<i32> {
+        self.child.as_ref()?;
+        self.send_term();
+        self.wait_exit(within)
+    }
+
+    /// Wait (bounded) for the process to exit; returns the exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = c.try_wait().unwrap() {

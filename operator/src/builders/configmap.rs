@@ -27,6 +27,9 @@ pub const AUTH_USERS_KEY: &str = "users";
 pub const QUEUE_DIR: &str = "/var/spool/mailnode";
 /// Seconds the node waits for sessions in DATA on shutdown.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Seconds the node goes on accepting mail after SIGTERM before it drains, while kube-proxy
+/// and load balancers stop sending new connections to the terminating pod.
+pub const SHUTDOWN_DELAY_SECONDS: u64 = 5;
 
 /// Path of the rendered configuration inside the pod.
 pub fn config_path() -> String {
@@ -78,6 +81,7 @@ fn limits(spec: Option<&crd::Limits>) -> node::Limits {
         |v: Option<i32>, default: usize| v.and_then(|n| usize::try_from(n).ok()).unwrap_or(default);
     node::Limits {
         shutdown_grace_seconds: SHUTDOWN_GRACE_SECONDS,
+        shutdown_delay_seconds: SHUTDOWN_DELAY_SECONDS,
         max_sessions: size(spec.max_sessions, d.max_sessions),
         max_sessions_per_client: size(spec.max_sessions_per_client, d.max_sessions_per_client),
         max_in_flight_bytes: spec
@@ -325,6 +329,7 @@ mod tests {
         assert_eq!(c.limits.max_sessions_per_client, d.max_sessions_per_client);
         assert_eq!(c.limits.max_in_flight_bytes, d.max_in_flight_bytes);
         assert_eq!(c.limits.shutdown_grace_seconds, SHUTDOWN_GRACE_SECONDS);
+        assert_eq!(c.limits.shutdown_delay_seconds, SHUTDOWN_DELAY_SECONDS);
         let mut mc = sample();
         mc.spec.limits = Some(crd::Limits {
             max_sessions: Some(200),

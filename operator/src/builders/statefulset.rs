@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::configmap::{
-    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, SHUTDOWN_GRACE_SECONDS, TLS_DIR,
-    config_path,
+    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, SHUTDOWN_DELAY_SECONDS,
+    SHUTDOWN_GRACE_SECONDS, TLS_DIR, config_path,
 };
 use super::peer_service::PEER_PORT_NAME;
 use super::{
@@ -39,8 +39,10 @@ pub const QUEUE_VOLUME: &str = "queue";
 /// User and group the node runs as.
 pub const RUN_AS: i64 = 65532;
 /// Seconds a member gets to finish sessions and hand its queue to its peers on shutdown:
-/// the node's own grace for sessions in DATA plus time for the hand-over.
-pub const TERMINATION_GRACE_SECONDS: i64 = SHUTDOWN_GRACE_SECONDS as i64 + 90;
+/// the node's delay before it drains, its grace for sessions in DATA, and time for the
+/// hand-over.
+pub const TERMINATION_GRACE_SECONDS: i64 =
+    (SHUTDOWN_DELAY_SECONDS + SHUTDOWN_GRACE_SECONDS) as i64 + 90;
 
 fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount {

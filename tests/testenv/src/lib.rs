@@ -11,6 +11,7 @@
 //! the test binary, so nothing outlives the test process even when it is killed; a
 //! [`ControlPlane`] that is dropped stops its processes at once.
 
+mod exit_cleanup;
 mod kubeconfig;
 mod ports;
 mod process;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, ObjectMeta, PostParams};
 
+pub use exit_cleanup::remove_at_exit;
 pub use process::Process;
 
 /// The Kubernetes version the control plane is pinned to (`tests/controlplane/build.sh`).
@@ -117,11 +119,16 @@ impl ControlPlane {
     pub fn shared() -> &'static ControlPlane {
         let started = SHARED.get_or_init(|| {
             // Started on a thread of its own: this may be called from inside a tokio runtime.
-            std::thread::spawn(|| {
+            let cp = std::thread::spawn(|| {
                 ControlPlane::start(Options::default()).map_err(|e| e.to_string())
             })
             .join()
-            .unwrap_or_else(|_| Err("control plane start-up panicked".into()))
+            .unwrap_or_else(|_| Err("control plane start-up panicked".into()));
+            // Never dropped (a static): its directory goes when the test process exits.
+            if let Ok(cp) = &cp {
+                remove_at_exit(cp.dir.path().to_path_buf());
+            }
+            cp
         });
         match started {
             Ok(cp) => cp,

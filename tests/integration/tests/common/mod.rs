@@ -46,10 +46,13 @@ pub fn bin_dir() -> PathBuf {
 fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("mailcluster-chart-tests-")
             .tempdir()
-            .expect("temp dir")
+            .expect("temp dir");
+        // Never dropped (a static): removed when the test process exits.
+        mailcluster_testenv::remove_at_exit(dir.path().to_path_buf());
+        dir
     })
     .path()
 }
