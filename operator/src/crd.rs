@@ -711,8 +711,23 @@ pub struct OrphanedVolumeStatus {
     /// The drain Job, if one runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
-    /// `Draining`, `Failed`, `Drained` (the volume is being deleted) or `Retained`.
-    pub phase: String,
+    /// What is happening to it: `Draining` (a Job hands the mail on it to the members),
+    /// `Failed` (that Job failed; the volume is kept, delete the Job to retry), `Drained` (the
+    /// volume is being deleted) or `Retained` (kept: `storage.orphanedVolumePolicy: Retain`).
+    pub phase: VolumePhase,
+}
+
+/// What happens to a removed member's queue volume.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumePhase {
+    /// A Job hands the mail on it to the members.
+    Draining,
+    /// The drain Job failed; the volume is kept. Delete the Job to retry.
+    Failed,
+    /// The mail was handed over; the volume is being deleted.
+    Drained,
+    /// Kept as it is (`storage.orphanedVolumePolicy: Retain`).
+    Retained,
 }
 
 macro_rules! string_newtype {

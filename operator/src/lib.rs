@@ -4,6 +4,7 @@
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod applier;
 pub mod apply;
 pub mod builders;
 pub mod controller;
@@ -12,6 +13,7 @@ pub mod leader;
 pub mod local;
 pub mod member_status;
 pub mod metrics;
+pub mod reasons;
 pub mod reconcile;
 pub mod reference;
 pub mod render;

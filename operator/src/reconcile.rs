@@ -1,6 +1,9 @@
-//! One reconcile of a MailCluster: build the desired children with the pure builders, apply
-//! those that differ from the live objects, read back what is observable and write the status
-//! only if it changed. A reconcile that finds everything as desired makes no write.
+//! One reconcile of a MailCluster, as a pipeline: observe what the build needs (the
+//! StatefulSet, the cluster key, the listener Services' load balancer addresses), build the
+//! desired children with the pure builders, apply those that differ from the live objects and
+//! prune those no longer wanted (one [`Applier`] does every write), observe the members, and
+//! write the status (computed by [`status::compute`], the one place conditions are made) only
+//! if it changed. A reconcile that finds everything as desired makes no write.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -20,15 +23,19 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::apply::{self, ApplyError};
+use crate::applier::Applier;
+use crate::apply::ApplyError;
 use crate::builders::{
     self, BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, certificate, configmap,
     dnsendpoint, drain_job, listener_service, networkpolicy, pdb, peer_service, secret,
     statefulset,
 };
-use crate::crd::{MailCluster, MailClusterStatus, OrphanedVolumePolicy, OrphanedVolumeStatus};
+use crate::crd::{
+    MailCluster, MailClusterStatus, OrphanedVolumePolicy, OrphanedVolumeStatus, VolumePhase,
+};
 use crate::member_status::{self, MemberAddress};
 use crate::metrics::Metrics;
+use crate::reasons::Reason;
 use crate::status::{self, DEGRADED, Observed, Problem};
 
 /// Errors of a reconcile; each says what failed and on which object.
@@ -164,7 +171,11 @@ impl Context {
         m.remove(&ObjectRef::from(mc));
     }
 
-    async fn event(&self, mc: &MailCluster, type_: EventType, reason: &str, note: String) {
+    async fn event(&self, mc: &MailCluster, type_: EventType, reason: Reason, note: String) {
+        self.publish(mc, type_, reason.as_str(), note).await;
+    }
+
+    async fn publish(&self, mc: &MailCluster, type_: EventType, reason: &str, note: String) {
         let ev = Event {
             type_,
             reason: reason.to_string(),
@@ -198,8 +209,13 @@ pub async fn reconcile(mc: Arc<MailCluster>, ctx: Arc<Context>) -> Result<Action
                 .and_then(|s| s.conditions.iter().find(|c| c.type_ == DEGRADED))
                 .map(|c| c.message.clone());
             if old.as_deref() != Some(message.as_str()) {
-                ctx.event(&mc, EventType::Warning, "ReconcileFailed", e.to_string())
-                    .await;
+                ctx.event(
+                    &mc,
+                    EventType::Warning,
+                    Reason::ReconcileFailed,
+                    e.to_string(),
+                )
+                .await;
                 if let Err(pe) = patch_degraded(&mc, &ctx, &message).await {
                     tracing::warn!(error = %pe, "cannot write the Degraded condition");
                 }
@@ -216,18 +232,7 @@ pub fn error_policy(mc: Arc<MailCluster>, _e: &Error, ctx: Arc<Context>) -> Acti
 }
 
 async fn patch_degraded(mc: &MailCluster, ctx: &Context, message: &str) -> Result<(), Error> {
-    let mut st = mc.status.clone().unwrap_or_default();
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
-    st.conditions.retain(|c| c.type_ != DEGRADED);
-    st.conditions
-        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-            type_: DEGRADED.to_string(),
-            status: "True".to_string(),
-            reason: "ReconcileFailed".to_string(),
-            message: message.to_string(),
-            observed_generation: mc.metadata.generation,
-            last_transition_time: now,
-        });
+    let st = status::with_reconcile_failure(mc, message.to_string(), Timestamp::now());
     write_status(mc, ctx, &st).await
 }
 
@@ -257,62 +262,133 @@ async fn write_status(
     Ok(())
 }
 
-/// What a reconcile changed, for events.
-#[derive(Debug, Default)]
-struct Changes(Vec<String>);
-
-impl Changes {
-    fn note<K: Resource<DynamicType = ()>>(&mut self, obj: &K, changed: bool) {
-        if changed {
-            self.0.push(format!(
-                "{} {}",
-                K::kind(&()),
-                obj.meta().name.clone().unwrap_or_default()
-            ));
-        }
-    }
-}
-
-async fn apply_counted<K>(
-    ctx: &Context,
-    api: &Api<K>,
-    desired: &K,
-    changes: &mut Changes,
-) -> Result<K, ApplyError>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
-    let applied = apply::apply(api, desired).await?;
-    if applied.changed {
-        ctx.metrics.writes.inc();
-    }
-    changes.note(&applied.object, applied.changed);
-    Ok(applied.object)
-}
-
+/// One reconcile, in the order of the data it needs: observe what the build depends on (the
+/// StatefulSet, the cluster key, the listener Services' load balancer addresses), build the
+/// children, apply them and prune what is no longer wanted, observe the members, and write the
+/// status. Every write goes through one [`Applier`].
 async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(mc)?;
-    let client = ctx.client.clone();
     let ns = names.namespace.as_str();
-    let mut changes = Changes::default();
+    let mut applier = Applier::new(&ctx.metrics.writes);
     let mut observed = Observed {
         spec_valid: true,
         ..Observed::default()
     };
 
-    // The cluster key: generated once, kept afterwards, rotated on request (see
-    // `builders::secret`): a new key in front of the old one, the old one dropped once every
-    // member rolled onto a pod template with the new key's hash.
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
     let live_sts = sts_api
         .get_opt(&names.statefulset())
         .await
         .map_err(kube_err("reading the StatefulSet"))?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let key_hash = cluster_key(mc, ctx, &names, live_sts.as_ref(), &mut applier).await?;
+    observed.addresses = listener_services(mc, ctx, &names, &mut applier).await?;
+    let self_ips: Vec<IpAddr> = observed
+        .addresses
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+
+    // A spec the node cannot run degrades the cluster until it is fixed; nothing else is
+    // changed meanwhile, and there is no error loop.
+    match configmap::node_config(mc, &self_ips).and_then(|c| configmap::render(&c)) {
+        Ok(rendered) => {
+            let desired = Desired::build(mc, &rendered, &key_hash, &ctx.settings.default_image)?;
+            observed.config_hash = Some(rendered.hash);
+            observed.statefulset = Some(
+                desired
+                    .apply(ctx, &names, &mut applier, &mut observed)
+                    .await?,
+            );
+        }
+        Err(e) => {
+            observed.spec_valid = false;
+            observed.problems.push(Problem::new(
+                Reason::InvalidSpec,
+                format!("{e}; fix the MailCluster spec"),
+            ));
+            observed.statefulset = live_sts;
+        }
+    }
+    dns_records(mc, ctx, &names, &mut applier, &mut observed).await?;
+
+    // The members, and the queue volumes of removed members.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let sel = builders::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    observed.pods = pods
+        .list(&ListParams::default().labels(&sel))
+        .await
+        .map_err(kube_err("listing member pods"))?
+        .items;
+    observed.reports = member_reports(ctx, &observed.pods).await;
+    observed.orphaned_volumes = orphaned_volumes(mc, ctx, &observed.pods, &mut applier).await?;
+    for v in &observed.orphaned_volumes {
+        if v.phase == VolumePhase::Failed {
+            observed.problems.push(Problem::new(
+                Reason::DrainFailed,
+                format!(
+                    "the drain Job {} of the removed member's volume {} failed; see `kubectl logs job/{}`. The volume is kept; delete the Job to retry",
+                    v.job.as_deref().unwrap_or_default(),
+                    v.claim,
+                    v.job.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+
+    let new_status = status::compute(mc, &observed, Timestamp::now());
+    if let Some(applied) = applier.summary() {
+        ctx.event(mc, EventType::Normal, Reason::Applied, applied)
+            .await;
+    }
+    let old_status = mc.status.clone().unwrap_or_default();
+    if new_status != old_status {
+        announce_condition_changes(mc, ctx, &old_status, &new_status).await;
+        write_status(mc, ctx, &new_status).await?;
+    }
+    Ok(Action::requeue(next_reconcile(
+        &new_status,
+        observed.spec_valid,
+        &ctx.settings,
+    )))
+}
+
+/// When to look again without a watch event.
+fn next_reconcile(st: &MailClusterStatus, spec_valid: bool, settings: &Settings) -> Duration {
+    let ready = st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::READY && c.status == "True");
+    let draining = st
+        .orphaned_volumes
+        .iter()
+        .any(|v| matches!(v.phase, VolumePhase::Draining | VolumePhase::Drained));
+    if draining {
+        // Job status changes are not watched.
+        Duration::from_secs(10)
+    } else if spec_valid && !ready {
+        // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
+        Duration::from_secs(30)
+    } else {
+        settings.member_refresh.min(settings.resync)
+    }
+}
+
+/// The cluster key (see `builders::secret`): generated once, kept afterwards, rotated on
+/// request: a new key in front of the old one, the old one dropped once every member rolled
+/// onto a pod template with the new key's hash. Applies the Secret and returns the hash of the
+/// key members run with.
+async fn cluster_key(
+    mc: &MailCluster,
+    ctx: &Context,
+    names: &Names,
+    live_sts: Option<&StatefulSet>,
+    applier: &mut Applier<'_>,
+) -> Result<String, Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let live_secret = secrets
         .get_opt(&names.cluster_secret())
         .await
@@ -328,7 +404,7 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
     let request = mc.annotations().get(secret::ROTATE_ANNOTATION).cloned();
     let rolled = keys
         .first()
-        .is_some_and(|k| members_rolled(mc, live_sts.as_ref(), &secret::key_hash(k)));
+        .is_some_and(|k| members_rolled(mc, live_sts, &secret::key_hash(k)));
     let step = secret::key_step(&keys, request.as_deref(), served.as_deref(), rolled);
     let keys = secret::apply_key_step(&keys, &step, secret::generate_key).map_err(Error::Random)?;
     let served = if step == secret::KeyStep::Add {
@@ -336,19 +412,18 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
     } else {
         served
     };
-    apply_counted(
-        ctx,
-        &secrets,
-        &secret::cluster_secret_keys(mc, &keys, served.as_deref())?,
-        &mut changes,
-    )
-    .await?;
+    applier
+        .apply(
+            &secrets,
+            &secret::cluster_secret_keys(mc, &keys, served.as_deref())?,
+        )
+        .await?;
     match step {
         secret::KeyStep::Add if keys.len() > 1 => {
             ctx.event(
                 mc,
                 EventType::Normal,
-                "RotatingKey",
+                Reason::RotatingKey,
                 "added a new cluster key; members accept the old and the new key until all of them restarted with it".to_string(),
             )
             .await;
@@ -357,189 +432,146 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
             ctx.event(
                 mc,
                 EventType::Normal,
-                "KeyRotated",
+                Reason::KeyRotated,
                 "every member runs with the new cluster key; dropped the old key".to_string(),
             )
             .await;
         }
         _ => {}
     }
-    let key_hash = keys
+    Ok(keys
         .first()
         .map(|k| secret::key_hash(k))
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
 
-    // Listener Services first: their load balancer addresses go into config and DNS.
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let mut live_listeners = Vec::new();
-    let desired_listeners = listener_service::listener_services(mc)?;
-    for svc in &desired_listeners {
-        live_listeners.push(apply_counted(ctx, &services, svc, &mut changes).await?);
+/// The listener Services, first of the children: their load balancer addresses go into the
+/// node configuration and DNS. Services of listeners no longer in the spec are deleted.
+/// Returns the load balancer addresses.
+async fn listener_services(
+    mc: &MailCluster,
+    ctx: &Context,
+    names: &Names,
+    applier: &mut Applier<'_>,
+) -> Result<Vec<String>, Error> {
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let desired = listener_service::listener_services(mc)?;
+    let mut live = Vec::with_capacity(desired.len());
+    for svc in &desired {
+        live.push(applier.apply(&services, svc).await?);
     }
-    let wanted: BTreeSet<String> = desired_listeners.iter().map(|s| s.name_any()).collect();
+    let wanted: BTreeSet<String> = desired.iter().map(|s| s.name_any()).collect();
     let selector = format!(
         "{CLUSTER_LABEL}={},{COMPONENT_LABEL}={}",
         names.cluster,
         listener_service::COMPONENT
     );
-    let existing = services
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("listing listener Services"))?;
-    for s in existing {
-        let name = s.name_any();
-        if !wanted.contains(&name) && apply::delete_if_exists(&services, &name).await? {
-            ctx.metrics.writes.inc();
-            changes.0.push(format!("deleted Service {name}"));
-        }
-    }
-    observed.addresses = listener_service::ingress_addresses(&live_listeners);
-    let self_ips: Vec<IpAddr> = observed
-        .addresses
-        .iter()
-        .filter_map(|a| a.parse().ok())
-        .collect();
-
-    // Node configuration. A spec the node cannot run degrades the cluster until it is fixed;
-    // nothing else is changed meanwhile, and there is no error loop.
-    let rendered = match configmap::node_config(mc, &self_ips).and_then(|c| configmap::render(&c)) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            observed.spec_valid = false;
-            observed.problems.push(Problem::new(
-                "InvalidSpec",
-                format!("{e}; fix the MailCluster spec"),
-            ));
-            None
-        }
-    };
-
-    if let Some(rendered) = &rendered {
-        observed.config_hash = Some(rendered.hash.clone());
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        apply_counted(
-            ctx,
-            &cms,
-            &configmap::config_map(mc, rendered)?,
-            &mut changes,
-        )
+    applier
+        .prune(&services, &selector, |name| wanted.contains(name))
         .await?;
-        apply_counted(
-            ctx,
-            &services,
-            &peer_service::peer_service(mc)?,
-            &mut changes,
-        )
-        .await?;
+    Ok(listener_service::ingress_addresses(&live))
+}
+
+/// The children built from a spec the node can run (pure builders, see `builders`).
+struct Desired {
+    config_map: ConfigMap,
+    peer_service: Service,
+    statefulset: StatefulSet,
+    pdb: PodDisruptionBudget,
+    network_policy: NetworkPolicy,
+    /// With `spec.tls.issuerRef`: the cert-manager Certificate.
+    certificate: Option<certificate::Certificate>,
+}
+
+impl Desired {
+    fn build(
+        mc: &MailCluster,
+        rendered: &configmap::RenderedConfig,
+        key_hash: &str,
+        default_image: &str,
+    ) -> Result<Self, BuildError> {
         let tls_secret = certificate::tls_secret_name(mc)?;
-        let mut sts = statefulset::statefulset(
-            mc,
-            &rendered.hash,
-            tls_secret.as_deref(),
-            &ctx.settings.default_image,
-        )?;
-        statefulset::annotate_template(&mut sts, secret::KEY_HASH_ANNOTATION, &key_hash);
-        observed.statefulset = Some(apply_counted(ctx, &sts_api, &sts, &mut changes).await?);
-        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
-        apply_counted(ctx, &pdbs, &pdb::pdb(mc)?, &mut changes).await?;
-        let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
-        apply_counted(ctx, &nps, &networkpolicy::network_policy(mc)?, &mut changes).await?;
+        let mut sts =
+            statefulset::statefulset(mc, &rendered.hash, tls_secret.as_deref(), default_image)?;
+        statefulset::annotate_template(&mut sts, secret::KEY_HASH_ANNOTATION, key_hash);
+        Ok(Self {
+            config_map: configmap::config_map(mc, rendered)?,
+            peer_service: peer_service::peer_service(mc)?,
+            statefulset: sts,
+            pdb: pdb::pdb(mc)?,
+            network_policy: networkpolicy::network_policy(mc)?,
+            certificate: certificate::certificate(mc)?,
+        })
+    }
 
+    /// Applies the children (the ConfigMap before the StatefulSet that rolls on its hash) and
+    /// deletes a Certificate no longer wanted; returns the StatefulSet as applied.
+    async fn apply(
+        self,
+        ctx: &Context,
+        names: &Names,
+        applier: &mut Applier<'_>,
+        observed: &mut Observed,
+    ) -> Result<StatefulSet, Error> {
+        let (client, ns) = (&ctx.client, names.namespace.as_str());
+        applier
+            .apply(&Api::namespaced(client.clone(), ns), &self.config_map)
+            .await?;
+        applier
+            .apply(&Api::namespaced(client.clone(), ns), &self.peer_service)
+            .await?;
+        let sts = applier
+            .apply(&Api::namespaced(client.clone(), ns), &self.statefulset)
+            .await?;
+        applier
+            .apply(&Api::namespaced(client.clone(), ns), &self.pdb)
+            .await?;
+        applier
+            .apply(&Api::namespaced(client.clone(), ns), &self.network_policy)
+            .await?;
         // cert-manager Certificate, when an issuer is given and cert-manager is installed.
         let certs: Api<certificate::Certificate> = Api::namespaced(client.clone(), ns);
-        match certificate::certificate(mc)? {
-            Some(cert) => match apply_counted(ctx, &certs, &cert, &mut changes).await {
+        match &self.certificate {
+            Some(cert) => match applier.apply(&certs, cert).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
-                    "CertificateCRDMissing",
+                    Reason::CertificateCRDMissing,
                     "spec.tls.issuerRef needs cert-manager, but the Certificate kind (cert-manager.io/v1) is not installed: install cert-manager or use spec.tls.secretName",
                 )),
                 Err(e) => return Err(e.into()),
             },
-            None => delete_optional(ctx, &certs, &names.certificate(), &mut changes).await?,
+            None => {
+                applier
+                    .delete_optional(&certs, &names.certificate())
+                    .await?
+            }
         }
-    } else {
-        observed.statefulset = live_sts;
+        Ok(sts)
     }
+}
 
-    // DNS records, once load balancer addresses exist.
-    let dns_api: Api<dnsendpoint::DNSEndpoint> = Api::namespaced(client.clone(), ns);
+/// The DNSEndpoint with the cluster's records, once load balancer addresses exist; deleted
+/// when DNS is disabled.
+async fn dns_records(
+    mc: &MailCluster,
+    ctx: &Context,
+    names: &Names,
+    applier: &mut Applier<'_>,
+    observed: &mut Observed,
+) -> Result<(), Error> {
+    let api: Api<dnsendpoint::DNSEndpoint> = Api::namespaced(ctx.client.clone(), &names.namespace);
     match dnsendpoint::dns_endpoint(mc, &observed.addresses)? {
-        Some(ep) => match apply_counted(ctx, &dns_api, &ep, &mut changes).await {
+        Some(ep) => match applier.apply(&api, &ep).await {
             Ok(_) => observed.dns_records = dnsendpoint::records(mc, &observed.addresses),
             Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
-                "DNSEndpointCRDMissing",
+                Reason::DNSEndpointCRDMissing,
                 "DNS records cannot be published: the DNSEndpoint kind (externaldns.k8s.io/v1alpha1) is not installed; install external-dns with its CRD source, or set spec.dns.enabled: false",
             )),
             Err(e) => return Err(e.into()),
         },
-        None => delete_optional(ctx, &dns_api, &names.statefulset(), &mut changes).await?,
+        None => applier.delete_optional(&api, &names.statefulset()).await?,
     }
-
-    // Members.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let sel = builders::selector_labels(&names)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    observed.pods = pods
-        .list(&ListParams::default().labels(&sel))
-        .await
-        .map_err(kube_err("listing member pods"))?
-        .items;
-    observed.reports = member_reports(ctx, &observed.pods).await;
-
-    // Queue volumes of removed members.
-    observed.orphaned_volumes = orphaned_volumes(mc, ctx, &observed.pods, &mut changes).await?;
-    for v in &observed.orphaned_volumes {
-        if v.phase == "Failed" {
-            observed.problems.push(Problem::new(
-                "DrainFailed",
-                format!(
-                    "the drain Job {} of the removed member's volume {} failed; see `kubectl logs job/{}`. The volume is kept; delete the Job to retry",
-                    v.job.as_deref().unwrap_or_default(),
-                    v.claim,
-                    v.job.as_deref().unwrap_or_default()
-                ),
-            ));
-        }
-    }
-
-    let new_status = status::compute(mc, &observed, Timestamp::now());
-    if !changes.0.is_empty() {
-        ctx.event(
-            mc,
-            EventType::Normal,
-            "Applied",
-            format!("applied {}", changes.0.join(", ")),
-        )
-        .await;
-    }
-    let old_status = mc.status.clone().unwrap_or_default();
-    if new_status != old_status {
-        announce_condition_changes(mc, ctx, &old_status, &new_status).await;
-        write_status(mc, ctx, &new_status).await?;
-    }
-    let ready = new_status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == status::READY && c.status == "True");
-    let draining = new_status
-        .orphaned_volumes
-        .iter()
-        .any(|v| v.phase == "Draining" || v.phase == "Drained");
-    if draining {
-        // Job status changes are not watched.
-        Ok(Action::requeue(Duration::from_secs(10)))
-    } else if observed.spec_valid && !ready {
-        // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
-        Ok(Action::requeue(Duration::from_secs(30)))
-    } else {
-        Ok(Action::requeue(
-            ctx.settings.member_refresh.min(ctx.settings.resync),
-        ))
-    }
+    Ok(())
 }
 
 /// Whether every member runs a pod template whose key hash is `key_hash` and is Ready: the
@@ -553,17 +585,12 @@ fn members_rolled(mc: &MailCluster, sts: Option<&StatefulSet>, key_hash: &str) -
         .and_then(|m| m.annotations.as_ref())
         .and_then(|a| a.get(secret::KEY_HASH_ANNOTATION))
         .is_some_and(|h| h == key_hash);
-    let Some(st) = sts.status.as_ref() else {
-        return false;
-    };
-    let want = mc.spec.replicas;
     template_has_key
-        && st.observed_generation.is_some()
-        && st.observed_generation == sts.metadata.generation
-        && st.current_revision.is_some()
-        && st.current_revision == st.update_revision
-        && st.updated_replicas.unwrap_or(0) >= want
-        && st.ready_replicas.unwrap_or(0) >= want
+        && status::rolled_out(sts, mc.spec.replicas)
+        && sts
+            .status
+            .as_ref()
+            .is_some_and(|st| st.ready_replicas.unwrap_or(0) >= mc.spec.replicas)
 }
 
 /// Read `/status` of every ready member, concurrently, each with the context's timeout.
@@ -595,7 +622,7 @@ async fn orphaned_volumes(
     mc: &MailCluster,
     ctx: &Context,
     pods: &[Pod],
-    changes: &mut Changes,
+    applier: &mut Applier<'_>,
 ) -> Result<Vec<OrphanedVolumeStatus>, Error> {
     let names = Names::of(mc)?;
     let ns = names.namespace.as_str();
@@ -624,7 +651,7 @@ async fn orphaned_volumes(
             out.push(OrphanedVolumeStatus {
                 claim: claim.clone(),
                 job: None,
-                phase: "Retained".to_string(),
+                phase: VolumePhase::Retained,
             });
             continue;
         }
@@ -637,11 +664,11 @@ async fn orphaned_volumes(
             Some(j) => j,
             None => {
                 let desired = drain_job::drain_job(mc, *ordinal, &ctx.settings.default_image)?;
-                let created = apply_counted(ctx, &jobs, &desired, changes).await?;
+                let created = applier.apply(&jobs, &desired).await?;
                 ctx.event(
                     mc,
                     EventType::Normal,
-                    "DrainingVolume",
+                    Reason::DrainingVolume,
                     format!("started Job {job_name} to hand the mail on the removed member's volume {claim} to the members"),
                 )
                 .await;
@@ -649,29 +676,25 @@ async fn orphaned_volumes(
             }
         };
         let phase = if drain_job::succeeded(&job) {
-            if apply::delete_if_exists(&pvcs, claim).await? {
-                ctx.metrics.writes.inc();
-                changes
-                    .0
-                    .push(format!("deleted PersistentVolumeClaim {claim}"));
+            if applier.delete(&pvcs, claim).await? {
                 ctx.event(
                     mc,
                     EventType::Normal,
-                    "VolumeDrained",
+                    Reason::VolumeDrained,
                     format!("Job {job_name} handed the mail on {claim} to the members; deleted the volume"),
                 )
                 .await;
             }
-            "Drained"
+            VolumePhase::Drained
         } else if drain_job::failed(&job) {
-            "Failed"
+            VolumePhase::Failed
         } else {
-            "Draining"
+            VolumePhase::Draining
         };
         out.push(OrphanedVolumeStatus {
             claim: claim.clone(),
             job: Some(job_name),
-            phase: phase.to_string(),
+            phase,
         });
     }
     // Drain Jobs whose volume is gone (done) or belongs to a member again.
@@ -680,47 +703,15 @@ async fn orphaned_volumes(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let live_jobs = jobs
-        .list_metadata(&ListParams::default().labels(&job_sel))
-        .await
-        .map_err(kube_err("listing drain Jobs"))?;
-    for j in live_jobs {
-        let name = j.name_any();
-        let still_needed = orphans
-            .iter()
-            .any(|(o, claim)| drain_job::job_name(&names, *o) == name && claims.contains(claim))
-            && policy == OrphanedVolumePolicy::Drain;
-        if !still_needed
-            && j.metadata.deletion_timestamp.is_none()
-            && apply::delete_if_exists(&jobs, &name).await?
-        {
-            ctx.metrics.writes.inc();
-            changes.0.push(format!("deleted Job {name}"));
-        }
-    }
+    applier
+        .prune(&jobs, &job_sel, |name| {
+            policy == OrphanedVolumePolicy::Drain
+                && orphans.iter().any(|(o, claim)| {
+                    drain_job::job_name(&names, *o) == name && claims.contains(claim)
+                })
+        })
+        .await?;
     Ok(out)
-}
-
-async fn delete_optional<K>(
-    ctx: &Context,
-    api: &Api<K>,
-    name: &str,
-    changes: &mut Changes,
-) -> Result<(), Error>
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    match apply::delete_if_exists(api, name).await {
-        Ok(true) => {
-            ctx.metrics.writes.inc();
-            changes.0.push(format!("deleted {} {name}", K::kind(&())));
-            Ok(())
-        }
-        Ok(false) => Ok(()),
-        // The kind is not installed: there is nothing to delete.
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn announce_condition_changes(
@@ -739,7 +730,8 @@ async fn announce_condition_changes(
         let interesting =
             warn || (c.type_ == status::READY && (c.status == "True" || before.is_some()));
         if interesting {
-            ctx.event(
+            // The condition's reason, as status::compute wrote it.
+            ctx.publish(
                 mc,
                 if warn {
                     EventType::Warning
@@ -764,5 +756,90 @@ mod tests {
         assert_eq!(Context::backoff(1), Duration::from_secs(4));
         assert_eq!(Context::backoff(3), Duration::from_secs(16));
         assert_eq!(Context::backoff(20), Duration::from_secs(300));
+    }
+
+    fn status_with(ready: bool, volumes: &[VolumePhase]) -> MailClusterStatus {
+        let mut mc = crate::builders::testing::sample();
+        mc.status = None;
+        let mut st = status::with_reconcile_failure(&mc, "x".into(), Timestamp::now());
+        st.conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: status::READY.into(),
+                status: if ready { "True" } else { "False" }.into(),
+                reason: Reason::AllMembersReady.to_string(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    Timestamp::now(),
+                ),
+            });
+        st.orphaned_volumes = volumes
+            .iter()
+            .map(|&phase| OrphanedVolumeStatus {
+                claim: "queue-relay-3".into(),
+                job: None,
+                phase,
+            })
+            .collect();
+        st
+    }
+
+    #[test]
+    fn looks_again_soon_while_draining_or_not_ready_else_at_the_member_refresh() {
+        let settings = Settings {
+            member_refresh: Duration::from_secs(60),
+            resync: Duration::from_secs(300),
+            ..Settings::default()
+        };
+        let next = |ready, volumes: &[VolumePhase], valid| {
+            next_reconcile(&status_with(ready, volumes), valid, &settings)
+        };
+        assert_eq!(next(true, &[], true), Duration::from_secs(60));
+        assert_eq!(next(false, &[], true), Duration::from_secs(30));
+        assert_eq!(
+            next(false, &[], false),
+            Duration::from_secs(60),
+            "an invalid spec waits for an edit"
+        );
+        assert_eq!(
+            next(true, &[VolumePhase::Draining], true),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            next(true, &[VolumePhase::Retained], true),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            next(true, &[VolumePhase::Failed], true),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn the_desired_children_carry_the_config_and_key_hashes() {
+        let mc = crate::builders::testing::sample();
+        let config = configmap::node_config(&mc, &[]).unwrap();
+        let rendered = configmap::render(&config).unwrap();
+        let d = Desired::build(&mc, &rendered, "key-hash-1", "mailnode:test").unwrap();
+        let template = d
+            .statefulset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .unwrap();
+        assert_eq!(template[secret::KEY_HASH_ANNOTATION], "key-hash-1");
+        assert_eq!(
+            template[builders::CONFIG_HASH_ANNOTATION],
+            rendered.hash.as_str()
+        );
+        assert_eq!(
+            d.config_map.data.as_ref().unwrap().values().next(),
+            Some(&rendered.yaml)
+        );
+        assert!(
+            d.certificate.is_none(),
+            "the sample names a Secret, no issuer"
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use crate::crd::{
     DnsRecordStatus, MailCluster, MailClusterStatus, MemberStatus, OrphanedVolumeStatus,
 };
+use crate::reasons::Reason;
 use mailnode_api::status::StatusReport;
 
 /// Condition types.
@@ -26,17 +27,17 @@ pub const DEGRADED: &str = "Degraded";
 /// Something that degrades the cluster and needs a person.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// CamelCase reason.
-    pub reason: String,
+    /// The Degraded condition's reason.
+    pub reason: Reason,
     /// What is wrong and what to do.
     pub message: String,
 }
 
 impl Problem {
     /// A problem.
-    pub fn new(reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Self {
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
@@ -64,6 +65,20 @@ pub struct Observed {
     pub reports: BTreeMap<String, Result<StatusReport, String>>,
     /// Queue volumes of removed members.
     pub orphaned_volumes: Vec<OrphanedVolumeStatus>,
+}
+
+/// Whether the StatefulSet has rolled its current spec out to `replicas` members: its
+/// controller saw this generation, there is one revision, and that many members run it
+/// (ready or not).
+pub fn rolled_out(sts: &StatefulSet, replicas: i32) -> bool {
+    let Some(st) = sts.status.as_ref() else {
+        return false;
+    };
+    st.observed_generation.is_some()
+        && st.observed_generation == sts.metadata.generation
+        && st.current_revision.is_some()
+        && st.current_revision == st.update_revision
+        && st.updated_replicas.unwrap_or(0) >= replicas
 }
 
 /// Whether a pod has the Ready condition.
@@ -145,7 +160,7 @@ fn condition(
     old: Option<&MailClusterStatus>,
     type_: &str,
     status: bool,
-    reason: &str,
+    reason: Reason,
     message: String,
     generation: Option<i64>,
     now: Timestamp,
@@ -178,23 +193,17 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
         i32::try_from(members.iter().filter(|m| m.ready).count()).unwrap_or(i32::MAX);
     let in_sync = members.iter().filter(|m| m.config_in_sync).count();
 
-    let sts_status = o.statefulset.as_ref().and_then(|s| s.status.as_ref());
-    let sts_current = o.statefulset.as_ref().is_some_and(|s| {
-        s.status.as_ref().and_then(|st| st.observed_generation) == s.metadata.generation
-    });
-    let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
-    let rolled_out = sts_current
-        && sts_status.is_some_and(|s| {
-            s.current_revision.is_some() && s.current_revision == s.update_revision
-        })
-        && updated >= desired;
+    let rolled_out = o
+        .statefulset
+        .as_ref()
+        .is_some_and(|s| rolled_out(s, desired));
     let member_count = i32::try_from(members.len()).unwrap_or(i32::MAX);
 
     let disagreement = member_disagreement(o);
     let (ready, ready_reason, ready_msg) = if !o.spec_valid {
         (
             false,
-            "InvalidSpec",
+            Reason::InvalidSpec,
             "the spec cannot be turned into a cluster; see the Degraded condition".to_string(),
         )
     } else if ready_members >= desired
@@ -206,7 +215,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     } else if ready_members >= desired && member_count == desired && rolled_out {
         (
             true,
-            "AllMembersReady",
+            Reason::AllMembersReady,
             format!(
                 "{ready_members}/{desired} members ready and running the current configuration"
             ),
@@ -214,7 +223,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     } else if o.statefulset.is_none() {
         (
             false,
-            "Creating",
+            Reason::Creating,
             "the members are being created".to_string(),
         )
     } else {
@@ -233,27 +242,27 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
                 waiting.join(", ")
             )
         };
-        (false, "MembersNotReady", msg)
+        (false, Reason::MembersNotReady, msg)
     };
 
     let (progressing, prog_reason, prog_msg) = if !o.spec_valid {
         (
             false,
-            "InvalidSpec",
+            Reason::InvalidSpec,
             "nothing is rolled out until the spec is fixed".to_string(),
         )
     } else if o.statefulset.is_none() {
-        (true, "Creating", "creating the members".to_string())
+        (true, Reason::Creating, "creating the members".to_string())
     } else if member_count != desired {
         (
             true,
-            "Scaling",
+            Reason::Scaling,
             format!("scaling from {member_count} to {desired} members, one at a time"),
         )
     } else if !rolled_out || in_sync < members.len() {
         (
             true,
-            "RollingOut",
+            Reason::RollingOut,
             format!(
                 "rolling out the current configuration: {in_sync}/{} members updated, one at a time",
                 members.len()
@@ -262,7 +271,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     } else {
         (
             false,
-            "Stable",
+            Reason::Stable,
             "no rollout or scale in progress".to_string(),
         )
     };
@@ -270,13 +279,13 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     let (degraded, deg_reason, deg_msg) = match o.problems.as_slice() {
         [] => (
             false,
-            "AsExpected".to_string(),
+            Reason::AsExpected,
             "nothing needs attention".to_string(),
         ),
-        [one] => (true, one.reason.clone(), one.message.clone()),
+        [one] => (true, one.reason, one.message.clone()),
         many => (
             true,
-            many[0].reason.clone(),
+            many[0].reason,
             many.iter()
                 .map(|p| p.message.as_str())
                 .collect::<Vec<_>>()
@@ -298,13 +307,7 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
                 now,
             ),
             condition(
-                old,
-                DEGRADED,
-                degraded,
-                &deg_reason,
-                deg_msg,
-                generation,
-                now,
+                old, DEGRADED, degraded, deg_reason, deg_msg, generation, now,
             ),
         ],
         ready_members,
@@ -318,9 +321,34 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     }
 }
 
+/// The status of `mc` as it was, with the Degraded condition saying that reconciling failed
+/// (`message`); its transition time is kept when the cluster already was degraded.
+pub fn with_reconcile_failure(
+    mc: &MailCluster,
+    message: String,
+    now: Timestamp,
+) -> MailClusterStatus {
+    let old = mc.status.as_ref();
+    let degraded = condition(
+        old,
+        DEGRADED,
+        true,
+        Reason::ReconcileFailed,
+        message,
+        mc.metadata.generation,
+        now,
+    );
+    let mut st = old.cloned().unwrap_or_default();
+    match st.conditions.iter_mut().find(|c| c.type_ == DEGRADED) {
+        Some(c) => *c = degraded,
+        None => st.conditions.push(degraded),
+    }
+    st
+}
+
 /// Why members that are all ready still do not form a healthy cluster: they run different
 /// configurations or versions, or cannot reach each other. From the members' own `/status`.
-fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
+fn member_disagreement(o: &Observed) -> Option<(Reason, String)> {
     let reports: Vec<(&String, &StatusReport)> = o
         .reports
         .iter()
@@ -334,7 +362,7 @@ fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
             .collect();
         if !stale.is_empty() {
             return Some((
-                "ConfigMismatch",
+                Reason::ConfigMismatch,
                 format!(
                     "members run different configurations: {} instead of {hash}; they pick up the current one when restarted (`kubectl rollout restart statefulset`)",
                     stale.join(", ")
@@ -355,7 +383,7 @@ fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
             .map(|(v, pods)| format!("{v} on {}", pods.join(", ")))
             .collect();
         return Some((
-            "VersionMismatch",
+            Reason::VersionMismatch,
             format!("members run different versions: {}", list.join("; ")),
         ));
     }
@@ -377,7 +405,7 @@ fn member_disagreement(o: &Observed) -> Option<(&'static str, String)> {
         .collect();
     if !unreachable.is_empty() {
         return Some((
-            "PeersUnreachable",
+            Reason::PeersUnreachable,
             format!(
                 "members cannot reach each other on the peer channel (port {}): {}; check the NetworkPolicy and the cluster key Secret",
                 crate::crd::PEER_PORT,
@@ -507,7 +535,7 @@ mod tests {
             config_hash: Some("h".into()),
             spec_valid: true,
             problems: vec![Problem::new(
-                "DNSEndpointCRDMissing",
+                Reason::DNSEndpointCRDMissing,
                 "install external-dns",
             )],
             ..Default::default()
@@ -628,5 +656,39 @@ mod tests {
         mc.status = Some(first.clone());
         let second = compute(&mc, &o, Timestamp::now());
         assert_eq!(first, second, "transition times are kept");
+    }
+
+    #[test]
+    fn a_reconcile_failure_degrades_and_keeps_the_time_it_first_did() {
+        let mut mc = sample();
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let o = Observed {
+            statefulset: Some(sts(3, 3, true)),
+            pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
+            config_hash: Some("h".into()),
+            spec_valid: true,
+            ..Default::default()
+        };
+        mc.status = Some(compute(&mc, &o, t0));
+        let t1 = Timestamp::from_second(1_700_000_100).unwrap();
+        let first = with_reconcile_failure(&mc, "reconcile failed: a".into(), t1);
+        let d = cond(&first, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "ReconcileFailed")
+        );
+        assert_eq!(d.last_transition_time.0, t1);
+        assert_eq!(first.conditions.len(), 3, "replaced, not added");
+        assert_eq!(
+            cond(&first, READY).status,
+            "True",
+            "the other conditions stay"
+        );
+        mc.status = Some(first);
+        let t2 = Timestamp::from_second(1_700_000_200).unwrap();
+        let second = with_reconcile_failure(&mc, "reconcile failed: b".into(), t2);
+        let d = cond(&second, DEGRADED);
+        assert_eq!(d.message, "reconcile failed: b");
+        assert_eq!(d.last_transition_time.0, t1, "still degraded since t1");
     }
 }

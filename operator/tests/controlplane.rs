@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use mailcluster_operator::builders::{CONFIG_HASH_ANNOTATION, dnsendpoint::DNSEndpoint};
-use mailcluster_operator::crd::MailCluster;
+use mailcluster_operator::crd::{MailCluster, VolumePhase};
 use mailcluster_operator::leader::{Elector, LeaseSettings};
 use mailcluster_operator::status::{DEGRADED, READY};
 use serde_json::{Value, json};
@@ -891,7 +891,7 @@ async fn a_removed_members_volume_is_drained_then_deleted() {
         Ok(st
             .orphaned_volumes
             .iter()
-            .any(|v| v.claim == "queue-dr-2" && v.phase == "Draining"))
+            .any(|v| v.claim == "queue-dr-2" && v.phase == VolumePhase::Draining))
     })
     .await;
     assert!(
@@ -939,7 +939,7 @@ async fn a_removed_members_volume_is_drained_then_deleted() {
         Ok(st
             .orphaned_volumes
             .iter()
-            .any(|v| v.claim == "queue-dr-1" && v.phase == "Retained"))
+            .any(|v| v.claim == "queue-dr-1" && v.phase == VolumePhase::Retained))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
