@@ -1,6 +1,7 @@
 //! The fuzz targets of node/fuzz as bounded random tests on stable (proptest): the command
 //! parser, the DATA decoder, the PROXY header parser and the session never panic, and a byte
-//! stream with DATA and BDAT content keeps the memory budget.
+//! stream with DATA and BDAT content keeps the memory budget. Beside them, the writing and
+//! reading sides of the protocol checked as inverses (dot stuffing, replies).
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
@@ -78,6 +79,23 @@ proptest! {
         let (body, flaws) = dec.finish();
         prop_assert!(flaws.is_clean());
         prop_assert_eq!(body, msg);
+    }
+
+    #[test]
+    fn a_written_reply_reads_back_as_itself(
+        code in 200u16..600,
+        enhanced in prop_oneof![Just(String::new()), "[245]\\.[0-9]{1,3}\\.[0-9]{1,3}"],
+        lines in proptest::collection::vec("[a-zA-Z0-9 .,:-]{0,30}", 1..5),
+    ) {
+        use mailnode::smtp::reply::{Reply, leading_enhanced, parse_reply};
+        // A first line that itself starts with an enhanced code reads as one: not a reply
+        // this node writes.
+        prop_assume!(!enhanced.is_empty() || leading_enhanced(&lines[0]).is_none());
+        let reply = Reply { code, enhanced: enhanced.into(), lines };
+        let wire = reply.to_wire();
+        let (back, used) = parse_reply(wire.as_bytes()).unwrap().unwrap();
+        prop_assert_eq!(used, wire.len());
+        prop_assert_eq!(back, reply);
     }
 
     #[test]

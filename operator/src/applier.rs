@@ -58,20 +58,9 @@ impl<'a> Applier<'a> {
         Ok(deleted)
     }
 
-    /// Deletes the object `name` of a kind that may not be installed (a CRD of another
-    /// project): a kind the API server does not know has nothing to delete.
-    pub async fn delete_optional<K>(&mut self, api: &Api<K>, name: &str) -> Result<(), ApplyError>
-    where
-        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
-    {
-        match self.delete(api, name).await {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other.map(|_| ()),
-        }
-    }
-
     /// Deletes the objects with the labels of `selector` that `keep` does not keep and that
-    /// are not already being deleted.
+    /// are not already being deleted. A kind the API server does not know (a CRD of another
+    /// project that is not installed) has nothing to delete.
     pub async fn prune<K>(
         &mut self,
         api: &Api<K>,
@@ -81,15 +70,21 @@ impl<'a> Applier<'a> {
     where
         K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
     {
-        let live = api
+        let live = match api
             .list_metadata(&ListParams::default().labels(selector))
             .await
-            .map_err(|source| ApplyError::Kube {
-                verb: "listing",
-                kind: K::kind(&()).to_string(),
-                name: format!("with labels {selector}"),
-                source,
-            })?;
+        {
+            Ok(list) => list,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(source) => {
+                return Err(ApplyError::Kube {
+                    verb: "listing",
+                    kind: K::kind(&()).to_string(),
+                    name: format!("with labels {selector}"),
+                    source,
+                });
+            }
+        };
         for obj in live {
             let name = obj.name_any();
             if obj.metadata.deletion_timestamp.is_none() && !keep(&name) {

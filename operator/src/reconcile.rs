@@ -26,9 +26,8 @@ use serde_json::json;
 use crate::applier::Applier;
 use crate::apply::ApplyError;
 use crate::builders::{
-    self, BuildError, CLUSTER_LABEL, COMPONENT_LABEL, FIELD_MANAGER, Names, certificate, configmap,
-    dnsendpoint, drain_job, listener_service, networkpolicy, pdb, peer_service, secret,
-    statefulset,
+    self, BuildError, FIELD_MANAGER, Names, certificate, configmap, dnsendpoint, drain_job,
+    listener_service, networkpolicy, pdb, peer_service, secret, statefulset,
 };
 use crate::crd::{
     MailCluster, MailClusterStatus, OrphanedVolumePolicy, OrphanedVolumeStatus, VolumePhase,
@@ -461,13 +460,12 @@ async fn listener_services(
         live.push(applier.apply(&services, svc).await?);
     }
     let wanted: BTreeSet<String> = desired.iter().map(|s| s.name_any()).collect();
-    let selector = format!(
-        "{CLUSTER_LABEL}={},{COMPONENT_LABEL}={}",
-        names.cluster,
-        listener_service::COMPONENT
-    );
     applier
-        .prune(&services, &selector, |name| wanted.contains(name))
+        .prune(
+            &services,
+            &names.component_selector(listener_service::COMPONENT),
+            |name| wanted.contains(name),
+        )
         .await?;
     Ok(listener_service::ingress_addresses(&live))
 }
@@ -531,21 +529,24 @@ impl Desired {
             .await?;
         // cert-manager Certificate, when an issuer is given and cert-manager is installed.
         let certs: Api<certificate::Certificate> = Api::namespaced(client.clone(), ns);
-        match &self.certificate {
-            Some(cert) => match applier.apply(&certs, cert).await {
+        if let Some(cert) = &self.certificate {
+            match applier.apply(&certs, cert).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
                     Reason::CertificateCRDMissing,
                     "spec.tls.issuerRef needs cert-manager, but the Certificate kind (cert-manager.io/v1) is not installed: install cert-manager or use spec.tls.secretName",
                 )),
                 Err(e) => return Err(e.into()),
-            },
-            None => {
-                applier
-                    .delete_optional(&certs, &names.certificate())
-                    .await?
             }
         }
+        let wanted = self.certificate.as_ref().map(ResourceExt::name_any);
+        applier
+            .prune(
+                &certs,
+                &names.component_selector(certificate::COMPONENT),
+                |name| wanted.as_deref() == Some(name),
+            )
+            .await?;
         Ok(sts)
     }
 }
@@ -560,17 +561,25 @@ async fn dns_records(
     observed: &mut Observed,
 ) -> Result<(), Error> {
     let api: Api<dnsendpoint::DNSEndpoint> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    match dnsendpoint::dns_endpoint(mc, &observed.addresses)? {
-        Some(ep) => match applier.apply(&api, &ep).await {
+    let desired = dnsendpoint::dns_endpoint(mc, &observed.addresses)?;
+    if let Some(ep) = &desired {
+        match applier.apply(&api, ep).await {
             Ok(_) => observed.dns_records = dnsendpoint::records(mc, &observed.addresses),
             Err(e) if e.is_not_found() => observed.problems.push(Problem::new(
                 Reason::DNSEndpointCRDMissing,
                 "DNS records cannot be published: the DNSEndpoint kind (externaldns.k8s.io/v1alpha1) is not installed; install external-dns with its CRD source, or set spec.dns.enabled: false",
             )),
             Err(e) => return Err(e.into()),
-        },
-        None => applier.delete_optional(&api, &names.statefulset()).await?,
+        }
     }
+    let wanted = desired.as_ref().map(ResourceExt::name_any);
+    applier
+        .prune(
+            &api,
+            &names.component_selector(dnsendpoint::COMPONENT),
+            |name| wanted.as_deref() == Some(name),
+        )
+        .await?;
     Ok(())
 }
 
@@ -698,18 +707,17 @@ async fn orphaned_volumes(
         });
     }
     // Drain Jobs whose volume is gone (done) or belongs to a member again.
-    let job_sel = drain_job::job_labels(&names)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
     applier
-        .prune(&jobs, &job_sel, |name| {
-            policy == OrphanedVolumePolicy::Drain
-                && orphans.iter().any(|(o, claim)| {
-                    drain_job::job_name(&names, *o) == name && claims.contains(claim)
-                })
-        })
+        .prune(
+            &jobs,
+            &names.component_selector(drain_job::COMPONENT),
+            |name| {
+                policy == OrphanedVolumePolicy::Drain
+                    && orphans.iter().any(|(o, claim)| {
+                        drain_job::job_name(&names, *o) == name && claims.contains(claim)
+                    })
+            },
+        )
         .await?;
     Ok(out)
 }

@@ -584,10 +584,7 @@ impl Engine {
                                 Res::Deferred(format!("{remote}: {}", rep.text()))
                             }
                             RcptResult::Failed(rep) => Res::Failed {
-                                status: dsn::status_of(
-                                    rep.code,
-                                    rep.lines.first().map_or("", String::as_str),
-                                ),
+                                status: dsn::status_of(rep.code, rep.enhanced().unwrap_or("")),
                                 diagnostic: rep.text(),
                                 remote: Some(host.clone()),
                             },

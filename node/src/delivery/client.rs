@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-pub use crate::smtp::reply::SmtpReply;
+pub use crate::smtp::reply::Reply;
 
 /// Client errors: the hop could not be used (the caller tries the next hop or defers).
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,7 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// Parse the lines of an EHLO reply (the first is the greeting name).
-    pub fn parse(reply: &SmtpReply) -> Self {
+    pub fn parse(reply: &Reply) -> Self {
         let mut c = Capabilities::default();
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
@@ -118,14 +118,14 @@ impl Capabilities {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptResult {
     /// Accepted and the message taken (250 after DATA).
-    Delivered(SmtpReply),
+    Delivered(Reply),
     /// Temporary failure (4xx): retry later.
-    Deferred(SmtpReply),
+    Deferred(Reply),
     /// Permanent failure (5xx): bounce.
-    Failed(SmtpReply),
+    Failed(Reply),
 }
 
-fn classify(r: &SmtpReply) -> RcptResult {
+fn classify(r: &Reply) -> RcptResult {
     if r.is_permanent() {
         RcptResult::Failed(r.clone())
     } else if r.is_positive() {
@@ -191,7 +191,7 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    async fn read_reply(&mut self, stage: &'static str) -> Result<SmtpReply, ClientError> {
+    async fn read_reply(&mut self, stage: &'static str) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             if let Some((r, n)) = crate::smtp::reply::parse_reply(&self.rbuf)
@@ -221,7 +221,7 @@ impl Connection {
         Ok(())
     }
 
-    async fn command(&mut self, line: &str, stage: &'static str) -> Result<SmtpReply, ClientError> {
+    async fn command(&mut self, line: &str, stage: &'static str) -> Result<Reply, ClientError> {
         self.write(format!("{line}\r\n").as_bytes(), stage).await?;
         self.read_reply(stage).await
     }
@@ -373,7 +373,7 @@ impl Connection {
             && max > 0
             && msg.len() as u64 > max
         {
-            let r = SmtpReply::synthetic(
+            let r = Reply::synthetic(
                 552,
                 format!(
                     "5.3.4 message size {} exceeds the next hop's limit {max}",
@@ -471,7 +471,7 @@ impl Connection {
         &mut self,
         mail: String,
         rcpts: &[String],
-    ) -> Result<(SmtpReply, Vec<SmtpReply>, SmtpReply), ClientError> {
+    ) -> Result<(Reply, Vec<Reply>, Reply), ClientError> {
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         if self.caps.pipelining {
             let mut batch = mail.into_bytes();
@@ -490,11 +490,7 @@ impl Connection {
         self.write(mail.as_bytes(), "MAIL").await?;
         let mail_reply = self.read_reply("MAIL").await?;
         if mail_reply.code != 250 {
-            return Ok((
-                mail_reply,
-                rcpt_replies,
-                SmtpReply::synthetic(503, "not sent"),
-            ));
+            return Ok((mail_reply, rcpt_replies, Reply::synthetic(503, "not sent")));
         }
         for r in rcpts {
             let rr = self.command(&format!("RCPT TO:<{r}>"), "RCPT").await?;
@@ -503,7 +499,7 @@ impl Connection {
         let data_reply = if rcpt_replies.iter().any(|r| r.code / 100 == 2) {
             self.command("DATA", "DATA").await?
         } else {
-            SmtpReply::synthetic(554, "no valid recipients")
+            Reply::synthetic(554, "no valid recipients")
         };
         Ok((mail_reply, rcpt_replies, data_reply))
     }

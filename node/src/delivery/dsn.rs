@@ -104,15 +104,8 @@ pub fn is_report(msg: &[u8]) -> bool {
 /// The enhanced status code of a reply text (`5.1.1 User unknown`), or one derived from
 /// the reply code.
 pub fn status_of(code: u16, text: &str) -> String {
-    let first = text.split_whitespace().next().unwrap_or("");
-    let parts: Vec<&str> = first.split('.').collect();
-    if parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        && matches!(parts[0], "2" | "4" | "5")
-    {
-        return first.to_owned();
+    if let Some(enhanced) = crate::smtp::reply::leading_enhanced(text) {
+        return enhanced.to_owned();
     }
     match code / 100 {
         5 => "5.0.0".into(),

@@ -1,7 +1,8 @@
-//! SMTP replies (RFC 5321 section 4.2) with enhanced status codes (RFC 3463), both the ones
-//! this node writes ([`Reply`]) and the ones it reads from a next hop ([`SmtpReply`],
-//! [`parse_reply`]).
+//! SMTP replies (RFC 5321 section 4.2) with enhanced status codes (RFC 3463): one [`Reply`]
+//! type for the replies this node writes and for those it reads from a next hop
+//! ([`parse_reply`]), so that both sides agree on codes, enhanced codes and text.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 /// One SMTP reply, possibly multi-line.
@@ -9,9 +10,9 @@ use std::fmt::Write as _;
 pub struct Reply {
     /// Three-digit reply code.
     pub code: u16,
-    /// Enhanced status code such as `5.7.1`, or empty.
-    pub enhanced: &'static str,
-    /// Text lines (at least one).
+    /// Enhanced status code such as `5.7.1`, or empty. Written at the start of every line.
+    pub enhanced: Cow<'static, str>,
+    /// Text lines, after the code and the enhanced code.
     pub lines: Vec<String>,
 }
 
@@ -20,7 +21,7 @@ impl Reply {
     pub fn new(code: u16, enhanced: &'static str, text: impl Into<String>) -> Self {
         Self {
             code,
-            enhanced,
+            enhanced: Cow::Borrowed(enhanced),
             lines: vec![text.into()],
         }
     }
@@ -29,14 +30,47 @@ impl Reply {
     pub fn multi(code: u16, lines: Vec<String>) -> Self {
         Self {
             code,
-            enhanced: "",
+            enhanced: Cow::Borrowed(""),
             lines,
+        }
+    }
+
+    /// A reply made up locally for what was not one (a timeout or an error, shown as a reply).
+    pub fn synthetic(code: u16, text: impl Into<String>) -> Self {
+        Self {
+            code,
+            enhanced: Cow::Borrowed(""),
+            lines: vec![text.into()],
         }
     }
 
     /// Whether the code is 2xx or 3xx.
     pub fn is_positive(&self) -> bool {
         self.code < 400
+    }
+
+    /// Whether the code is 5xx.
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// The enhanced status code, if the reply has one.
+    pub fn enhanced(&self) -> Option<&str> {
+        (!self.enhanced.is_empty()).then_some(&*self.enhanced)
+    }
+
+    /// One line for logs and DSNs: the code, the enhanced code and the text lines.
+    pub fn text(&self) -> String {
+        let mut s = self.code.to_string();
+        if !self.enhanced.is_empty() {
+            s.push(' ');
+            s.push_str(&self.enhanced);
+        }
+        for line in &self.lines {
+            s.push(' ');
+            s.push_str(line);
+        }
+        s
     }
 
     /// Append the wire form (with CRLF) to `out`.
@@ -77,45 +111,16 @@ impl std::fmt::Display for Reply {
     }
 }
 
-/// A reply as read from the other side of a connection (a next hop).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    /// Reply code.
-    pub code: u16,
-    /// Text of each line (after the code and separator).
-    pub lines: Vec<String>,
-}
-
-impl SmtpReply {
-    /// All lines joined with spaces, prefixed by the code (for logs and DSNs).
-    pub fn text(&self) -> String {
-        format!("{} {}", self.code, self.lines.join(" "))
-    }
-    /// 2xx or 3xx.
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-    /// 5xx.
-    pub fn is_permanent(&self) -> bool {
-        self.code >= 500
-    }
-    /// The enhanced status code (RFC 3463) that starts the first line, if any.
-    pub fn enhanced(&self) -> Option<&str> {
-        let first = self.lines.first()?.split_whitespace().next()?;
-        let mut parts = first.split('.');
-        let class = parts.next()?;
-        let ok = matches!(class, "2" | "4" | "5")
-            && parts.clone().count() == 2
-            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-        ok.then_some(first)
-    }
-    /// A reply made up locally (a timeout or error shown as a reply).
-    pub fn synthetic(code: u16, text: impl Into<String>) -> Self {
-        Self {
-            code,
-            lines: vec![text.into()],
-        }
-    }
+/// The enhanced status code (RFC 3463: class `2`, `4` or `5`, then subject and detail of one to
+/// three digits) that starts `text`, if any.
+pub fn leading_enhanced(text: &str) -> Option<&str> {
+    let first = text.split(' ').next()?;
+    let mut parts = first.split('.');
+    let class = parts.next()?;
+    let ok = matches!(class, "2" | "4" | "5")
+        && parts.clone().count() == 2
+        && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    ok.then_some(first)
 }
 
 /// A reply that cannot be read.
@@ -137,7 +142,7 @@ pub enum ReplyError {
 
 /// Parse one complete reply at the start of `buf`: the reply and the bytes it used, or
 /// `None` when more input is needed.
-pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ReplyError> {
+pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     let mut pos = 0;
     let mut lines = Vec::new();
     let mut code = None;
@@ -165,11 +170,39 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(SmtpReply, usize)>, ReplyError>
         let sep = line.get(3).copied().unwrap_or(b' ');
         lines.push(String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned());
         if sep != b'-' {
-            return Ok(Some((SmtpReply { code: c, lines }, pos)));
+            return Ok(Some((split_enhanced(c, lines), pos)));
         }
         if lines.len() > 200 {
             return Err(ReplyError::TooManyLines);
         }
+    }
+}
+
+/// The reply with the enhanced code that starts its first line taken out of every line that
+/// starts with it (RFC 3463 puts it on each line of a multi-line reply).
+fn split_enhanced(code: u16, mut lines: Vec<String>) -> Reply {
+    let enhanced = lines
+        .first()
+        .and_then(|l| leading_enhanced(l))
+        .map(str::to_owned);
+    let Some(enhanced) = enhanced else {
+        return Reply {
+            code,
+            enhanced: Cow::Borrowed(""),
+            lines,
+        };
+    };
+    for line in &mut lines {
+        if let Some(rest) = line.strip_prefix(enhanced.as_str())
+            && (rest.is_empty() || rest.starts_with(' '))
+        {
+            *line = rest.strip_prefix(' ').unwrap_or(rest).to_owned();
+        }
+    }
+    Reply {
+        code,
+        enhanced: Cow::Owned(enhanced),
+        lines,
     }
 }
 
@@ -198,6 +231,12 @@ mod tests {
         assert!(r.is_permanent());
         assert_eq!(r.text(), "550 5.1.1 no");
         assert_eq!(r.enhanced(), Some("5.1.1"));
+        assert_eq!(r, Reply::new(550, "5.1.1", "no"));
+        let (r, _) = parse_reply(b"451-4.3.0 try\r\n451 4.3.0 later\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.lines, ["try", "later"]);
+        assert_eq!(r.text(), "451 4.3.0 try later");
         let (r, _) = parse_reply(b"250 2.0.0.1 ok\r\n").unwrap().unwrap();
         assert_eq!(r.enhanced(), None);
         let (r, _) = parse_reply(b"421\r\n").unwrap().unwrap();

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::{BuildError, Names, meta};
 use crate::crd::{IssuerKind, MailCluster};
 
+/// Component label of the Certificate.
+pub const COMPONENT: &str = "tls";
+
 /// Spec of a cert-manager Certificate (the fields the operator sets).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
@@ -58,7 +61,7 @@ pub fn certificate(mc: &MailCluster) -> Result<Option<Certificate>, BuildError> 
         return Ok(None);
     };
     Ok(Some(Certificate {
-        metadata: meta(mc, &names, names.certificate(), "tls"),
+        metadata: meta(mc, &names, names.certificate(), COMPONENT),
         spec: CertificateSpec {
             secret_name: names.certificate(),
             dns_names: vec![mc.spec.hostname.clone()],

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::{BuildError, Names, meta};
 use crate::crd::{DnsRecordStatus, MailCluster};
 
+/// Component label of the DNSEndpoint.
+pub const COMPONENT: &str = "dns";
+
 /// Spec of an external-dns DNSEndpoint.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
@@ -114,7 +117,7 @@ pub fn dns_endpoint(
         })
         .collect();
     Ok(Some(DNSEndpoint {
-        metadata: meta(mc, &names, names.statefulset(), "dns"),
+        metadata: meta(mc, &names, names.statefulset(), COMPONENT),
         spec: DNSEndpointSpec { endpoints },
     }))
 }

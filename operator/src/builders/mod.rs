@@ -78,6 +78,14 @@ impl Names {
             .ok_or_else(|| BuildError::MissingNamespace(cluster.clone()))?;
         Ok(Self { cluster, namespace })
     }
+    /// Label selector of this cluster's objects of one component (`listener`, `tls`, `dns`,
+    /// `drain`): what the reconcile prunes among.
+    pub fn component_selector(&self, component: &str) -> String {
+        format!(
+            "{CLUSTER_LABEL}={},{COMPONENT_LABEL}={component}",
+            self.cluster
+        )
+    }
     /// StatefulSet, PodDisruptionBudget and DNSEndpoint name.
     pub fn statefulset(&self) -> String {
         self.cluster.clone()
