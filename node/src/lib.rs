@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod peer;
 pub mod proxy_protocol;
 pub mod queue;
+pub mod rate_limit;
 pub mod serve;
 pub mod smtp;
 pub mod smtp_server;

@@ -61,6 +61,7 @@ impl ListenerCtx {
                 policy: Arc::new(Policy::from_listener(l)),
                 memory: Some(memory),
                 forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
+                rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone())),
             },
         }
     }

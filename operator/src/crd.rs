@@ -247,6 +247,58 @@ pub struct Listener {
     /// relay for `relay.allowedSources` (devices with simple SMTP stacks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forbid_unauth_pipelining: Option<bool>,
+
+    /// Rate limits of this listener, so that one runaway client, application or sender cannot
+    /// get the company's domain blocked: a message (counted at MAIL FROM) or recipient (at
+    /// RCPT TO) beyond any limit gets `451 4.7.1` (try again later) until that limit's window
+    /// is over; refused ones are not counted. Each member counts what it receives, so with N
+    /// members behind the load balancer a client may get up to N times a limit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// One rate limit of a listener.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("has(self.messages) || has(self.recipients)").message("set messages, recipients or both"),
+    validation = Rule::new("!has(self.ipv6Prefix) || self.by == 'ClientAddress'").message("ipv6Prefix applies only to by: ClientAddress")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// What is counted together: `ClientAddress` (the client's IP address as the member sees
+    /// it, after PROXY protocol; IPv6 clients by their `ipv6Prefix` network), `User` (the
+    /// SMTP AUTH user; sessions without AUTH are not counted) or `SenderDomain` (the envelope
+    /// sender's domain; bounces with the null sender are not counted).
+    pub by: RateKey,
+    /// Messages per window (1 to 1000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub messages: Option<i32>,
+    /// Recipients per window (1 to 10000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub recipients: Option<i32>,
+    /// Length of the window, from 1s to 1d, e.g. `1m` (the default) or `1h`. A window starts
+    /// with the first message or recipient counted for a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<TimeSpan>,
+    /// For `by: ClientAddress`: the IPv6 prefix length counted as one client (default 64;
+    /// 48 counts a whole site as one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub ipv6_prefix: Option<i32>,
+}
+
+/// What a rate limit counts together.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateKey {
+    /// The client's address (an IPv6 client by its `ipv6Prefix` network).
+    ClientAddress,
+    /// The SMTP AUTH user.
+    User,
+    /// The envelope sender's domain.
+    SenderDomain,
 }
 
 /// How a listener is reachable.
@@ -388,13 +440,13 @@ pub struct Route {
 pub struct Retry {
     /// Delay before the first retry (default 1m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first: Option<RetryDuration>,
+    pub first: Option<TimeSpan>,
     /// Longest delay between retries; delays double up to it (default 1h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<RetryDuration>,
+    pub max: Option<TimeSpan>,
     /// How long a message is retried before it is bounced to the sender (default 5d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lifetime: Option<RetryDuration>,
+    pub lifetime: Option<TimeSpan>,
 }
 
 /// The queue volume of each member.
@@ -799,14 +851,14 @@ string_newtype!(
 );
 string_newtype!(
     /// A duration: a number and a unit s, m, h or d, e.g. `90s`, `5d`.
-    RetryDuration,
-    "RetryDuration",
+    TimeSpan,
+    "TimeSpan",
     16,
     "self.matches('^[0-9]{1,9}[smhd]$')",
     "must be a number with a unit s, m, h or d, like 90s, 1m, 1h or 5d"
 );
 
-impl RetryDuration {
+impl TimeSpan {
     /// The duration in seconds.
     pub fn seconds(&self) -> Option<u64> {
         let s = self.0.as_str();
@@ -1030,11 +1082,11 @@ mod tests {
 
     #[test]
     fn retry_durations() {
-        assert_eq!(RetryDuration::from("90s").seconds(), Some(90));
-        assert_eq!(RetryDuration::from("5d").seconds(), Some(432_000));
-        assert_eq!(RetryDuration::from("1h").seconds(), Some(3600));
-        assert_eq!(RetryDuration::from("h").seconds(), None);
-        assert_eq!(RetryDuration::from("").seconds(), None);
+        assert_eq!(TimeSpan::from("90s").seconds(), Some(90));
+        assert_eq!(TimeSpan::from("5d").seconds(), Some(432_000));
+        assert_eq!(TimeSpan::from("1h").seconds(), Some(3600));
+        assert_eq!(TimeSpan::from("h").seconds(), None);
+        assert_eq!(TimeSpan::from("").seconds(), None);
     }
 
     #[test]

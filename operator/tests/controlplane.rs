@@ -192,6 +192,48 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.delivery.retry", "max at most lifetime"],
         ),
         (
+            "rate limit without a number",
+            set(
+                base.clone(),
+                "/spec/listeners/0/rateLimits",
+                json!([{"by": "ClientAddress"}]),
+            ),
+            &[
+                "spec.listeners[0].rateLimits[0]",
+                "set messages, recipients or both",
+            ],
+        ),
+        (
+            "rate limit of zero messages",
+            set(
+                base.clone(),
+                "/spec/listeners/0/rateLimits",
+                json!([{"by": "User", "messages": 0}]),
+            ),
+            &[
+                "spec.listeners[0].rateLimits[0].messages",
+                "greater than or equal to 1",
+            ],
+        ),
+        (
+            "ipv6Prefix on a user limit",
+            set(
+                base.clone(),
+                "/spec/listeners/0/rateLimits",
+                json!([{"by": "User", "messages": 5, "ipv6Prefix": 48}]),
+            ),
+            &["spec.listeners[0].rateLimits[0]", "ipv6Prefix applies only"],
+        ),
+        (
+            "rate limit window without a unit",
+            set(
+                base.clone(),
+                "/spec/listeners/0/rateLimits",
+                json!([{"by": "SenderDomain", "recipients": 5, "window": "60"}]),
+            ),
+            &["spec.listeners[0].rateLimits[0].window", "unit"],
+        ),
+        (
             "negative per-client limit",
             set(
                 base.clone(),
@@ -233,6 +275,14 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             base.clone(),
             "/spec/listeners/0/relay",
             json!({"allowedSources": ["0.0.0.0/0"], "recipientDomains": ["example.com"]}),
+        ),
+        set(
+            base.clone(),
+            "/spec/listeners/0/rateLimits",
+            json!([
+                {"by": "ClientAddress", "messages": 100, "recipients": 500, "ipv6Prefix": 48},
+                {"by": "SenderDomain", "recipients": 1000, "window": "1h"}
+            ]),
         ),
         set(
             base.clone(),

@@ -113,6 +113,52 @@ pub struct Listener {
     /// devices with simple SMTP stacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forbid_unauth_pipelining: Option<bool>,
+    /// Rate limits: a message (counted at MAIL FROM) or a recipient (at RCPT TO) beyond any of
+    /// them gets `451 4.7.1` until that limit's window is over. Each member counts what it
+    /// receives.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimit>,
+}
+
+/// What one rate limit counts together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateKey {
+    /// The client's address (after PROXY protocol); an IPv6 client by its `ipv6Prefix`.
+    ClientAddress,
+    /// The SMTP AUTH user; sessions without AUTH are not counted.
+    User,
+    /// The domain of the envelope sender; the null sender (bounces) is not counted.
+    SenderDomain,
+}
+
+/// A rate limit of a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimit {
+    /// What is counted together.
+    pub by: RateKey,
+    /// Messages per window (MAIL commands accepted); unset: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u32>,
+    /// Recipients per window (RCPT commands accepted); unset: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<u32>,
+    /// Length of the window in seconds; a key's window starts with its first message.
+    #[serde(default = "default_window_seconds")]
+    pub window_seconds: u64,
+    /// For `clientAddress`: the IPv6 prefix length counted as one client (a site usually has a
+    /// /64, or a /48).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+fn default_window_seconds() -> u64 {
+    60
+}
+
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 
 impl Default for Listener {
@@ -127,6 +173,7 @@ impl Default for Listener {
             accept_domains: Vec::new(),
             max_message_size: None,
             forbid_unauth_pipelining: None,
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -660,6 +707,24 @@ impl Config {
                     "set only with proxyProtocol: true",
                 ));
             }
+            for (j, r) in l.rate_limits.iter().enumerate() {
+                let at = |field: &str| format!("listeners[{i}].rateLimits[{j}].{field}");
+                if r.messages.is_none() && r.recipients.is_none() {
+                    return Err(invalid(at("messages"), "set messages, recipients or both"));
+                }
+                if r.messages == Some(0) {
+                    return Err(invalid(at("messages"), "must be at least 1"));
+                }
+                if r.recipients == Some(0) {
+                    return Err(invalid(at("recipients"), "must be at least 1"));
+                }
+                if !(1..=86_400).contains(&r.window_seconds) {
+                    return Err(invalid(at("windowSeconds"), "must be 1 to 86400"));
+                }
+                if !(1..=128).contains(&r.ipv6_prefix) {
+                    return Err(invalid(at("ipv6Prefix"), "must be 1 to 128"));
+                }
+            }
             if l.proxy_protocol && l.trusted_proxies.is_empty() {
                 return Err(invalid(
                     format!("listeners[{i}].trustedProxies"),
@@ -840,5 +905,26 @@ mod tests {
         assert!(err.contains("limits.shutdownDelaySeconds"), "{err}");
         c.limits.shutdown_delay_seconds = 60;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn rate_limits_read_with_defaults_and_bad_ones_name_their_key() {
+        let yaml = "listeners:\n  - name: devices\n    rateLimits:\n      - {by: clientAddress, messages: 10}\n      - {by: senderDomain, recipients: 0}\n";
+        let c: Config = serde_yaml::from_str(yaml).unwrap();
+        let r = &c.listeners[0].rate_limits;
+        assert_eq!(
+            (r[0].by, r[0].messages, r[0].recipients),
+            (RateKey::ClientAddress, Some(10), None)
+        );
+        assert_eq!((r[0].window_seconds, r[0].ipv6_prefix), (60, 64));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("listeners[0].rateLimits[1].recipients"),
+            "{err}"
+        );
+        let mut c = c;
+        c.listeners[0].rate_limits[1].recipients = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("set messages, recipients or both"), "{err}");
     }
 }

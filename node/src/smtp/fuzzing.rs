@@ -24,6 +24,7 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
             spill_at: 500,
         }),
         forbid_unauth_pipelining: true,
+        rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(Vec::new())),
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),
@@ -80,6 +81,7 @@ pub fn drive_stream(input: &[u8]) {
         policy: Arc::new(crate::smtp::policy::Policy::default()),
         memory: Some(memory.clone()),
         forbid_unauth_pipelining: input.get(1).is_some_and(|b| b % 2 == 0),
+        rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(Vec::new())),
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),

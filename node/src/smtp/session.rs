@@ -18,6 +18,7 @@ use super::address::{Address, Path};
 use super::command::{self, BodyType, Command, CommandError, MailParams};
 use super::data::{BodyCheck, BodyFlaws};
 use super::reply::Reply;
+use crate::rate_limit::{RateLimiter, Unit, Who};
 use crate::smtp::policy::{Policy, Refusal};
 
 /// Per-listener settings of a session.
@@ -48,6 +49,8 @@ pub struct SessionConfig {
     /// (content pipelined before the 354 it must wait for, RFC 2920), as Postfix's
     /// `smtpd_forbid_unauth_pipelining` does: that content would otherwise be read as commands.
     pub forbid_unauth_pipelining: bool,
+    /// The listener's rate limits (messages at MAIL FROM, recipients at RCPT TO).
+    pub rate_limits: Arc<RateLimiter>,
 }
 
 /// Who is connected.
@@ -320,6 +323,24 @@ impl Session {
         } else {
             Step::reply(reply)
         }
+    }
+
+    /// Counts a message or recipient under the listener's rate limits; beyond one, the
+    /// `451 4.7.1` step that refuses it.
+    fn count(&mut self, unit: Unit, sender_domain: Option<&str>) -> Result<(), Step> {
+        let who = Who {
+            client: self.client.addr.ip(),
+            user: self.auth_user.as_deref(),
+            sender_domain,
+        };
+        self.cfg
+            .rate_limits
+            .count(unit, &who, std::time::Instant::now())
+            .map_err(|e| {
+                let detail = format!("listener {}: {e}", self.cfg.listener);
+                let text = format!("{e}");
+                self.refuse("rate_limited", detail, Reply::new(451, "4.7.1", text))
+            })
     }
 
     /// Count errors, and close after too many.
@@ -735,6 +756,13 @@ impl Session {
             });
             return Step::reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
+        let sender_domain = match &from {
+            Path::Mailbox(a) => Some(a.domain.as_str()),
+            _ => None,
+        };
+        if let Err(e) = self.count(Unit::Message, sender_domain) {
+            return e;
+        }
         self.tx = Some(Transaction {
             from,
             params,
@@ -774,6 +802,13 @@ impl Session {
                 let Path::Mailbox(addr) = to else {
                     return self.finish_reply(Refusal::NoLocalMailbox.reply());
                 };
+                let sender = match &tx.from {
+                    Path::Mailbox(a) => Some(a.domain.clone()),
+                    _ => None,
+                };
+                if let Err(e) = self.count(Unit::Recipient, sender.as_deref()) {
+                    return e;
+                }
                 if let Some(tx) = &mut self.tx {
                     tx.rcpts.push(addr);
                 }
@@ -1009,6 +1044,7 @@ mod tests {
             policy: Arc::new(Policy::from_listener(&l)),
             memory: None,
             forbid_unauth_pipelining: true,
+            rate_limits: Arc::new(RateLimiter::new(Vec::new())),
         };
         Session::new(
             cfg,

@@ -174,6 +174,12 @@ pub fn node_config(
             accept_domains: l.accept_domains.iter().map(|d| d.0.clone()).collect(),
             max_message_size: l.max_message_size.and_then(|m| u64::try_from(m).ok()),
             forbid_unauth_pipelining: l.forbid_unauth_pipelining,
+            rate_limits: l
+                .rate_limits
+                .iter()
+                .enumerate()
+                .map(|(j, r)| rate_limit(&format!("spec.listeners[{i}].rateLimits[{j}]"), r))
+                .collect::<Result<_, _>>()?,
         });
     }
     let smarthosts = next_hops("spec.delivery.smarthosts", &spec.delivery.smarthosts)?;
@@ -194,7 +200,7 @@ pub fn node_config(
     };
     let mut retry = node::RetryConfig::default();
     if let Some(r) = &spec.delivery.retry {
-        let secs = |field: &str, d: &Option<crd::RetryDuration>, default: u64| match d {
+        let secs = |field: &str, d: &Option<crd::TimeSpan>, default: u64| match d {
             None => Ok(default),
             Some(d) => d.seconds().ok_or_else(|| BuildError::Invalid {
                 field: format!("spec.delivery.retry.{field}"),
@@ -266,6 +272,42 @@ pub struct RenderedConfig {
     pub yaml: String,
     /// Hex SHA-256 prefix of `yaml`; on the pod template, so a change rolls the members.
     pub hash: String,
+}
+
+/// A listener's rate limit as the node reads it.
+fn rate_limit(field: &str, r: &crd::RateLimit) -> Result<node::RateLimit, BuildError> {
+    let invalid = |name: &str, message: &str| BuildError::Invalid {
+        field: format!("{field}.{name}"),
+        message: message.to_string(),
+    };
+    let count = |name: &str, v: Option<i32>| {
+        v.map(|n| u32::try_from(n).map_err(|_| invalid(name, "must be positive")))
+            .transpose()
+    };
+    let window_seconds = match &r.window {
+        None => 60,
+        Some(w) => w
+            .seconds()
+            .filter(|s| (1..=86_400).contains(s))
+            .ok_or_else(|| invalid("window", "must be from 1s to 1d"))?,
+    };
+    Ok(node::RateLimit {
+        by: match r.by {
+            crd::RateKey::ClientAddress => node::RateKey::ClientAddress,
+            crd::RateKey::User => node::RateKey::User,
+            crd::RateKey::SenderDomain => node::RateKey::SenderDomain,
+        },
+        messages: count("messages", r.messages)?,
+        recipients: count("recipients", r.recipients)?,
+        window_seconds,
+        ipv6_prefix: match r.ipv6_prefix {
+            None => 64,
+            Some(p) => u8::try_from(p)
+                .ok()
+                .filter(|p| (1..=128).contains(p))
+                .ok_or_else(|| invalid("ipv6Prefix", "must be 1 to 128"))?,
+        },
+    })
 }
 
 /// Render a node configuration.
@@ -408,6 +450,53 @@ mod tests {
         );
         assert_eq!(c.delivery.mx_port, 2526);
         node::Config::from_yaml(&render(&c).unwrap().yaml).unwrap();
+    }
+
+    #[test]
+    fn rate_limits_are_rendered_with_their_defaults_and_a_long_window_names_its_field() {
+        let mut mc = sample();
+        mc.spec.listeners[0].rate_limits = vec![
+            crd::RateLimit {
+                by: crd::RateKey::ClientAddress,
+                messages: Some(100),
+                recipients: None,
+                window: None,
+                ipv6_prefix: Some(48),
+            },
+            crd::RateLimit {
+                by: crd::RateKey::SenderDomain,
+                messages: None,
+                recipients: Some(1000),
+                window: Some("1h".into()),
+                ipv6_prefix: None,
+            },
+        ];
+        let c = node_config(&mc, &[]).unwrap();
+        let r = &c.listeners[0].rate_limits;
+        assert_eq!(
+            (
+                r[0].by,
+                r[0].messages,
+                r[0].window_seconds,
+                r[0].ipv6_prefix
+            ),
+            (node::RateKey::ClientAddress, Some(100), 60, 48)
+        );
+        assert_eq!(
+            (
+                r[1].by,
+                r[1].recipients,
+                r[1].window_seconds,
+                r[1].ipv6_prefix
+            ),
+            (node::RateKey::SenderDomain, Some(1000), 3600, 64)
+        );
+        assert!(c.listeners[1].rate_limits.is_empty());
+        node::Config::from_yaml(&render(&c).unwrap().yaml).unwrap();
+
+        mc.spec.listeners[0].rate_limits[1].window = Some("2d".into());
+        let e = node_config(&mc, &[]).unwrap_err().to_string();
+        assert!(e.contains("spec.listeners[0].rateLimits[1].window"), "{e}");
     }
 
     #[test]
