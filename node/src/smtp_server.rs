@@ -765,8 +765,12 @@ impl Driver {
                     from = %draft.sender, rcpts = draft.recipients.len(), size, auth = ?draft.auth_user,
                     "queued"
                 );
-                node.delivery
-                    .queued(&id, &draft.recipients, now.as_millisecond());
+                node.delivery.queued(
+                    &id,
+                    crate::delivery::route::Sender::new(&draft.sender, draft.auth_user.as_deref()),
+                    &draft.recipients,
+                    now.as_millisecond(),
+                );
                 self.session.queued(Ok(&id))
             }
             Err(e) => {

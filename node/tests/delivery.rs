@@ -558,3 +558,53 @@ fn delay_warning_once_then_delivered_once_and_none_for_null_sender() {
     assert_eq!(w2.sender, "", "the null sender is kept");
     assert_eq!(reports.got().len(), 1, "{:?}", reports.got());
 }
+
+#[test]
+fn sender_routes_take_mail_by_sender_domain_after_recipient_domain_routes() {
+    let default = Sink::start("127.0.0.1");
+    let brand_b = Sink::start("127.0.0.1");
+    let internal = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {}}}]
+  routes: [{{domains: [internal.example], smarthosts: [{{host: 127.0.0.1, port: {}}}]}}]
+  senderRoutes: [{{senderDomains: [Brand-B.example], smarthosts: [{{host: 127.0.0.1, port: {}}}]}}]
+  tls: {{mode: none}}
+",
+            default.addr.port(),
+            internal.addr.port(),
+            brand_b.addr.port()
+        )),
+        1,
+    );
+    // One message from brand-b to an outside and an internal recipient: each recipient takes
+    // its route (the domain route wins for the internal one).
+    submit(
+        &node,
+        "news@brand-b.example",
+        &["c@customer.example", "staff@internal.example"],
+        &msg("b1@t"),
+    );
+    submit(
+        &node,
+        "a@brand-a.example",
+        &["c@customer.example"],
+        &msg("a1@t"),
+    );
+    submit(&node, "", &["c@customer.example"], &msg("bounce1@t"));
+    assert!(
+        wait_until(WAIT, || {
+            brand_b.rcpts_of("<b1@t>") == ["c@customer.example"]
+                && internal.rcpts_of("<b1@t>") == ["staff@internal.example"]
+                && default.rcpts_of("<a1@t>").len() == 1
+                && default.rcpts_of("<bounce1@t>").len() == 1
+        }),
+        "brand-b {:?} internal {:?} default {:?}\n{}",
+        brand_b.got(),
+        internal.got(),
+        default.got(),
+        node.log()
+    );
+    assert!(brand_b.rcpts_of("<a1@t>").is_empty() && default.rcpts_of("<b1@t>").is_empty());
+}

@@ -58,6 +58,19 @@ impl<'a> Applier<'a> {
         Ok(deleted)
     }
 
+    /// Deletes the one object `name` of a kind that may not be installed (a CRD of another
+    /// project): a kind the API server does not know has nothing to delete. By name, not by
+    /// label: the operator may not list those kinds (least privilege, see the chart's RBAC).
+    pub async fn delete_optional<K>(&mut self, api: &Api<K>, name: &str) -> Result<(), ApplyError>
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
+    {
+        match self.delete(api, name).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Deletes the objects with the labels of `selector` that `keep` does not keep and that
     /// are not already being deleted. A kind the API server does not know (a CRD of another
     /// project that is not installed) has nothing to delete.

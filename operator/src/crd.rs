@@ -384,9 +384,74 @@ pub struct Delivery {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["domain".into()]))]
     pub routes: Vec<Route>,
+    /// Next hops chosen by who sends, for recipients no `routes` entry matches: the first
+    /// sender route listing the message's SMTP AUTH user, else the first listing the envelope
+    /// sender's domain; mail of other senders takes `smarthosts` (or MX). Use it to send each
+    /// brand's or tenant's mail through its own provider account, e.g. a Microsoft 365 tenant
+    /// per sender domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub sender_routes: Vec<SenderRoute>,
+    /// STARTTLS towards `smarthosts` and MX hosts, and towards routes that set none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// SMTP AUTH credentials for `smarthosts`: the name of a Secret of type
+    /// kubernetes.io/basic-auth (keys `username` and `password`) in the cluster's namespace.
+    /// Mounted into the members and read at each connection, so a changed password is used
+    /// without a restart. Sent only over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<SecretName>,
     /// When to retry a deferred message and when to give up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+}
+
+/// Next hops for the mail of some senders.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("(has(self.senderDomains) && size(self.senderDomains) > 0) || (has(self.users) && size(self.users) > 0)").message("set senderDomains, users or both"))]
+#[serde(rename_all = "camelCase")]
+pub struct SenderRoute {
+    /// Envelope sender domains whose mail takes this route (exact match), e.g.
+    /// `brand-b.example`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub sender_domains: Vec<DomainName>,
+    /// SMTP AUTH users whose mail takes this route; a user's route wins over a sender domain's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub users: Vec<String>,
+    /// Next hops of this route, tried in ascending priority.
+    #[schemars(length(min = 1, max = 16))]
+    pub smarthosts: Vec<Smarthost>,
+    /// STARTTLS towards these next hops; default: `delivery.tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<SecretName>,
+}
+
+/// STARTTLS towards next hops.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundTls {
+    /// `Opportunistic` (the default: STARTTLS when the next hop offers it, its certificate
+    /// not checked), `Required` (STARTTLS with a certificate valid for the next hop's name,
+    /// otherwise the mail waits and is retried) or `None`.
+    #[serde(default)]
+    pub mode: OutboundTlsMode,
+}
+
+/// STARTTLS mode towards next hops.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutboundTlsMode {
+    /// STARTTLS when offered, certificate not checked.
+    #[default]
+    Opportunistic,
+    /// STARTTLS with a valid certificate for the next hop's name, or no delivery.
+    Required,
+    /// No STARTTLS.
+    None,
 }
 
 /// A next-hop SMTP server.
@@ -428,6 +493,12 @@ pub struct Route {
     /// Next hops for this domain, tried in ascending priority.
     #[schemars(length(min = 1, max = 16))]
     pub smarthosts: Vec<Smarthost>,
+    /// STARTTLS towards these next hops; default: `delivery.tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<SecretName>,
 }
 
 /// Retry schedule of deferred messages. Durations are a number with a unit s, m, h or d, e.g.
@@ -849,6 +920,15 @@ string_newtype!(
     "isIP(self) || self.matches('^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\\\\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$')",
     "must be a lowercase host name like mx.example.com or an IP address"
 );
+string_newtype!(
+    /// The name of a Secret in the cluster's namespace.
+    SecretName,
+    "SecretName",
+    253,
+    "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+    "must be a Secret name: lowercase letters, digits, '-' and '.'"
+);
+
 string_newtype!(
     /// A duration: a number and a unit s, m, h or d, e.g. `90s`, `5d`.
     TimeSpan,

@@ -37,6 +37,8 @@ pub enum Reason {
     DNSEndpointCRDMissing,
     /// Degraded: the Job draining a removed member's volume failed.
     DrainFailed,
+    /// Degraded: a smarthost credentials Secret is missing or lacks `username`/`password`.
+    SmarthostSecretInvalid,
     /// Event: objects were created or changed.
     Applied,
     /// Event: a new cluster key was added next to the old one.
@@ -68,6 +70,7 @@ impl Reason {
             Self::CertificateCRDMissing => "CertificateCRDMissing",
             Self::DNSEndpointCRDMissing => "DNSEndpointCRDMissing",
             Self::DrainFailed => "DrainFailed",
+            Self::SmarthostSecretInvalid => "SmarthostSecretInvalid",
             Self::Applied => "Applied",
             Self::RotatingKey => "RotatingKey",
             Self::KeyRotated => "KeyRotated",

@@ -309,6 +309,17 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         }
     }
     dns_records(mc, ctx, &names, &mut applier, &mut observed).await?;
+    for secret in configmap::smarthost_auth_secrets(&mc.spec) {
+        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&secret)
+            .await
+            .map_err(kube_err(format!("reading Secret {secret}")))?;
+        if let Some(message) = smarthost_secret_problem(&secret, live.as_ref()) {
+            observed
+                .problems
+                .push(Problem::new(Reason::SmarthostSecretInvalid, message));
+        }
+    }
 
     // The members, and the queue volumes of removed members.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -353,6 +364,36 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         observed.spec_valid,
         &ctx.settings,
     )))
+}
+
+/// What is wrong with a smarthost credentials Secret the spec names, if anything: members
+/// cannot start without it, and cannot authenticate without both keys.
+fn smarthost_secret_problem(name: &str, secret: Option<&Secret>) -> Option<String> {
+    let Some(secret) = secret else {
+        return Some(format!(
+            "the smarthost credentials Secret {name} does not exist; members cannot start until it does: `kubectl create secret generic {name} --type=kubernetes.io/basic-auth --from-literal=username=... --from-literal=password=...`"
+        ));
+    };
+    let has = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .is_some_and(|d| d.get(key).is_some_and(|v| !v.0.is_empty()))
+            || secret
+                .string_data
+                .as_ref()
+                .is_some_and(|d| d.get(key).is_some_and(|v| !v.is_empty()))
+    };
+    let missing: Vec<&str> = ["username", "password"]
+        .into_iter()
+        .filter(|k| !has(k))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the smarthost credentials Secret {name} has no {}; SMTP AUTH to its next hops fails until it does",
+            missing.join(" and no ")
+        )
+    })
 }
 
 /// When to look again without a watch event.
@@ -539,14 +580,11 @@ impl Desired {
                 Err(e) => return Err(e.into()),
             }
         }
-        let wanted = self.certificate.as_ref().map(ResourceExt::name_any);
-        applier
-            .prune(
-                &certs,
-                &names.component_selector(certificate::COMPONENT),
-                |name| wanted.as_deref() == Some(name),
-            )
-            .await?;
+        if self.certificate.is_none() {
+            applier
+                .delete_optional(&certs, &names.certificate())
+                .await?;
+        }
         Ok(sts)
     }
 }
@@ -572,14 +610,9 @@ async fn dns_records(
             Err(e) => return Err(e.into()),
         }
     }
-    let wanted = desired.as_ref().map(ResourceExt::name_any);
-    applier
-        .prune(
-            &api,
-            &names.component_selector(dnsendpoint::COMPONENT),
-            |name| wanted.as_deref() == Some(name),
-        )
-        .await?;
+    if desired.is_none() {
+        applier.delete_optional(&api, &names.statefulset()).await?;
+    }
     Ok(())
 }
 
@@ -849,5 +882,29 @@ mod tests {
             d.certificate.is_none(),
             "the sample names a Secret, no issuer"
         );
+    }
+
+    #[test]
+    fn a_missing_or_incomplete_smarthost_secret_is_a_problem_that_says_what_to_do() {
+        use k8s_openapi::ByteString;
+        let e = smarthost_secret_problem("m365", None).unwrap();
+        assert!(
+            e.contains("does not exist") && e.contains("kubectl create secret generic m365"),
+            "{e}"
+        );
+        let mut s = Secret {
+            data: Some(std::collections::BTreeMap::from([(
+                "username".to_string(),
+                ByteString(b"relay@example.com".to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let e = smarthost_secret_problem("m365", Some(&s)).unwrap();
+        assert!(e.contains("has no password"), "{e}");
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("password".into(), ByteString(b"x".to_vec()));
+        assert_eq!(smarthost_secret_problem("m365", Some(&s)), None);
     }
 }

@@ -234,6 +234,27 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.listeners[0].rateLimits[0].window", "unit"],
         ),
         (
+            "sender route without senders",
+            set(
+                base.clone(),
+                "/spec/delivery/senderRoutes",
+                json!([{"smarthosts": [{"host": "smtp.office365.com", "port": 587}]}]),
+            ),
+            &[
+                "spec.delivery.senderRoutes[0]",
+                "set senderDomains, users or both",
+            ],
+        ),
+        (
+            "smarthost credentials Secret with a bad name",
+            set(
+                base.clone(),
+                "/spec/delivery/authSecret",
+                json!("M365_relay"),
+            ),
+            &["spec.delivery.authSecret", "Secret name"],
+        ),
+        (
             "negative per-client limit",
             set(
                 base.clone(),

@@ -494,10 +494,15 @@ pub struct DeliveryConfig {
     pub max_hops: Option<u32>,
     /// Per-domain routes; the first route listing the recipient domain wins.
     pub routes: Vec<DomainRoute>,
+    /// Routes chosen by who sent the message, for recipients no domain route matches: the
+    /// first route listing the message's SMTP AUTH user, else the first listing the envelope
+    /// sender's domain; otherwise the default `smarthosts` (or MX).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sender_routes: Vec<SenderRoute>,
     /// STARTTLS towards the default route.
     pub tls: OutboundTls,
-    /// File with `user:password` (first line) for SMTP AUTH to the default smarthosts.
-    /// AUTH is only sent over TLS.
+    /// SMTP AUTH credentials for the default smarthosts, as a route's `authFile`. AUTH is only
+    /// sent over TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
     /// Port used for hosts found by MX (or A/AAAA) lookup.
@@ -535,6 +540,7 @@ impl Default for DeliveryConfig {
             retry: RetryConfig::default(),
             max_hops: None,
             routes: Vec::new(),
+            sender_routes: Vec::new(),
             tls: OutboundTls::default(),
             auth_file: None,
             mx_port: 25,
@@ -565,7 +571,31 @@ pub struct DomainRoute {
     /// STARTTLS towards this route; defaults to the top-level `tls`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTls>,
-    /// File with `user:password` for SMTP AUTH to this route's smarthosts (only over TLS).
+    /// SMTP AUTH credentials for this route's smarthosts (only over TLS): a file whose first
+    /// line is `user:password`, or a directory with `username` and `password` files (a
+    /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_file: Option<PathBuf>,
+}
+
+/// A route for the mail of some senders (by SMTP AUTH user or envelope sender domain).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct SenderRoute {
+    /// Envelope sender domains (exact, case-insensitive).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sender_domains: Vec<String>,
+    /// SMTP AUTH users (exact); a user's route wins over a sender domain's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Next hops by priority, as the top-level `smarthosts` (at least one).
+    pub smarthosts: Vec<Smarthost>,
+    /// STARTTLS towards this route; defaults to the top-level `tls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// SMTP AUTH credentials for this route's smarthosts (only over TLS): a file whose first
+    /// line is `user:password`, or a directory with `username` and `password` files (a
+    /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
 }
@@ -851,6 +881,27 @@ impl Config {
                 }
             }
             hosts(&format!("delivery.routes[{i}].smarthosts"), &r.smarthosts)?;
+        }
+        for (i, r) in d.sender_routes.iter().enumerate() {
+            let at = |field: &str| format!("delivery.senderRoutes[{i}].{field}");
+            if r.sender_domains.is_empty() && r.users.is_empty() {
+                return Err(invalid(
+                    at("senderDomains"),
+                    "set senderDomains, users or both",
+                ));
+            }
+            for (j, dom) in r.sender_domains.iter().enumerate() {
+                if dom.is_empty() || dom.contains(['@', ' ', '%', '!', ':']) {
+                    return Err(invalid(
+                        at(&format!("senderDomains[{j}]")),
+                        "not a domain name",
+                    ));
+                }
+            }
+            if r.smarthosts.is_empty() {
+                return Err(invalid(at("smarthosts"), "must not be empty"));
+            }
+            hosts(&at("smarthosts"), &r.smarthosts)?;
         }
         if d.retry.factor == 0 {
             return Err(invalid(

@@ -245,9 +245,10 @@ impl Engine {
             // The state is written (or the message deleted) below, after the DSN is queued.
         } else {
             let mut groups: Vec<(Route, String, Vec<usize>)> = Vec::new();
+            let sender = route::Sender::new(&env.sender, env.auth_user.as_deref());
             for &i in &pending {
                 let dom = route::domain_of(&state.recipients[i].address);
-                let r = route::route_for(d, &dom);
+                let r = route::route_for(d, &sender, &dom);
                 match groups.iter_mut().find(|g| g.0.destination == r.destination) {
                     Some(g) => g.2.push(i),
                     None => groups.push((r, dom, vec![i])),
@@ -457,8 +458,13 @@ impl Engine {
                     .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
                     .inc();
                 tracing::info!(id = %env.id, dsn_id = %id, to = %env.sender, kind, rcpts = rcpts.len(), "DSN queued");
-                self.handle
-                    .queued(&id, std::slice::from_ref(&env.sender), now);
+                // A DSN has the null sender.
+                self.handle.queued(
+                    &id,
+                    route::Sender::default(),
+                    std::slice::from_ref(&env.sender),
+                    now,
+                );
                 Ok(())
             }
             Err(e) => {
@@ -627,20 +633,11 @@ impl Engine {
         };
         let auth = match &r.auth_file {
             None => None,
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| ClientError::Refused {
-                    stage: "AUTH",
-                    reply: format!("cannot read credentials file {}: {e}", p.display()),
-                    code: 454,
-                })?;
-                let line = text.lines().next().unwrap_or("");
-                let (u, pw) = line.split_once(':').ok_or_else(|| ClientError::Refused {
-                    stage: "AUTH",
-                    reply: format!("credentials file {} must hold user:password", p.display()),
-                    code: 454,
-                })?;
-                Some((u.to_owned(), pw.to_owned()))
-            }
+            Some(p) => Some(read_credentials(p).map_err(|reply| ClientError::Refused {
+                stage: "AUTH",
+                reply,
+                code: 454,
+            })?),
         };
         Ok(ConnectOptions {
             helo: d
@@ -711,5 +708,74 @@ impl Engine {
         if let Some(c) = self.pool.put(key, c) {
             c.quit().await;
         }
+    }
+}
+/// SMTP AUTH credentials for a next hop, read at each connection (so a rotated Secret is used
+/// at once): a file whose first line is `user:password`, or a directory with the files
+/// `username` and `password` (a mounted Secret of type `kubernetes.io/basic-auth`).
+fn read_credentials(path: &std::path::Path) -> Result<(String, String), String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read credentials {}: {e}", p.display()))
+    };
+    if path.is_dir() {
+        let user = read(&path.join("username"))?;
+        let password = read(&path.join("password"))?;
+        let (user, password) = (
+            user.trim_end_matches(['\r', '\n']),
+            password.trim_end_matches(['\r', '\n']),
+        );
+        if user.is_empty() || password.is_empty() {
+            return Err(format!(
+                "credentials {} need non-empty username and password",
+                path.display()
+            ));
+        }
+        return Ok((user.to_owned(), password.to_owned()));
+    }
+    let text = read(path)?;
+    let line = text.lines().next().unwrap_or("");
+    line.split_once(':')
+        .map(|(u, pw)| (u.to_owned(), pw.to_owned()))
+        .ok_or_else(|| {
+            format!(
+                "credentials file {} must hold user:password",
+                path.display()
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_from_a_file_or_a_basic_auth_secret_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth");
+        std::fs::write(&file, "relay@example.com:s3cr:et\n").unwrap();
+        assert_eq!(
+            read_credentials(&file).unwrap(),
+            ("relay@example.com".into(), "s3cr:et".into())
+        );
+        let secret = dir.path().join("secret");
+        std::fs::create_dir(&secret).unwrap();
+        std::fs::write(secret.join("username"), "app@brand-b.example").unwrap();
+        std::fs::write(secret.join("password"), "pass word\n").unwrap();
+        assert_eq!(
+            read_credentials(&secret).unwrap(),
+            ("app@brand-b.example".into(), "pass word".into())
+        );
+        std::fs::write(secret.join("password"), "").unwrap();
+        assert!(read_credentials(&secret).unwrap_err().contains("non-empty"));
+        std::fs::remove_file(secret.join("username")).unwrap();
+        let e = read_credentials(&secret).unwrap_err();
+        assert!(e.contains("username"), "{e}");
+        std::fs::write(&file, "no colon\n").unwrap();
+        assert!(
+            read_credentials(&file)
+                .unwrap_err()
+                .contains("user:password")
+        );
     }
 }

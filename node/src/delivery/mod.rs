@@ -35,6 +35,8 @@ pub enum Cmd {
     New {
         /// Queue id.
         id: String,
+        /// Who sent it (sender routes).
+        sender: route::Sender,
         /// Recipient domains.
         domains: Vec<String>,
         /// Queue time, Unix milliseconds.
@@ -58,12 +60,13 @@ impl Handle {
     }
 
     /// Tell the scheduler about a newly queued message.
-    pub fn queued(&self, id: &str, recipients: &[String], received_ms: i64) {
+    pub fn queued(&self, id: &str, sender: route::Sender, recipients: &[String], received_ms: i64) {
         let mut domains: Vec<String> = recipients.iter().map(|r| route::domain_of(r)).collect();
         domains.sort();
         domains.dedup();
         let _ = self.tx.send(Cmd::New {
             id: id.to_owned(),
+            sender,
             domains,
             received_ms,
         });

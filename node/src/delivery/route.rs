@@ -31,27 +31,55 @@ pub struct Route {
     pub auth_file: Option<PathBuf>,
 }
 
-/// The route for `domain` (lower case).
-pub fn route_for(cfg: &DeliveryConfig, domain: &str) -> Route {
-    for (i, r) in cfg.routes.iter().enumerate() {
-        if r.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
-            let tls = r.tls.clone().unwrap_or_else(|| cfg.tls.clone());
-            return if r.smarthosts.is_empty() {
-                Route {
-                    destination: format!("mx:{domain}"),
-                    kind: RouteKind::Mx,
-                    tls,
-                    auth_file: None,
-                }
-            } else {
-                Route {
-                    destination: format!("route:{i}"),
-                    kind: RouteKind::Smarthosts(r.smarthosts.clone()),
-                    tls,
-                    auth_file: r.auth_file.clone(),
-                }
-            };
+/// Who sent a message, as far as routing is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Sender {
+    /// The envelope sender's domain, lower case; empty for the null sender.
+    pub domain: String,
+    /// The SMTP AUTH user the message was submitted as.
+    pub user: Option<String>,
+}
+
+impl Sender {
+    /// The sender of a message with envelope sender `address` submitted as `user`.
+    pub fn new(address: &str, user: Option<&str>) -> Self {
+        Self {
+            domain: domain_of(address),
+            user: user.map(str::to_owned),
         }
+    }
+}
+
+/// The route for a recipient in `domain` (lower case) of a message from `sender`. Precedence:
+/// a domain route listing the recipient domain; then a sender route listing the sender's AUTH
+/// user, then one listing the sender's domain (Postfix's `transport_maps` before
+/// `sender_dependent_relayhost_maps`); then the default smarthosts, or MX.
+pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
+    if let Some(route) = domain_route(cfg, domain) {
+        return route;
+    }
+    let by_user = sender.user.as_deref().and_then(|u| {
+        cfg.sender_routes
+            .iter()
+            .position(|r| r.users.iter().any(|x| x == u))
+    });
+    let by_domain = || {
+        (!sender.domain.is_empty()).then(|| {
+            cfg.sender_routes.iter().position(|r| {
+                r.sender_domains
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(&sender.domain))
+            })
+        })?
+    };
+    if let Some(i) = by_user.or_else(by_domain) {
+        let r = &cfg.sender_routes[i];
+        return Route {
+            destination: format!("sender:{i}"),
+            kind: RouteKind::Smarthosts(r.smarthosts.clone()),
+            tls: r.tls.clone().unwrap_or_else(|| cfg.tls.clone()),
+            auth_file: r.auth_file.clone(),
+        };
     }
     if cfg.smarthosts.is_empty() {
         Route {
@@ -68,6 +96,31 @@ pub fn route_for(cfg: &DeliveryConfig, domain: &str) -> Route {
             auth_file: cfg.auth_file.clone(),
         }
     }
+}
+
+/// The domain route listing `domain`, if any.
+fn domain_route(cfg: &DeliveryConfig, domain: &str) -> Option<Route> {
+    for (i, r) in cfg.routes.iter().enumerate() {
+        if r.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+            let tls = r.tls.clone().unwrap_or_else(|| cfg.tls.clone());
+            return Some(if r.smarthosts.is_empty() {
+                Route {
+                    destination: format!("mx:{domain}"),
+                    kind: RouteKind::Mx,
+                    tls,
+                    auth_file: None,
+                }
+            } else {
+                Route {
+                    destination: format!("route:{i}"),
+                    kind: RouteKind::Smarthosts(r.smarthosts.clone()),
+                    tls,
+                    auth_file: r.auth_file.clone(),
+                }
+            });
+        }
+    }
+    None
 }
 
 /// The domain of an address (lower case); empty for none.
@@ -273,8 +326,12 @@ mod tests {
     #[test]
     fn routes_by_domain_then_default() {
         let mut cfg = DeliveryConfig::default();
-        assert_eq!(route_for(&cfg, "x.example").kind, RouteKind::Mx);
-        assert_eq!(route_for(&cfg, "x.example").destination, "mx:x.example");
+        let anyone = Sender::default();
+        assert_eq!(route_for(&cfg, &anyone, "x.example").kind, RouteKind::Mx);
+        assert_eq!(
+            route_for(&cfg, &anyone, "x.example").destination,
+            "mx:x.example"
+        );
         cfg.smarthosts = vec![sh("relay", 10)];
         cfg.routes = vec![
             DomainRoute {
@@ -287,10 +344,72 @@ mod tests {
                 ..Default::default()
             },
         ];
-        assert_eq!(route_for(&cfg, "example.com").destination, "route:0");
-        assert_eq!(route_for(&cfg, "mx.example").kind, RouteKind::Mx);
-        assert_eq!(route_for(&cfg, "other.example").destination, "default");
+        assert_eq!(
+            route_for(&cfg, &anyone, "example.com").destination,
+            "route:0"
+        );
+        assert_eq!(route_for(&cfg, &anyone, "mx.example").kind, RouteKind::Mx);
+        assert_eq!(
+            route_for(&cfg, &anyone, "other.example").destination,
+            "default"
+        );
         assert_eq!(domain_of("a@B.Example."), "b.example");
+    }
+
+    #[test]
+    fn sender_routes_come_after_domain_routes_and_a_user_before_a_sender_domain() {
+        let cfg = DeliveryConfig {
+            smarthosts: vec![sh("relay", 10)],
+            routes: vec![DomainRoute {
+                domains: vec!["internal.example".into()],
+                smarthosts: vec![sh("exchange", 10)],
+                ..Default::default()
+            }],
+            sender_routes: vec![
+                crate::config::SenderRoute {
+                    sender_domains: vec!["Brand-B.example".into()],
+                    smarthosts: vec![sh("brand-b.mail.protection.outlook.com", 10)],
+                    tls: Some(OutboundTls {
+                        mode: crate::config::OutboundTlsMode::Required,
+                        ca_file: None,
+                    }),
+                    auth_file: Some("/auth/brand-b".into()),
+                    ..Default::default()
+                },
+                crate::config::SenderRoute {
+                    users: vec!["billing-app".into()],
+                    smarthosts: vec![sh("smtp.billing-provider.example", 10)],
+                    ..Default::default()
+                },
+            ],
+            ..DeliveryConfig::default()
+        };
+        let brand_b = Sender::new("news@brand-b.EXAMPLE", None);
+        let r = route_for(&cfg, &brand_b, "customer.example");
+        assert_eq!(r.destination, "sender:0");
+        assert_eq!(r.tls.mode, crate::config::OutboundTlsMode::Required);
+        assert_eq!(r.auth_file, Some("/auth/brand-b".into()));
+        // A domain route wins: internal mail stays internal whoever sends it.
+        assert_eq!(
+            route_for(&cfg, &brand_b, "internal.example").destination,
+            "route:0"
+        );
+        // The user's route wins over the sender domain's.
+        let billing = Sender::new("invoices@brand-b.example", Some("billing-app"));
+        assert_eq!(
+            route_for(&cfg, &billing, "customer.example").destination,
+            "sender:1"
+        );
+        // Anyone else, and bounces (null sender), take the default.
+        let other = Sender::new("a@brand-a.example", Some("someone"));
+        assert_eq!(
+            route_for(&cfg, &other, "customer.example").destination,
+            "default"
+        );
+        assert_eq!(
+            route_for(&cfg, &Sender::new("", None), "customer.example").destination,
+            "default"
+        );
     }
 
     #[test]

@@ -10,12 +10,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::attempt::{Engine, Next};
-use super::route::{domain_of, route_for};
+use super::route::{Sender, domain_of, route_for};
 use super::{Cmd, FLUSH_DIR, now_ms};
 
 #[derive(Debug)]
 struct Entry {
     due_ms: i64,
+    sender: Sender,
     domains: Vec<String>,
     received_ms: i64,
     running: bool,
@@ -31,7 +32,14 @@ struct State {
 }
 
 impl State {
-    fn insert(&mut self, id: String, due_ms: i64, domains: Vec<String>, received_ms: i64) {
+    fn insert(
+        &mut self,
+        id: String,
+        due_ms: i64,
+        sender: Sender,
+        domains: Vec<String>,
+        received_ms: i64,
+    ) {
         if self.entries.contains_key(&id) {
             return;
         }
@@ -40,6 +48,7 @@ impl State {
             id,
             Entry {
                 due_ms,
+                sender,
                 domains,
                 received_ms,
                 running: false,
@@ -89,6 +98,7 @@ async fn scan(engine: &Arc<Engine>, st: &mut State) {
                     out.push((
                         env.id,
                         state.next_attempt_at * 1000,
+                        Sender::new(&env.sender, env.auth_user.as_deref()),
                         domains,
                         env.received_at * 1000,
                     ));
@@ -101,8 +111,8 @@ async fn scan(engine: &Arc<Engine>, st: &mut State) {
     .await
     .unwrap_or_default();
     let n = found.len();
-    for (id, due, domains, rec) in found {
-        st.insert(id, due, domains, rec);
+    for (id, due, sender, domains, rec) in found {
+        st.insert(id, due, sender, domains, rec);
     }
     if n > 0 {
         tracing::info!(messages = n, "queue scan: messages scheduled");
@@ -137,7 +147,7 @@ fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
         let mut dests: Vec<String> = e
             .domains
             .iter()
-            .map(|d| route_for(&engine.cfg.delivery, d).destination)
+            .map(|d| route_for(&engine.cfg.delivery, &e.sender, d).destination)
             .collect();
         dests.sort();
         dests.dedup();
@@ -229,7 +239,7 @@ pub async fn run(
         let sleep_ms = if st.running >= max { 1000 } else { sleep_ms };
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(Cmd::New { id, domains, received_ms }) => st.insert(id, received_ms, domains, received_ms),
+                Some(Cmd::New { id, sender, domains, received_ms }) => st.insert(id, received_ms, sender, domains, received_ms),
                 Some(Cmd::Flush(domain)) => {
                     scan(&engine, &mut st).await;
                     let n = st.make_due(domain.as_deref(), now_ms());

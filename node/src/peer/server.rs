@@ -142,6 +142,7 @@ async fn receive(
     state.next_attempt_at = now / 1000;
     let old_id = env.id.clone();
     let pending: Vec<String> = state.open_recipients().map(|r| r.address.clone()).collect();
+    let sender = crate::delivery::route::Sender::new(&env.sender, env.auth_user.as_deref());
     let received_ms = env.received_at * 1000;
     match Arc::clone(&ctx.node.queue)
         .import(env, state, msg, hold)
@@ -150,7 +151,7 @@ async fn receive(
         Ok((id, dup)) => {
             tracing::info!(peer = %peer, peer_id = %old_id, id = %id, duplicate = dup, "message received from peer");
             if !hold && !dup {
-                ctx.node.delivery.queued(&id, &pending, received_ms);
+                ctx.node.delivery.queued(&id, sender, &pending, received_ms);
             }
             format!("250 2.0.0 {id} queued")
         }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use mailnode_api::config as node;
@@ -21,6 +21,8 @@ pub const CLUSTER_SECRET_DIR: &str = "/etc/mailnode/cluster";
 pub const TLS_DIR: &str = "/etc/mailnode/tls";
 /// Directory the auth Secret is mounted at.
 pub const AUTH_DIR: &str = "/etc/mailnode/auth";
+/// Mount path of the smarthost credentials Secrets, one directory per Secret.
+pub const SMARTHOST_AUTH_DIR: &str = "/etc/mailnode/smarthost-auth";
 /// Key of the users file in the auth Secret.
 pub const AUTH_USERS_KEY: &str = "users";
 /// Mount path of the queue volume.
@@ -191,7 +193,21 @@ pub fn node_config(
                 &format!("spec.delivery.routes[{i}].smarthosts"),
                 &r.smarthosts,
             )?,
-            ..node::DomainRoute::default()
+            tls: r.tls.as_ref().map(outbound_tls),
+            auth_file: r.auth_secret.as_ref().map(auth_path),
+        });
+    }
+    let mut sender_routes = Vec::with_capacity(spec.delivery.sender_routes.len());
+    for (i, r) in spec.delivery.sender_routes.iter().enumerate() {
+        sender_routes.push(node::SenderRoute {
+            sender_domains: r.sender_domains.iter().map(|d| d.0.clone()).collect(),
+            users: r.users.clone(),
+            smarthosts: next_hops(
+                &format!("spec.delivery.senderRoutes[{i}].smarthosts"),
+                &r.smarthosts,
+            )?,
+            tls: r.tls.as_ref().map(outbound_tls),
+            auth_file: r.auth_secret.as_ref().map(auth_path),
         });
     }
     let mx_port = match spec.delivery.mx.as_ref().and_then(|m| m.port) {
@@ -251,6 +267,14 @@ pub fn node_config(
             // Empty smarthosts: the node delivers by MX.
             smarthosts,
             routes,
+            sender_routes,
+            tls: spec
+                .delivery
+                .tls
+                .as_ref()
+                .map(outbound_tls)
+                .unwrap_or_default(),
+            auth_file: spec.delivery.auth_secret.as_ref().map(auth_path),
             retry,
             mx_port,
             // Peer names are "self" too: a member never relays to a peer as a next hop.
@@ -272,6 +296,43 @@ pub struct RenderedConfig {
     pub yaml: String,
     /// Hex SHA-256 prefix of `yaml`; on the pod template, so a change rolls the members.
     pub hash: String,
+}
+
+/// STARTTLS towards next hops as the node reads it.
+fn outbound_tls(t: &crd::OutboundTls) -> node::OutboundTls {
+    node::OutboundTls {
+        mode: match t.mode {
+            crd::OutboundTlsMode::Opportunistic => node::OutboundTlsMode::Opportunistic,
+            crd::OutboundTlsMode::Required => node::OutboundTlsMode::Required,
+            crd::OutboundTlsMode::None => node::OutboundTlsMode::None,
+        },
+        ca_file: None,
+    }
+}
+
+/// Where a smarthost credentials Secret is mounted in a member.
+pub fn auth_path(secret: &crd::SecretName) -> PathBuf {
+    Path::new(SMARTHOST_AUTH_DIR).join(&secret.0)
+}
+
+/// The smarthost credentials Secrets the spec names, sorted, each once: the StatefulSet
+/// mounts them at [`auth_path`].
+pub fn smarthost_auth_secrets(spec: &crd::MailClusterSpec) -> Vec<String> {
+    let d = &spec.delivery;
+    let mut names: Vec<String> = d
+        .auth_secret
+        .iter()
+        .chain(d.routes.iter().filter_map(|r| r.auth_secret.as_ref()))
+        .chain(
+            d.sender_routes
+                .iter()
+                .filter_map(|r| r.auth_secret.as_ref()),
+        )
+        .map(|s| s.0.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// A listener's rate limit as the node reads it.
@@ -430,6 +491,8 @@ mod tests {
                 port: 2525,
                 priority: 5,
             }],
+            tls: None,
+            auth_secret: None,
         });
         let c = node_config(&mc, &[]).unwrap();
         assert_eq!(c.delivery.routes.len(), 1);
@@ -497,6 +560,66 @@ mod tests {
         mc.spec.listeners[0].rate_limits[1].window = Some("2d".into());
         let e = node_config(&mc, &[]).unwrap_err().to_string();
         assert!(e.contains("spec.listeners[0].rateLimits[1].window"), "{e}");
+    }
+
+    #[test]
+    fn sender_routes_tls_and_credentials_are_rendered_and_each_secret_mounted_once() {
+        let mut mc = sample();
+        let d = &mut mc.spec.delivery;
+        d.tls = Some(crd::OutboundTls {
+            mode: crd::OutboundTlsMode::Required,
+        });
+        d.auth_secret = Some("m365-relay".into());
+        d.sender_routes.push(crd::SenderRoute {
+            sender_domains: vec!["brand-b.example".into()],
+            users: vec!["billing".into()],
+            smarthosts: vec![crd::Smarthost {
+                host: "smtp.office365.com".into(),
+                port: 587,
+                priority: 0,
+            }],
+            tls: None,
+            auth_secret: Some("m365-brand-b".into()),
+        });
+        d.routes.push(crd::Route {
+            domain: "partner.example".into(),
+            smarthosts: vec![crd::Smarthost {
+                host: "mx.partner.example".into(),
+                port: 25,
+                priority: 0,
+            }],
+            tls: Some(crd::OutboundTls {
+                mode: crd::OutboundTlsMode::None,
+            }),
+            auth_secret: Some("m365-relay".into()),
+        });
+        let c = node_config(&mc, &[]).unwrap();
+        assert_eq!(c.delivery.tls.mode, node::OutboundTlsMode::Required);
+        assert_eq!(
+            c.delivery.auth_file,
+            Some(PathBuf::from("/etc/mailnode/smarthost-auth/m365-relay"))
+        );
+        let s = &c.delivery.sender_routes[0];
+        assert_eq!(
+            (s.sender_domains.as_slice(), s.users.as_slice()),
+            (
+                &["brand-b.example".to_string()][..],
+                &["billing".to_string()][..]
+            )
+        );
+        assert_eq!(s.smarthosts[0].port, 587);
+        assert_eq!(s.tls, None, "the route follows delivery.tls");
+        assert_eq!(
+            s.auth_file,
+            Some(PathBuf::from("/etc/mailnode/smarthost-auth/m365-brand-b"))
+        );
+        let r = &c.delivery.routes[0];
+        assert_eq!(r.tls.as_ref().unwrap().mode, node::OutboundTlsMode::None);
+        node::Config::from_yaml(&render(&c).unwrap().yaml).unwrap();
+        assert_eq!(
+            smarthost_auth_secrets(&mc.spec),
+            ["m365-brand-b", "m365-relay"]
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::configmap::{
     AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, SHUTDOWN_DELAY_SECONDS,
-    SHUTDOWN_GRACE_SECONDS, TLS_DIR, config_path,
+    SHUTDOWN_GRACE_SECONDS, TLS_DIR, auth_path, config_path, smarthost_auth_secrets,
 };
 use super::peer_service::PEER_PORT_NAME;
 use super::{
@@ -168,6 +168,13 @@ pub fn statefulset(
     if let Some(auth) = &spec.auth {
         volumes.push(secret_volume("auth", auth.secret_name.clone()));
         mounts.push(mount("auth", AUTH_DIR));
+    }
+    // Smarthost credentials: one volume per Secret, mounted where the rendered config says.
+    for (i, secret) in smarthost_auth_secrets(spec).into_iter().enumerate() {
+        let volume = format!("smarthost-auth-{i}");
+        let path = auth_path(&secret.as_str().into());
+        volumes.push(secret_volume(&volume, secret));
+        mounts.push(mount(&volume, &path.to_string_lossy()));
     }
 
     let resources = spec.resources.clone().unwrap_or_else(|| {
@@ -510,5 +517,43 @@ mod tests {
             pod.containers[0].image.as_deref(),
             Some("registry.example/mailnode:1.2")
         );
+    }
+
+    #[test]
+    fn smarthost_credentials_secrets_are_mounted_read_only_where_the_config_points() {
+        let mut mc = sample();
+        mc.spec.delivery.auth_secret = Some("m365-relay".into());
+        mc.spec
+            .delivery
+            .sender_routes
+            .push(crate::crd::SenderRoute {
+                sender_domains: vec!["brand-b.example".into()],
+                users: Vec::new(),
+                smarthosts: mc.spec.delivery.smarthosts.clone(),
+                tls: None,
+                auth_secret: Some("m365-brand-b".into()),
+            });
+        let sts = statefulset(&mc, "h", None, "img").unwrap();
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let volumes = pod.volumes.unwrap();
+        let secret_of = |name: &str| {
+            volumes
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.secret.as_ref())
+                .and_then(|s| s.secret_name.clone())
+        };
+        assert_eq!(
+            secret_of("smarthost-auth-0").as_deref(),
+            Some("m365-brand-b")
+        );
+        assert_eq!(secret_of("smarthost-auth-1").as_deref(), Some("m365-relay"));
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let m = mounts
+            .iter()
+            .find(|m| m.name == "smarthost-auth-1")
+            .unwrap();
+        assert_eq!(m.mount_path, "/etc/mailnode/smarthost-auth/m365-relay");
+        assert_eq!(m.read_only, Some(true));
     }
 }
