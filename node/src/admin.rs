@@ -68,13 +68,16 @@ pub async fn status_report(node: &Arc<Node>) -> StatusReport {
     .unwrap_or((node.queue.depth(), 0));
     let peers = node.peers.as_ref().map(|p| p.status()).unwrap_or_default();
     let draining = node.draining.load(Ordering::Relaxed);
+    let loaded = node.loaded();
     StatusReport {
         name: node_name(),
         hostname: node.config.hostname.clone(),
         instance: node.peers.as_ref().map(|p| p.instance.clone()),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_hash: node.config_hash.clone(),
-        config_loaded_at: Some(node.config_loaded_at.clone()),
+        config_hash: loaded.hash,
+        config_loaded_at: Some(loaded.at),
+        config_error: loaded.error,
+        restart_needed: loaded.restart_needed,
         queue_depth: depth,
         oldest_message_age_seconds: oldest,
         draining,

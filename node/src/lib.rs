@@ -17,6 +17,7 @@ pub mod peer;
 pub mod proxy_protocol;
 pub mod queue;
 pub mod rate_limit;
+pub mod reload;
 pub mod serve;
 pub mod smtp;
 pub mod smtp_server;

@@ -313,18 +313,23 @@ fn main() -> ExitCode {
         Cmd::HashPassword => hash_password(),
         Cmd::Serve { config } => {
             init_tracing();
-            let hash = std::fs::read(&config)
-                .map(|b| mailnode::peer::sha256_hex(&b))
-                .unwrap_or_default();
-            match Config::load(&config) {
-                Err(e) => Err(e.to_string()),
-                Ok(cfg) => match tokio::runtime::Builder::new_multi_thread()
+            // The hash and the config come from the same bytes: the file may change any time.
+            let loaded = std::fs::read(&config)
+                .map_err(|e| format!("cannot read {}: {e}", config.display()))
+                .and_then(|bytes| {
+                    let cfg = Config::from_yaml(&String::from_utf8_lossy(&bytes))
+                        .map_err(|e| format!("{}: {e}", config.display()))?;
+                    Ok((cfg, mailnode::peer::sha256_hex(&bytes)))
+                });
+            match loaded {
+                Err(e) => Err(e),
+                Ok((cfg, hash)) => match tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()
                 {
                     Err(e) => Err(format!("cannot start runtime: {e}")),
                     Ok(rt) => rt
-                        .block_on(mailnode::serve::serve_with(cfg, &hash))
+                        .block_on(mailnode::serve::serve_with(cfg, &hash, Some(config)))
                         .map_err(|e| e.to_string()),
                 },
             }

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub route_loops: Family<Labels, Counter>,
     /// DSNs generated, by kind (failed, delayed), and those suppressed (null_sender).
     pub dsn: Family<Labels, Counter>,
+    /// Config file changes by result (`applied`, `refused`).
+    pub config_reloads: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -97,6 +99,7 @@ impl Metrics {
             oldest_message_age: Gauge::default(),
             route_loops: Family::default(),
             dsn: Family::default(),
+            config_reloads: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
             auth_waiting: Gauge::default(),
@@ -179,6 +182,11 @@ impl Metrics {
         );
         registry.register("dsn", "Delivery status notifications", m.dsn.clone());
         registry.register(
+            "config_reloads",
+            "Changes of the config file, applied or refused (the old config kept)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
             "auth_checks",
             "Password checks (SMTP AUTH) by result",
             m.auth_checks.clone(),
@@ -217,6 +225,13 @@ impl Metrics {
     }
 
     /// Count a refusal.
+    /// A config file change, `applied` or `refused`.
+    pub fn config_reload(&self, result: &str) {
+        self.config_reloads
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
     pub fn refused(&self, reason: &str) {
         self.refused.get_or_create(&label("reason", reason)).inc();
     }

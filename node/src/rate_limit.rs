@@ -111,6 +111,11 @@ impl RateLimiter {
         Self { rules, windows }
     }
 
+    /// The limits counted.
+    pub fn rules(&self) -> &[RateLimit] {
+        &self.rules
+    }
+
     /// Whether there is nothing to limit.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

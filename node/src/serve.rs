@@ -62,11 +62,16 @@ fn storage_ok(node: &Node) -> bool {
 /// `/status` is that of the config rendered as YAML; [`serve_with`] takes the file's.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let yaml = config.to_yaml().unwrap_or_default();
-    serve_with(config, &crate::peer::sha256_hex(yaml.as_bytes())).await
+    serve_with(config, &crate::peer::sha256_hex(yaml.as_bytes()), None).await
 }
 
-/// Run the node; `config_hash` is the SHA-256 (hex) of the config file's bytes.
-pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeError> {
+/// Run the node; `config_hash` is the SHA-256 (hex) of the config file's bytes. With the
+/// file's path, changes of the file are applied while running ([`crate::reload`]).
+pub async fn serve_with(
+    config: Config,
+    config_hash: &str,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let q = &config.queue;
     let mode = match (q.fsync, q.group_commit, q.sync_filesystem) {
@@ -125,8 +130,12 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
             .then(|| Arc::new(crate::peer::Peers::new(&config))),
         drain_requested: tokio::sync::Notify::new(),
         drained: AtomicBool::new(false),
-        config_hash: config_hash.to_owned(),
-        config_loaded_at: jiff::Timestamp::now().to_string(),
+        loaded: std::sync::RwLock::new(crate::state::LoadedConfig {
+            hash: config_hash.to_owned(),
+            at: jiff::Timestamp::now().to_string(),
+            error: None,
+            restart_needed: false,
+        }),
     });
     let engine = Arc::new(crate::delivery::attempt::Engine::new(
         config.clone(),
@@ -136,13 +145,14 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
     )?);
     let final_reply_wait = crate::delivery::scheduler::final_reply_wait(&engine);
     let scheduler = tokio::spawn(crate::delivery::scheduler::run(
-        engine,
+        Arc::clone(&engine),
         delivery_rx,
         node.shutdown.subscribe(),
         Duration::from_secs(config.limits.shutdown_grace_seconds),
     ));
     node.storage_ok.store(storage_ok(&node), Ordering::Relaxed);
 
+    let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let sock = TcpListener::bind(l.address)
             .await
@@ -158,7 +168,29 @@ pub async fn serve_with(config: Config, config_hash: &str) -> Result<(), ServeEr
             node.tls.is_some(),
             Arc::clone(&node.budget),
         ));
+        listeners.push(Arc::clone(&ctx));
         tokio::spawn(run_listener(Arc::clone(&node), ctx, sock));
+    }
+    if let Some(path) = config_path
+        && config.reload_interval_seconds > 0
+    {
+        let mut reloader = crate::reload::Reloader::new(
+            path,
+            &config,
+            Arc::clone(&node),
+            Arc::clone(&engine),
+            listeners,
+        );
+        let every = Duration::from_secs(config.reload_interval_seconds);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                // Reading and parsing a small file; the blocking pool is not worth it.
+                let _ = reloader.check();
+            }
+        });
     }
     if let (Some(addr), Some(peers)) = (config.peers.address, &node.peers) {
         if config.peers.secret_file.is_none() {

@@ -6,8 +6,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,12 +26,14 @@ use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, Draft, Event, Next, Session, SessionConfig, Step};
 use crate::state::Node;
 
-/// A listener's precomputed settings.
+/// A listener's settings: its socket options (fixed until a restart) and the settings each new
+/// session starts with (replaced when the config is reloaded; running sessions keep theirs).
 #[derive(Debug)]
 pub struct ListenerCtx {
     pub config: Listener,
-    /// Session settings.
-    pub session: SessionConfig,
+    tls_available: bool,
+    budget: Arc<crate::admission::MemoryBudget>,
+    session: RwLock<SessionConfig>,
 }
 
 impl ListenerCtx {
@@ -42,28 +44,64 @@ impl ListenerCtx {
         tls_available: bool,
         budget: Arc<crate::admission::MemoryBudget>,
     ) -> Self {
-        let memory = crate::admission::ContentMemory {
-            budget,
-            spill_at: cfg.limits.content_spill_bytes,
-        };
-        let starttls = tls_available && l.tls.mode == TlsMode::Starttls;
+        let rate_limits = Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone()));
+        let session = session_config(cfg, l, tls_available, &budget, rate_limits);
         Self {
             config: l.clone(),
-            session: SessionConfig {
-                hostname: cfg.hostname.clone(),
-                listener: l.name.clone(),
-                max_message_size: l.max_message_size.unwrap_or(cfg.limits.max_message_size),
-                max_recipients: cfg.limits.max_recipients,
-                max_errors: cfg.limits.max_errors,
-                starttls,
-                tls_required: l.tls.required,
-                auth: starttls && cfg.auth.is_some(),
-                policy: Arc::new(Policy::from_listener(l)),
-                memory: Some(memory),
-                forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
-                rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone())),
-            },
+            tls_available,
+            budget,
+            session: RwLock::new(session),
         }
+    }
+
+    /// The settings a session starting now gets.
+    pub fn session(&self) -> SessionConfig {
+        self.session
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// New sessions get the settings of `cfg`'s listener `l` (the same listener, reloaded).
+    /// Rate limit counts carry over when the limits are unchanged.
+    pub fn reload(&self, cfg: &Config, l: &Listener) {
+        let mut current = self
+            .session
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rate_limits = if current.rate_limits.rules() == l.rate_limits.as_slice() {
+            Arc::clone(&current.rate_limits)
+        } else {
+            Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone()))
+        };
+        *current = session_config(cfg, l, self.tls_available, &self.budget, rate_limits);
+    }
+}
+
+fn session_config(
+    cfg: &Config,
+    l: &Listener,
+    tls_available: bool,
+    budget: &Arc<crate::admission::MemoryBudget>,
+    rate_limits: Arc<crate::rate_limit::RateLimiter>,
+) -> SessionConfig {
+    let starttls = tls_available && l.tls.mode == TlsMode::Starttls;
+    SessionConfig {
+        hostname: cfg.hostname.clone(),
+        listener: l.name.clone(),
+        max_message_size: l.max_message_size.unwrap_or(cfg.limits.max_message_size),
+        max_recipients: cfg.limits.max_recipients,
+        max_errors: cfg.limits.max_errors,
+        starttls,
+        tls_required: l.tls.required,
+        auth: starttls && cfg.auth.is_some(),
+        policy: Arc::new(Policy::from_listener(l)),
+        memory: Some(crate::admission::ContentMemory {
+            budget: Arc::clone(budget),
+            spill_at: cfg.limits.content_spill_bytes,
+        }),
+        forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
+        rate_limits,
     }
 }
 
@@ -291,7 +329,8 @@ async fn handle(
             proxy: None,
         }
     };
-    let exempt = ctx.session.policy.source_may_relay(client.addr.ip());
+    let settings = ctx.session();
+    let exempt = settings.policy.source_may_relay(client.addr.ip());
     let _slot = if exempt {
         None
     } else {
@@ -312,7 +351,7 @@ async fn handle(
         }
     };
     tracing::debug!(listener = %ctx.config.name, client = %client.addr, proxy = ?client.proxy, "session start");
-    let session = Session::new(ctx.session.clone(), client);
+    let session = Session::new(settings, client);
     let limits = &node.config.limits;
     let mut d = Driver {
         shutdown: node.shutdown.subscribe(),
@@ -631,10 +670,8 @@ impl Driver {
         ),
         SessionEnd,
     > {
-        let mut dec = DataDecoder::with_memory(
-            self.ctx.session.max_message_size,
-            self.ctx.session.memory.clone(),
-        );
+        let settings = self.session.config();
+        let mut dec = DataDecoder::with_memory(settings.max_message_size, settings.memory.clone());
         loop {
             if !self.buf.is_empty() {
                 if let Some(n) = dec.feed(&self.buf) {

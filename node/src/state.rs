@@ -50,8 +50,37 @@ pub struct Node {
     pub drain_requested: tokio::sync::Notify,
     /// The queue has been handed off (drain finished).
     pub drained: AtomicBool,
+    /// The config the node runs, as `/status` shows it.
+    pub loaded: std::sync::RwLock<LoadedConfig>,
+}
+
+/// Which config file a node runs and what became of the last change of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedConfig {
     /// SHA-256 of the config file bytes (hex).
-    pub config_hash: String,
-    /// When the config was loaded (RFC 3339).
-    pub config_loaded_at: String,
+    pub hash: String,
+    /// When it was loaded (RFC 3339).
+    pub at: String,
+    /// Why the file as it is now was refused, if it was.
+    pub error: Option<String>,
+    /// The file changed in parts only a restart applies.
+    pub restart_needed: bool,
+}
+
+impl Node {
+    /// A copy of [`Node::loaded`].
+    pub fn loaded(&self) -> LoadedConfig {
+        self.loaded
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes [`Node::loaded`].
+    pub fn set_loaded(&self, f: impl FnOnce(&mut LoadedConfig)) {
+        f(&mut self
+            .loaded
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
 }

@@ -23,6 +23,8 @@ pub enum Reason {
     Scaling,
     /// Progressing: members are being updated to the current spec.
     RollingOut,
+    /// Progressing: members load a changed configuration without a restart.
+    Reloading,
     /// Progressing: nothing is under way.
     Stable,
     /// Ready, Progressing, Degraded: the spec cannot be turned into a cluster.
@@ -37,6 +39,8 @@ pub enum Reason {
     DNSEndpointCRDMissing,
     /// Degraded: the Job draining a removed member's volume failed.
     DrainFailed,
+    /// Degraded: a member refuses its configuration file (it keeps the previous one).
+    ConfigRefused,
     /// Degraded: a smarthost credentials Secret is missing or lacks `username`/`password`.
     SmarthostSecretInvalid,
     /// Event: objects were created or changed.
@@ -63,6 +67,7 @@ impl Reason {
             Self::PeersUnreachable => "PeersUnreachable",
             Self::Scaling => "Scaling",
             Self::RollingOut => "RollingOut",
+            Self::Reloading => "Reloading",
             Self::Stable => "Stable",
             Self::InvalidSpec => "InvalidSpec",
             Self::AsExpected => "AsExpected",
@@ -70,6 +75,7 @@ impl Reason {
             Self::CertificateCRDMissing => "CertificateCRDMissing",
             Self::DNSEndpointCRDMissing => "DNSEndpointCRDMissing",
             Self::DrainFailed => "DrainFailed",
+            Self::ConfigRefused => "ConfigRefused",
             Self::SmarthostSecretInvalid => "SmarthostSecretInvalid",
             Self::Applied => "Applied",
             Self::RotatingKey => "RotatingKey",

@@ -293,6 +293,7 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         Ok(rendered) => {
             let desired = Desired::build(mc, &rendered, &key_hash, &ctx.settings.default_image)?;
             observed.config_hash = Some(rendered.hash);
+            observed.restart_hash = Some(rendered.restart_hash);
             observed.statefulset = Some(
                 desired
                     .apply(ctx, &names, &mut applier, &mut observed)
@@ -530,8 +531,12 @@ impl Desired {
         default_image: &str,
     ) -> Result<Self, BuildError> {
         let tls_secret = certificate::tls_secret_name(mc)?;
-        let mut sts =
-            statefulset::statefulset(mc, &rendered.hash, tls_secret.as_deref(), default_image)?;
+        let mut sts = statefulset::statefulset(
+            mc,
+            &rendered.restart_hash,
+            tls_secret.as_deref(),
+            default_image,
+        )?;
         statefulset::annotate_template(&mut sts, secret::KEY_HASH_ANNOTATION, key_hash);
         Ok(Self {
             config_map: configmap::config_map(mc, rendered)?,
@@ -872,7 +877,8 @@ mod tests {
         assert_eq!(template[secret::KEY_HASH_ANNOTATION], "key-hash-1");
         assert_eq!(
             template[builders::CONFIG_HASH_ANNOTATION],
-            rendered.hash.as_str()
+            rendered.restart_hash.as_str(),
+            "the template rolls only for what members cannot reload"
         );
         assert_eq!(
             d.config_map.data.as_ref().unwrap().values().next(),

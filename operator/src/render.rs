@@ -87,7 +87,7 @@ pub fn render(
     let tls = certificate::tls_secret_name(mc)?;
     doc(
         &mut out,
-        &statefulset::statefulset(mc, &rendered.hash, tls.as_deref(), default_image)?,
+        &statefulset::statefulset(mc, &rendered.restart_hash, tls.as_deref(), default_image)?,
     )?;
     doc(&mut out, &pdb::pdb(mc)?)?;
     doc(&mut out, &networkpolicy::network_policy(mc)?)?;

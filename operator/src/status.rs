@@ -52,6 +52,9 @@ pub struct Observed {
     pub pods: Vec<Pod>,
     /// Hash of the configuration members should run (None when the spec could not be rendered).
     pub config_hash: Option<String>,
+    /// Hash of its restart view, on the pod template (None when the spec could not be
+    /// rendered).
+    pub restart_hash: Option<String>,
     /// Load balancer addresses.
     pub addresses: Vec<String>,
     /// DNS records published.
@@ -100,6 +103,7 @@ fn ordinal(name: &str) -> u64 {
 pub fn members(
     pods: &[Pod],
     config_hash: Option<&str>,
+    restart_hash: Option<&str>,
     reports: &BTreeMap<String, Result<StatusReport, String>>,
 ) -> Vec<MemberStatus> {
     let mut rows: Vec<MemberStatus> = pods
@@ -112,11 +116,12 @@ pub fn members(
                 .as_ref()
                 .and_then(|s| s.containers.iter().find(|c| c.name == CONTAINER))
                 .and_then(|c| c.image.clone());
-            let template_in_sync = config_hash.is_some()
+            // Without a report: the pod template has the restart view of the current config.
+            let template_in_sync = restart_hash.is_some()
                 && p.annotations()
                     .get(CONFIG_HASH_ANNOTATION)
                     .map(String::as_str)
-                    == config_hash;
+                    == restart_hash;
             let mut row = MemberStatus {
                 pod: p.name_any(),
                 ip: status.and_then(|s| s.pod_ip.clone()),
@@ -188,7 +193,12 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
     let generation = mc.metadata.generation;
     let desired = mc.spec.replicas;
     let name = mc.name_any();
-    let members = members(&o.pods, o.config_hash.as_deref(), &o.reports);
+    let members = members(
+        &o.pods,
+        o.config_hash.as_deref(),
+        o.restart_hash.as_deref(),
+        &o.reports,
+    );
     let ready_members =
         i32::try_from(members.iter().filter(|m| m.ready).count()).unwrap_or(i32::MAX);
     let in_sync = members.iter().filter(|m| m.config_in_sync).count();
@@ -259,7 +269,16 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
             Reason::Scaling,
             format!("scaling from {member_count} to {desired} members, one at a time"),
         )
-    } else if !rolled_out || in_sync < members.len() {
+    } else if rolled_out && in_sync < members.len() {
+        (
+            true,
+            Reason::Reloading,
+            format!(
+                "members load the changed configuration without a restart: {in_sync}/{} run it (a mounted ConfigMap reaches the pods within about a minute)",
+                members.len()
+            ),
+        )
+    } else if !rolled_out {
         (
             true,
             Reason::RollingOut,
@@ -276,7 +295,20 @@ pub fn compute(mc: &MailCluster, o: &Observed, now: Timestamp) -> MailClusterSta
         )
     };
 
-    let (degraded, deg_reason, deg_msg) = match o.problems.as_slice() {
+    // Members that refuse the configuration file they were given keep running the old one.
+    let refused: Vec<Problem> = o
+        .reports
+        .iter()
+        .filter_map(|(pod, r)| {
+            let error = r.as_ref().ok()?.config_error.as_deref()?;
+            Some(Problem::new(
+                Reason::ConfigRefused,
+                format!("{pod} refuses its configuration file and keeps running the previous one: {error}"),
+            ))
+        })
+        .collect();
+    let problems: Vec<&Problem> = o.problems.iter().chain(&refused).collect();
+    let (degraded, deg_reason, deg_msg) = match problems.as_slice() {
         [] => (
             false,
             Reason::AsExpected,
@@ -364,7 +396,7 @@ fn member_disagreement(o: &Observed) -> Option<(Reason, String)> {
             return Some((
                 Reason::ConfigMismatch,
                 format!(
-                    "members run different configurations: {} instead of {hash}; they pick up the current one when restarted (`kubectl rollout restart statefulset`)",
+                    "members run different configurations: {} instead of {hash}; members load a changed configuration within about a minute (when the mounted ConfigMap reaches the pod), and a member that refuses it says why in the Degraded condition",
                     stale.join(", ")
                 ),
             ));
@@ -483,6 +515,7 @@ mod tests {
             statefulset: Some(sts(3, 3, true)),
             pods: vec![pod(2, true, "h"), pod(0, true, "h"), pod(1, true, "h")],
             config_hash: Some("h".into()),
+            restart_hash: Some("h".into()),
             spec_valid: true,
             ..Default::default()
         };
@@ -511,6 +544,7 @@ mod tests {
                 pod(2, false, "new"),
             ],
             config_hash: Some("new".into()),
+            restart_hash: Some("new".into()),
             spec_valid: true,
             ..Default::default()
         };
@@ -533,6 +567,7 @@ mod tests {
             statefulset: Some(sts(3, 3, true)),
             pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
             config_hash: Some("h".into()),
+            restart_hash: Some("h".into()),
             spec_valid: true,
             problems: vec![Problem::new(
                 Reason::DNSEndpointCRDMissing,
@@ -573,6 +608,7 @@ mod tests {
             statefulset: Some(sts(3, 3, true)),
             pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
             config_hash: Some("h".into()),
+            restart_hash: Some("h".into()),
             spec_valid: true,
             reports: reports
                 .into_iter()
@@ -666,6 +702,7 @@ mod tests {
             statefulset: Some(sts(3, 3, true)),
             pods: vec![pod(0, true, "h"), pod(1, true, "h"), pod(2, true, "h")],
             config_hash: Some("h".into()),
+            restart_hash: Some("h".into()),
             spec_valid: true,
             ..Default::default()
         };
@@ -690,5 +727,61 @@ mod tests {
         let d = cond(&second, DEGRADED);
         assert_eq!(d.message, "reconcile failed: b");
         assert_eq!(d.last_transition_time.0, t1, "still degraded since t1");
+    }
+
+    #[test]
+    fn members_reloading_a_changed_config_and_one_refusing_it() {
+        let mc = sample();
+        let report = |hash: &str, error: Option<&str>| {
+            Ok(StatusReport {
+                config_hash: hash.into(),
+                config_error: error.map(str::to_owned),
+                version: "1".into(),
+                ..StatusReport::default()
+            })
+        };
+        // The template is current (same restart view); members run "old" until they reload.
+        let mut o = Observed {
+            statefulset: Some(sts(3, 3, true)),
+            pods: vec![pod(0, true, "r"), pod(1, true, "r"), pod(2, true, "r")],
+            config_hash: Some("new".into()),
+            restart_hash: Some("r".into()),
+            spec_valid: true,
+            reports: BTreeMap::from([
+                ("relay-0".to_string(), report("new", None)),
+                ("relay-1".to_string(), report("old", None)),
+                (
+                    "relay-2".to_string(),
+                    report("old", Some("listeners[0].rateLimit: unknown field")),
+                ),
+            ]),
+            ..Default::default()
+        };
+        let s = compute(&mc, &o, Timestamp::now());
+        let p = cond(&s, PROGRESSING);
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("True", "Reloading")
+        );
+        assert!(p.message.contains("1/3 run it"), "{}", p.message);
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "ConfigRefused")
+        );
+        assert!(
+            d.message.contains("relay-2 refuses its configuration file")
+                && d.message.contains("rateLimit"),
+            "{}",
+            d.message
+        );
+        // All reloaded: stable, nothing degraded.
+        for r in o.reports.values_mut() {
+            *r = report("new", None);
+        }
+        let s = compute(&mc, &o, Timestamp::now());
+        assert_eq!(cond(&s, PROGRESSING).reason, "Stable");
+        assert_eq!(cond(&s, DEGRADED).status, "False");
+        assert_eq!(cond(&s, READY).status, "True");
     }
 }

@@ -339,6 +339,9 @@ evictionHard: {memory.available: 1Mi, nodefs.available: 1%, imagefs.available: 1
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 4s
 shutdownGracePeriod: 0s
+# Pods are synced (and a changed ConfigMap reaches their volume) every 15 s instead of every
+# minute, so the config reload test does not wait a minute for it.
+syncFrequency: 15s
 EOF
   cat >"$d/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

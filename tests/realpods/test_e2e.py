@@ -26,19 +26,21 @@ with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 MEMBER_REFRESH_SECONDS = 15
 
 
-def manifest(cluster, replicas=3, retry_first="5s", image=None):
+def manifest(cluster, replicas=3, retry_first="5s", image=None, max_sessions=None, also_allowed=()):
     image_line = f"\n  image: {image}" if image else ""
+    limits_line = f"\n  limits: {{maxSessions: {max_sessions}}}" if max_sessions else ""
+    sources = ", ".join(f"{ip}/32" for ip in (cluster.allowed_ip, *also_allowed))
     return f"""
 apiVersion: mailcluster.dev/v1alpha1
 kind: MailCluster
 metadata: {{name: {NAME}, namespace: {NS}}}
 spec:
   hostname: {HOSTNAME}
-  replicas: {replicas}{image_line}
+  replicas: {replicas}{image_line}{limits_line}
   listeners:
     - name: relay
       port: 25
-      relay: {{allowedSources: [{cluster.allowed_ip}/32]}}
+      relay: {{allowedSources: [{sources}]}}
     - name: proxied
       port: 2526
       proxyProtocol: true
@@ -61,10 +63,10 @@ def mailcluster(cluster):
 
 
 def as_now(cluster, replicas):
-    """The manifest as it stands (retry, image), with `replicas` members."""
+    """The manifest as it stands (retry, image, session limit), with `replicas` members."""
     spec = mailcluster(cluster)["spec"]
     return manifest(cluster, replicas=replicas, retry_first=spec["delivery"]["retry"]["first"],
-                    image=spec.get("image"))
+                    image=spec.get("image"), max_sessions=spec.get("limits", {}).get("maxSessions"))
 
 
 def condition(mc, type_):
@@ -314,9 +316,36 @@ def rollout(relay, change, prefix):
     return wait_delivered(relay, journal, prefix, exactly_once=True)
 
 
+def test_relay_policy_change_is_reloaded_without_restarting_members(relay):
+    """A change members can reload (a new allowed source, a new retry delay) reaches them
+    through the mounted ConfigMap: no pod is restarted or replaced, and the new policy holds."""
+    address = lb(relay, "relay")
+    before = {p["metadata"]["name"]: (p["metadata"]["uid"], p["status"]["containerStatuses"][0]["restartCount"])
+              for p in (member_pod(relay, i) for i in range(3))}
+    out = relay.send("c2", address, 25, 2, "reload-denied")
+    assert out.returncode == 3 and "550" in out.stdout, out.stdout
+    old_hash = mailcluster(relay)["status"]["configHash"]
+    relay.apply(manifest(relay, retry_first="4s", also_allowed=[relay.denied_ip]))
+    relay.wait("the new configuration rendered", 60,
+               lambda: mailcluster(relay)["status"].get("configHash") not in (None, old_hash), diagnose=NS)
+    t0 = time.time()
+    wait_ready(relay, 3, timeout=180)
+    log(f"all members run the reloaded configuration {time.time() - t0:.0f}s after it was rendered")
+    status = mailcluster(relay)["status"]
+    assert all(m["configHash"].startswith(status["configHash"]) for m in status["members"]), status["members"]
+    after = {p["metadata"]["name"]: (p["metadata"]["uid"], p["status"]["containerStatuses"][0]["restartCount"])
+             for p in (member_pod(relay, i) for i in range(3))}
+    assert after == before, "no member was restarted or replaced"
+    journal = os.path.join(relay.work, "reloaded.jsonl")
+    out = relay.send("c2", address, 25, 5, "reloaded", journal=journal)
+    assert out.returncode == 0, out.stdout
+    wait_delivered(relay, journal, "reloaded", exactly_once=True)
+
+
 def test_rolling_update_of_config_then_image_under_load(relay):
     before = mailcluster(relay)["status"]["configHash"]
-    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s")), "roll-config")
+    # A change members cannot reload (the session limit sizes the listeners): a rollout.
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", max_sessions=500)), "roll-config")
     status = mailcluster(relay)["status"]
     assert status["configHash"] != before
     assert all(m["configHash"].startswith(status["configHash"]) for m in status["members"]), status["members"]
@@ -325,7 +354,8 @@ def test_rolling_update_of_config_then_image_under_load(relay):
     for node in ("n1", "n2"):
         relay.run("ctr", "--address", os.path.join(STATE, node, "containerd.sock"), "-n", "k8s.io",
                   "images", "tag", "--force", f"ghcr.io/mailcluster/mailnode:{TAG}", new)
-    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", image=new)), "roll-image")
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", max_sessions=500, image=new)),
+            "roll-image")
     status = mailcluster(relay)["status"]
     assert {m["image"] for m in status["members"]} == {new}, status["members"]
     assert {m["version"] for m in status["members"]} == {VERSION}, status["members"]

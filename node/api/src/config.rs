@@ -65,6 +65,10 @@ pub struct Config {
     pub peers: PeersConfig,
     /// Outbound delivery: routes, retries, TLS, DNS, what is "self".
     pub delivery: DeliveryConfig,
+    /// How often the node checks its config file for changes, in seconds (`0`: never). A
+    /// changed file is read and validated; the parts [`Config::restart_view`] leaves out are
+    /// applied without a restart, a file with errors is refused and the old config kept.
+    pub reload_interval_seconds: u64,
 }
 
 impl Default for Config {
@@ -79,7 +83,48 @@ impl Default for Config {
             admin: AdminConfig::default(),
             peers: PeersConfig::default(),
             delivery: DeliveryConfig::default(),
+            reload_interval_seconds: 5,
         }
+    }
+}
+
+impl Config {
+    /// The configuration without the parts a running node applies when its file changes:
+    /// listeners' relay policy, accepted domains, message size, pipelining rule and rate
+    /// limits; the per-message limits `maxRecipients` and `maxErrors`; and where and how mail
+    /// is delivered (`delivery`'s smarthosts, routes, sender routes, TLS, credentials, retry
+    /// schedule, connect timeout, HELO name, hop limit, MX port, delay warnings). Two configs with
+    /// the same restart view differ only in what a reload applies; a different restart view
+    /// needs a restart (listener addresses, TLS files, queue, peers, session limits, DNS,
+    /// delivery concurrency, ...).
+    pub fn restart_view(&self) -> Config {
+        let mut c = self.clone();
+        for l in &mut c.listeners {
+            l.relay = RelayPolicy::default();
+            l.accept_domains = Vec::new();
+            l.max_message_size = None;
+            l.forbid_unauth_pipelining = None;
+            l.rate_limits = Vec::new();
+        }
+        let limits = Limits::default();
+        c.limits.max_recipients = limits.max_recipients;
+        c.limits.max_errors = limits.max_errors;
+        let d = DeliveryConfig::default();
+        c.delivery = DeliveryConfig {
+            smarthosts: d.smarthosts,
+            retry: d.retry,
+            max_hops: d.max_hops,
+            routes: d.routes,
+            sender_routes: d.sender_routes,
+            tls: d.tls,
+            auth_file: d.auth_file,
+            mx_port: d.mx_port,
+            connect_timeout_seconds: d.connect_timeout_seconds,
+            delay_warning_seconds: d.delay_warning_seconds,
+            helo_name: d.helo_name,
+            ..c.delivery
+        };
+        c
     }
 }
 
@@ -977,5 +1022,37 @@ mod tests {
         c.listeners[0].rate_limits[1].recipients = None;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("set messages, recipients or both"), "{err}");
+    }
+
+    #[test]
+    fn the_restart_view_leaves_out_exactly_what_a_reload_applies() {
+        let yaml = "hostname: relay.example\nlisteners:\n  - {name: devices, address: \"0.0.0.0:25\", relay: {allowedSources: [10.0.0.0/8]}}\n";
+        let base: Config = serde_yaml::from_str(yaml).unwrap();
+        let mut policy = base.clone();
+        policy.listeners[0]
+            .relay
+            .allowed_sources
+            .push("10.1.0.0/16".parse().unwrap());
+        policy.listeners[0].rate_limits.push(RateLimit {
+            by: RateKey::User,
+            messages: Some(5),
+            recipients: None,
+            window_seconds: 60,
+            ipv6_prefix: 64,
+        });
+        policy.limits.max_recipients = 20;
+        policy.delivery.smarthosts.push(Smarthost {
+            host: "mx.example".into(),
+            port: 25,
+            priority: 0,
+        });
+        assert_ne!(policy, base);
+        assert_eq!(policy.restart_view(), base.restart_view());
+        let mut port = base.clone();
+        port.listeners[0].address = "0.0.0.0:2525".parse().unwrap();
+        assert_ne!(port.restart_view(), base.restart_view());
+        let mut sessions = base.clone();
+        sessions.limits.max_sessions = 10;
+        assert_ne!(sessions.restart_view(), base.restart_view());
     }
 }

@@ -36,10 +36,17 @@ pub struct StatusReport {
     pub instance: Option<String>,
     /// mailnode version.
     pub version: String,
-    /// SHA-256 (hex) of the config file the node loaded.
+    /// SHA-256 (hex) of the config file the node runs (the last one it loaded or reloaded).
     pub config_hash: String,
-    /// When the node loaded its config (RFC 3339).
+    /// When the node loaded that config (RFC 3339).
     pub config_loaded_at: Option<String>,
+    /// Why the node refused the config file as it is now, if it did (it keeps running the
+    /// config of `configHash`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    /// The config file changed in parts only a restart applies (listener addresses, TLS,
+    /// queue, peers, ...); the node applied the rest.
+    pub restart_needed: bool,
     /// Messages in the queue.
     pub queue_depth: i64,
     /// Age of the oldest queued message in seconds (0 when the queue is empty).

@@ -61,7 +61,7 @@ pub enum Next {
 
 /// Shared state of the delivery engine.
 pub struct Engine {
-    pub(crate) cfg: Config,
+    cfg: RwLock<Arc<Config>>,
     pub(crate) queue: Arc<Queue>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handle: Handle,
@@ -128,11 +128,30 @@ impl Engine {
             tls_any,
             tls_verified,
             abandon: tokio::sync::watch::Sender::new(false),
-            cfg,
+            cfg: RwLock::new(Arc::new(cfg)),
             queue,
             metrics,
             handle,
         })
+    }
+
+    /// The config attempts starting now use.
+    pub(crate) fn cfg(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .cfg
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Attempts starting from now use `cfg` (a reloaded config; only the parts
+    /// [`Config::restart_view`] leaves out may differ from the running one).
+    pub fn reload(&self, cfg: Config) {
+        *self
+            .cfg
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(cfg);
     }
 
     /// Shutdown grace over: attempts that have not yet sent their message give up (they are
@@ -147,7 +166,7 @@ impl Engine {
         let mut names: Vec<String> = Vec::new();
         names.extend(machine_hostname());
         let mut peers = Vec::new();
-        for m in &self.cfg.peers.members {
+        for m in &self.cfg().peers.members {
             let host = m.rsplit_once(':').map_or(m.as_str(), |(h, _)| h);
             peers.push(host.to_owned());
         }
@@ -211,7 +230,8 @@ impl Engine {
         let now = now_ms() / 1000;
         let pending: Vec<usize> = state.open_indices();
         let mut failed: Vec<DsnRecipient> = Vec::new();
-        let d = &self.cfg.delivery;
+        let cfg = self.cfg();
+        let d = &cfg.delivery;
         let max_hops = d.max_hops.unwrap_or(DEFAULT_MAX_HOPS) as usize;
         let hops = dsn::received_count(&msg);
         if pending.is_empty() {
@@ -422,8 +442,9 @@ impl Engine {
             .map(fmt)
             .unwrap_or_default();
         let id = self.queue.new_id();
+        let cfg = self.cfg();
         let body = dsn::build(&dsn::DsnInput {
-            reporting_mta: &self.cfg.hostname,
+            reporting_mta: &cfg.hostname,
             queue_id: &env.id,
             sender: &env.sender,
             arrival_date: &arrival,
@@ -441,7 +462,7 @@ impl Engine {
             recipients: vec![env.sender.clone()],
             client: SocketAddr::from(([127, 0, 0, 1], 0)),
             proxy: None,
-            helo: self.cfg.hostname.clone(),
+            helo: cfg.hostname.clone(),
             auth_user: None,
             listener: "dsn".into(),
             tls: false,
@@ -485,7 +506,8 @@ impl Engine {
     ) -> Vec<Res> {
         let n = rcpts.len();
         let all = |x: Res| vec![x; n];
-        let d = &self.cfg.delivery;
+        let cfg = self.cfg();
+        let d = &cfg.delivery;
         let hops = match &r.kind {
             RouteKind::Smarthosts(list) => {
                 route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed))
@@ -619,7 +641,8 @@ impl Engine {
     }
 
     fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
-        let d = &self.cfg.delivery;
+        let cfg = self.cfg();
+        let d = &cfg.delivery;
         let tls = match r.tls.mode {
             OutboundTlsMode::None => None,
             OutboundTlsMode::Opportunistic => Some((Arc::clone(&self.tls_any), false)),
@@ -640,10 +663,7 @@ impl Engine {
             })?),
         };
         Ok(ConnectOptions {
-            helo: d
-                .helo_name
-                .clone()
-                .unwrap_or_else(|| self.cfg.hostname.clone()),
+            helo: d.helo_name.clone().unwrap_or_else(|| cfg.hostname.clone()),
             connect_timeout: Duration::from_secs(d.connect_timeout_seconds.max(1)),
             command_timeout: Duration::from_secs(d.command_timeout_seconds.max(1)),
             tls,

@@ -140,6 +140,7 @@ fn take_flush_requests(root: &std::path::Path) -> Vec<Option<String>> {
 }
 
 fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
+    let cfg = engine.cfg();
     let mut per: HashMap<String, i64> = HashMap::new();
     let mut oldest = now;
     for e in st.entries.values() {
@@ -147,7 +148,7 @@ fn update_metrics(engine: &Engine, st: &mut State, now: i64) {
         let mut dests: Vec<String> = e
             .domains
             .iter()
-            .map(|d| route_for(&engine.cfg.delivery, &e.sender, d).destination)
+            .map(|d| route_for(&cfg.delivery, &e.sender, d).destination)
             .collect();
         dests.sort();
         dests.dedup();
@@ -186,7 +187,7 @@ async fn join_all<T: 'static>(tasks: &mut JoinSet<T>) {
 /// How long a shutdown waits, after the grace period, for attempts that have sent their
 /// message: the reply timeout, plus a little for the attempt to record the answer.
 pub fn final_reply_wait(engine: &Engine) -> Duration {
-    Duration::from_secs(engine.cfg.delivery.command_timeout_seconds.max(1) + 2)
+    Duration::from_secs(engine.cfg().delivery.command_timeout_seconds.max(1) + 2)
 }
 
 /// Run until `shutdown` is true; then wait (at most `grace`) for running attempts, then give
@@ -199,12 +200,12 @@ pub async fn run(
 ) {
     let mut st = State::default();
     let _ = std::fs::create_dir_all(engine.queue.root().join(FLUSH_DIR));
-    if !engine.cfg.delivery.enabled {
+    if !engine.cfg().delivery.enabled {
         tracing::warn!("delivery is disabled (delivery.enabled: false): mail is only queued");
     }
     engine.refresh_self().await;
     scan(&engine, &mut st).await;
-    let max = engine.cfg.delivery.max_deliveries.max(1);
+    let max = engine.cfg().delivery.max_deliveries.max(1);
     let mut tasks: JoinSet<(String, Result<Next, crate::queue::QueueError>)> = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,7 +213,7 @@ pub async fn run(
     loop {
         let now = now_ms();
         // Start what is due.
-        while st.running < max && engine.cfg.delivery.enabled {
+        while st.running < max && engine.cfg().delivery.enabled {
             let Some((due, id)) = st.due.first().cloned() else {
                 break;
             };

@@ -117,6 +117,25 @@ impl Node {
         }
     }
 
+    /// Replaces the config file atomically (as a ConfigMap update does), with the same ports
+    /// and directory; returns the SHA-256 of the new file, the hash `/status` reports once the
+    /// node runs it.
+    pub fn rewrite_config(&self, yaml: &str) -> String {
+        let yaml = yaml.replace("{ip}", &self.ip);
+        let text = render(&yaml, &self.ports, self.admin, self.dir.path());
+        let tmp = self.dir.path().join(".mailnode.yaml.new");
+        std::fs::write(&tmp, &text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+        mailnode::peer::sha256_hex(text.as_bytes())
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.http_get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     /// The node's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("node is running").id()

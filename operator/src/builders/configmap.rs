@@ -284,6 +284,9 @@ pub fn node_config(
             ],
             ..node::DeliveryConfig::default()
         },
+        // Members apply a changed ConfigMap themselves; the pod template only carries the
+        // hash of what they cannot reload (`RenderedConfig::restart_hash`).
+        reload_interval_seconds: node::Config::default().reload_interval_seconds,
     };
     config.validate()?;
     Ok(config)
@@ -294,8 +297,11 @@ pub fn node_config(
 pub struct RenderedConfig {
     /// The YAML the members read.
     pub yaml: String,
-    /// Hex SHA-256 prefix of `yaml`; on the pod template, so a change rolls the members.
+    /// Hex SHA-256 prefix of `yaml`: what the members report once they run it.
     pub hash: String,
+    /// Hex SHA-256 prefix of the config's restart view (`Config::restart_view`): on the pod
+    /// template, so that only changes a member cannot reload roll the members.
+    pub restart_hash: String,
 }
 
 /// STARTTLS towards next hops as the node reads it.
@@ -373,10 +379,18 @@ fn rate_limit(field: &str, r: &crd::RateLimit) -> Result<node::RateLimit, BuildE
 
 /// Render a node configuration.
 pub fn render(config: &node::Config) -> Result<RenderedConfig, BuildError> {
+    let short = |text: &str| -> String {
+        let digest = Sha256::digest(text.as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    };
     let yaml = config.to_yaml()?;
-    let digest = Sha256::digest(yaml.as_bytes());
-    let hash = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    Ok(RenderedConfig { yaml, hash })
+    let hash = short(&yaml);
+    let restart_hash = short(&config.restart_view().to_yaml()?);
+    Ok(RenderedConfig {
+        yaml,
+        hash,
+        restart_hash,
+    })
 }
 
 /// The ConfigMap holding the rendered node configuration.
@@ -469,6 +483,22 @@ mod tests {
         scaled.spec.replicas = 5;
         let d = render(&node_config(&scaled, &[]).unwrap()).unwrap();
         assert_eq!(a.hash, d.hash, "scaling does not roll the members");
+        assert_ne!(
+            a.restart_hash, c.restart_hash,
+            "a port change needs a restart"
+        );
+        // A relay policy or delivery change is reloaded: a new config, the same restart view.
+        let mut policy = sample();
+        policy.spec.listeners[0]
+            .relay
+            .as_mut()
+            .unwrap()
+            .allowed_sources
+            .push("10.99.0.0/16".into());
+        policy.spec.delivery.smarthosts[0].priority = 99;
+        let e = render(&node_config(&policy, &[]).unwrap()).unwrap();
+        assert_ne!(a.hash, e.hash);
+        assert_eq!(a.restart_hash, e.restart_hash, "members reload it");
     }
 
     #[test]
