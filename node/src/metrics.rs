@@ -53,6 +53,8 @@ pub struct Metrics {
     pub route_loops: Family<Labels, Counter>,
     /// DSNs generated, by kind (failed, delayed), and those suppressed (null_sender).
     pub dsn: Family<Labels, Counter>,
+    /// Destinations throttled because a next hop asked to slow down, by destination.
+    pub destination_throttles: Family<Labels, Counter>,
     /// Config file changes by result (`applied`, `refused`).
     pub config_reloads: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
@@ -100,6 +102,7 @@ impl Metrics {
             route_loops: Family::default(),
             dsn: Family::default(),
             config_reloads: Family::default(),
+            destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
             auth_waiting: Gauge::default(),
@@ -181,6 +184,11 @@ impl Metrics {
             m.route_loops.clone(),
         );
         registry.register("dsn", "Delivery status notifications", m.dsn.clone());
+        registry.register(
+            "destination_throttles",
+            "Times a destination was throttled because its next hop asked to slow down",
+            m.destination_throttles.clone(),
+        );
         registry.register(
             "config_reloads",
             "Changes of the config file, applied or refused (the old config kept)",

@@ -608,3 +608,129 @@ fn sender_routes_take_mail_by_sender_domain_after_recipient_domain_routes() {
     );
     assert!(brand_b.rcpts_of("<a1@t>").is_empty() && default.rcpts_of("<b1@t>").is_empty());
 }
+
+#[test]
+fn a_connection_carries_at_most_its_messages_per_connection() {
+    let sink = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {}}}]
+  destinationLimits: {{messagesPerConnection: 2}}
+  concurrencyPerDestination: 1
+  idleConnectionSeconds: 30
+",
+            sink.addr.port()
+        )),
+        1,
+    );
+    for i in 0..6 {
+        submit(
+            &node,
+            "s@a.example",
+            &["r@b.example"],
+            &msg(&format!("pc{i}@t")),
+        );
+    }
+    assert!(
+        wait_until(WAIT, || (0..6)
+            .all(|i| sink.rcpts_of(&format!("<pc{i}@t>")).len() == 1)),
+        "{}",
+        node.log()
+    );
+    // Six messages, two per connection: at least three connections (one would carry all six).
+    assert!(
+        sink.connections() >= 3,
+        "{} connections",
+        sink.connections()
+    );
+}
+
+#[test]
+fn a_next_hop_that_asks_to_slow_down_pauses_its_destination_only() {
+    let busy = Sink::start("127.0.0.1");
+    busy.set_mode(Mode::Throttle451);
+    let other = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {}}}]
+  routes: [{{domains: [other.example], smarthosts: [{{host: 127.0.0.1, port: {}}}]}}]
+  retry: {{firstSeconds: 1, maxSeconds: 1}}
+  throttleSeconds: 8
+",
+            busy.addr.port(),
+            other.addr.port()
+        )),
+        1,
+    );
+    submit(&node, "s@a.example", &["r@busy.example"], &msg("t1@t"));
+    assert!(
+        wait_until(WAIT, || busy.connections() == 1),
+        "{}",
+        node.log()
+    );
+    // Retries come every second, but the destination is paused: no new connection to it,
+    // while another destination is served at once.
+    submit(&node, "s@a.example", &["r@other.example"], &msg("t2@t"));
+    assert!(
+        wait_until(WAIT, || other.rcpts_of("<t2@t>").len() == 1),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        busy.connections(),
+        1,
+        "attempts to the paused destination\n{}",
+        node.log()
+    );
+    assert_eq!(
+        node.metric("mailnode_destination_throttles_total{destination=\"default\"}"),
+        1.0
+    );
+    let shown = node.queue(&["show", &node.queue_ids()[0]]);
+    assert!(shown.contains("throttled"), "{shown}");
+    // The next hop recovers: after the pause the message goes, once.
+    busy.set_mode(Mode::Accept);
+    assert!(
+        wait_until(WAIT, || busy.rcpts_of("<t1@t>").len() == 1),
+        "{}",
+        node.log()
+    );
+    assert!(busy.connections() >= 2);
+}
+
+#[test]
+fn messages_per_minute_to_a_destination_wait_in_the_queue() {
+    let sink = Sink::start("127.0.0.1");
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {}}}]
+  destinationLimits: {{messagesPerMinute: 2}}
+  retry: {{firstSeconds: 30, maxSeconds: 30}}
+",
+            sink.addr.port()
+        )),
+        1,
+    );
+    for i in 0..4 {
+        submit(
+            &node,
+            "s@a.example",
+            &["r@b.example"],
+            &msg(&format!("pm{i}@t")),
+        );
+    }
+    assert!(wait_until(WAIT, || sink.got().len() == 2), "{}", node.log());
+    assert!(
+        wait_until(WAIT, || node.queue_ids().len() == 2),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.got().len(), 2, "no more than two this minute");
+    let shown = node.queue(&["show", &node.queue_ids()[0]]);
+    assert!(shown.contains("its 2 messages this minute"), "{shown}");
+}

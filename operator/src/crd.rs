@@ -401,6 +401,12 @@ pub struct Delivery {
     /// without a restart. Sent only over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// How much `smarthosts`, and each recipient domain delivered by MX, are sent, e.g. the
+    /// per-account limits of a provider. A next hop that answers that it gets too much (a
+    /// temporary reply saying "too many", "rate limit", "throttled", ...) gets no attempt for
+    /// a minute, doubling up to 16 minutes while it goes on; only its messages wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DestinationLimits>,
     /// When to retry a deferred message and when to give up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
@@ -429,6 +435,23 @@ pub struct SenderRoute {
     /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// How much these next hops are sent; default: `delivery.limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DestinationLimits>,
+}
+
+/// How much one destination (a route, or a recipient domain delivered by MX) is sent.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationLimits {
+    /// Messages sent over one connection before it is closed and a new one opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub messages_per_connection: Option<i32>,
+    /// Messages per minute; more wait for a later attempt (deferred, not refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub messages_per_minute: Option<i32>,
 }
 
 /// STARTTLS towards next hops.
@@ -499,6 +522,9 @@ pub struct Route {
     /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// How much these next hops are sent; default: `delivery.limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DestinationLimits>,
 }
 
 /// Retry schedule of deferred messages. Durations are a number with a unit s, m, h or d, e.g.

@@ -93,7 +93,8 @@ impl Config {
     /// listeners' relay policy, accepted domains, message size, pipelining rule and rate
     /// limits; the per-message limits `maxRecipients` and `maxErrors`; and where and how mail
     /// is delivered (`delivery`'s smarthosts, routes, sender routes, TLS, credentials, retry
-    /// schedule, connect timeout, HELO name, hop limit, MX port, delay warnings). Two configs with
+    /// schedule, connect timeout, HELO name, hop limit, MX port, delay warnings, destination
+    /// limits and throttling). Two configs with
     /// the same restart view differ only in what a reload applies; a different restart view
     /// needs a restart (listener addresses, TLS files, queue, peers, session limits, DNS,
     /// delivery concurrency, ...).
@@ -122,6 +123,8 @@ impl Config {
             connect_timeout_seconds: d.connect_timeout_seconds,
             delay_warning_seconds: d.delay_warning_seconds,
             helo_name: d.helo_name,
+            destination_limits: d.destination_limits,
+            throttle_seconds: d.throttle_seconds,
             ..c.delivery
         };
         c
@@ -554,6 +557,14 @@ pub struct DeliveryConfig {
     pub mx_port: u16,
     /// Most concurrent connections to one destination (a route, or one domain by MX).
     pub concurrency_per_destination: usize,
+    /// Messages per connection and per minute to the default smarthosts and to each MX
+    /// destination; routes may set their own.
+    pub destination_limits: DestinationLimits,
+    /// When a next hop answers that it gets too much (a 4xx reply saying "too many", "rate
+    /// limit", "throttled", ...), its destination gets no attempt for this many seconds,
+    /// doubling with each such answer up to 16 times this; other destinations go on. `0`:
+    /// never.
+    pub throttle_seconds: u64,
     /// Most messages being delivered at once, over all destinations.
     pub max_deliveries: usize,
     /// Timeout for connecting, in seconds.
@@ -590,6 +601,8 @@ impl Default for DeliveryConfig {
             auth_file: None,
             mx_port: 25,
             concurrency_per_destination: 20,
+            destination_limits: DestinationLimits::default(),
+            throttle_seconds: 60,
             max_deliveries: 200,
             connect_timeout_seconds: 30,
             command_timeout_seconds: 300,
@@ -621,6 +634,19 @@ pub struct DomainRoute {
     /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// Messages per connection and per minute; defaults to `destinationLimits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DestinationLimits>,
+}
+
+/// How much is sent to one destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DestinationLimits {
+    /// Messages sent over one connection before it is closed (`0`: no limit).
+    pub messages_per_connection: u32,
+    /// Messages per minute (`0`: no limit); more wait, deferred, for a later attempt.
+    pub messages_per_minute: u32,
 }
 
 /// A route for the mail of some senders (by SMTP AUTH user or envelope sender domain).
@@ -643,6 +669,9 @@ pub struct SenderRoute {
     /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// Messages per connection and per minute; defaults to `destinationLimits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<DestinationLimits>,
 }
 
 /// STARTTLS policy towards a next hop.

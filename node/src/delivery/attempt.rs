@@ -67,6 +67,7 @@ pub struct Engine {
     pub(crate) handle: Handle,
     dns: Dns,
     pub(crate) pool: Pool,
+    shaper: super::shaping::Shaper,
     selfset: RwLock<SelfSet>,
     turn: AtomicUsize,
     seed: AtomicU64,
@@ -122,6 +123,7 @@ impl Engine {
         Ok(Self {
             dns,
             pool,
+            shaper: super::shaping::Shaper::default(),
             selfset: RwLock::new(selfset),
             turn: AtomicUsize::new(0),
             seed: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
@@ -508,6 +510,13 @@ impl Engine {
         let all = |x: Res| vec![x; n];
         let cfg = self.cfg();
         let d = &cfg.delivery;
+        if let Err(why) = self
+            .shaper
+            .admit(&r.destination, &r.limits, tokio::time::Instant::now())
+        {
+            tracing::debug!(id = %env.id, destination = %r.destination, reason = %why, "deferred by the destination's shaping");
+            return all(Res::Deferred(why));
+        }
         let hops = match &r.kind {
             RouteKind::Smarthosts(list) => {
                 route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed))
@@ -586,8 +595,49 @@ impl Engine {
         let Some(_permit) = self.pool.acquire(&r.destination).await else {
             return all(Res::Deferred("451 4.3.0 shutting down".into()));
         };
+        let slow_down = |reply: &str| {
+            let base = Duration::from_secs(d.throttle_seconds);
+            if base.is_zero() {
+                return;
+            }
+            let backoff = self
+                .shaper
+                .slow_down(&r.destination, base, tokio::time::Instant::now());
+            self.metrics
+                .destination_throttles
+                .get_or_create(&vec![("destination".to_owned(), r.destination.clone())])
+                .inc();
+            tracing::warn!(destination = %r.destination, reply, backoff_seconds = backoff.as_secs(), "next hop asked to slow down; no attempts to this destination meanwhile");
+        };
         for (host, addr) in cands {
-            match self.try_hop(env, msg, r, &host, addr, rcpts).await {
+            let outcome = self.try_hop(env, msg, r, &host, addr, rcpts).await;
+            match &outcome {
+                Ok(o) => {
+                    if let Some(rep) = o.results.iter().find_map(|x| match x {
+                        RcptResult::Deferred(rep)
+                            if super::shaping::asks_to_slow_down(rep.code, &rep.text()) =>
+                        {
+                            Some(rep)
+                        }
+                        _ => None,
+                    }) {
+                        slow_down(&rep.text());
+                    } else if o
+                        .results
+                        .iter()
+                        .any(|x| matches!(x, RcptResult::Delivered(_)))
+                    {
+                        self.shaper.went_through(&r.destination);
+                    }
+                }
+                Err(ClientError::Refused { reply, code, .. })
+                    if super::shaping::asks_to_slow_down(*code, reply) =>
+                {
+                    slow_down(reply);
+                }
+                Err(_) => {}
+            }
+            match outcome {
                 Ok(o)
                     if o.mail_failed
                         && !matches!(o.results.first(), Some(RcptResult::Failed(_))) =>
@@ -698,7 +748,7 @@ impl Engine {
                 .await
             {
                 Ok(o) => {
-                    self.keep(&key, c).await;
+                    self.keep(&key, c, r).await;
                     return Ok(o);
                 }
                 // Only a failure before the message was sent is safe to retry at once.
@@ -720,12 +770,17 @@ impl Engine {
                 &abandon,
             )
             .await?;
-        self.keep(&key, c).await;
+        self.keep(&key, c, r).await;
         Ok(o)
     }
 
-    async fn keep(&self, key: &str, c: Connection) {
-        if let Some(c) = self.pool.put(key, c) {
+    /// Keeps a connection for the route's next message, unless it has carried the route's
+    /// messages per connection.
+    async fn keep(&self, key: &str, c: Connection, r: &Route) {
+        let limit = r.limits.messages_per_connection;
+        if limit > 0 && c.messages >= limit {
+            c.quit().await;
+        } else if let Some(c) = self.pool.put(key, c) {
             c.quit().await;
         }
     }

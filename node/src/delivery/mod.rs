@@ -20,6 +20,7 @@ pub mod dsn;
 pub mod pool;
 pub mod route;
 pub mod scheduler;
+pub mod shaping;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::config::{Config, DeliveryConfig, OutboundTls, Smarthost};
+use crate::config::{Config, DeliveryConfig, DestinationLimits, OutboundTls, Smarthost};
 
 /// How a route finds its next hops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct Route {
     pub tls: OutboundTls,
     /// AUTH credentials file.
     pub auth_file: Option<PathBuf>,
+    /// Messages per connection and per minute.
+    pub limits: DestinationLimits,
 }
 
 /// Who sent a message, as far as routing is concerned.
@@ -79,6 +81,7 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
             kind: RouteKind::Smarthosts(r.smarthosts.clone()),
             tls: r.tls.clone().unwrap_or_else(|| cfg.tls.clone()),
             auth_file: r.auth_file.clone(),
+            limits: r.limits.unwrap_or(cfg.destination_limits),
         };
     }
     if cfg.smarthosts.is_empty() {
@@ -87,6 +90,7 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
             kind: RouteKind::Mx,
             tls: cfg.tls.clone(),
             auth_file: None,
+            limits: cfg.destination_limits,
         }
     } else {
         Route {
@@ -94,6 +98,7 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
             kind: RouteKind::Smarthosts(cfg.smarthosts.clone()),
             tls: cfg.tls.clone(),
             auth_file: cfg.auth_file.clone(),
+            limits: cfg.destination_limits,
         }
     }
 }
@@ -103,12 +108,14 @@ fn domain_route(cfg: &DeliveryConfig, domain: &str) -> Option<Route> {
     for (i, r) in cfg.routes.iter().enumerate() {
         if r.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
             let tls = r.tls.clone().unwrap_or_else(|| cfg.tls.clone());
+            let limits = r.limits.unwrap_or(cfg.destination_limits);
             return Some(if r.smarthosts.is_empty() {
                 Route {
                     destination: format!("mx:{domain}"),
                     kind: RouteKind::Mx,
                     tls,
                     auth_file: None,
+                    limits,
                 }
             } else {
                 Route {
@@ -116,6 +123,7 @@ fn domain_route(cfg: &DeliveryConfig, domain: &str) -> Option<Route> {
                     kind: RouteKind::Smarthosts(r.smarthosts.clone()),
                     tls,
                     auth_file: r.auth_file.clone(),
+                    limits,
                 }
             });
         }

@@ -15,6 +15,8 @@ pub enum Mode {
     Accept,
     /// 421 greeting, then close.
     Tempfail421,
+    /// 451 to every RCPT, saying the sender sends too much (as Microsoft 365 and Gmail do).
+    Throttle451,
     /// 451 to every RCPT.
     Tempfail451,
     /// 550 to every RCPT.
@@ -127,6 +129,8 @@ fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                 "550 5.1.1 no such user here\r\n".into()
             } else if st.mode == Mode::Tempfail451 {
                 "451 4.3.0 try again later\r\n".into()
+            } else if st.mode == Mode::Throttle451 {
+                "451 4.7.500 Server busy: too many messages, rate limited\r\n".into()
             } else {
                 rcpts.push(rc);
                 "250 2.1.5 ok\r\n".into()

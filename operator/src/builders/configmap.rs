@@ -195,6 +195,7 @@ pub fn node_config(
             )?,
             tls: r.tls.as_ref().map(outbound_tls),
             auth_file: r.auth_secret.as_ref().map(auth_path),
+            limits: r.limits.as_ref().map(destination_limits),
         });
     }
     let mut sender_routes = Vec::with_capacity(spec.delivery.sender_routes.len());
@@ -208,6 +209,7 @@ pub fn node_config(
             )?,
             tls: r.tls.as_ref().map(outbound_tls),
             auth_file: r.auth_secret.as_ref().map(auth_path),
+            limits: r.limits.as_ref().map(destination_limits),
         });
     }
     let mx_port = match spec.delivery.mx.as_ref().and_then(|m| m.port) {
@@ -275,6 +277,12 @@ pub fn node_config(
                 .map(outbound_tls)
                 .unwrap_or_default(),
             auth_file: spec.delivery.auth_secret.as_ref().map(auth_path),
+            destination_limits: spec
+                .delivery
+                .limits
+                .as_ref()
+                .map(destination_limits)
+                .unwrap_or_default(),
             retry,
             mx_port,
             // Peer names are "self" too: a member never relays to a peer as a next hop.
@@ -313,6 +321,15 @@ fn outbound_tls(t: &crd::OutboundTls) -> node::OutboundTls {
             crd::OutboundTlsMode::None => node::OutboundTlsMode::None,
         },
         ca_file: None,
+    }
+}
+
+/// A destination's limits as the node reads them (the CRD's ranges keep them positive).
+fn destination_limits(l: &crd::DestinationLimits) -> node::DestinationLimits {
+    let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    node::DestinationLimits {
+        messages_per_connection: n(l.messages_per_connection),
+        messages_per_minute: n(l.messages_per_minute),
     }
 }
 
@@ -523,6 +540,7 @@ mod tests {
             }],
             tls: None,
             auth_secret: None,
+            limits: None,
         });
         let c = node_config(&mc, &[]).unwrap();
         assert_eq!(c.delivery.routes.len(), 1);
@@ -600,6 +618,10 @@ mod tests {
             mode: crd::OutboundTlsMode::Required,
         });
         d.auth_secret = Some("m365-relay".into());
+        d.limits = Some(crd::DestinationLimits {
+            messages_per_connection: None,
+            messages_per_minute: Some(30),
+        });
         d.sender_routes.push(crd::SenderRoute {
             sender_domains: vec!["brand-b.example".into()],
             users: vec!["billing".into()],
@@ -610,6 +632,7 @@ mod tests {
             }],
             tls: None,
             auth_secret: Some("m365-brand-b".into()),
+            limits: None,
         });
         d.routes.push(crd::Route {
             domain: "partner.example".into(),
@@ -622,9 +645,21 @@ mod tests {
                 mode: crd::OutboundTlsMode::None,
             }),
             auth_secret: Some("m365-relay".into()),
+            limits: None,
         });
         let c = node_config(&mc, &[]).unwrap();
         assert_eq!(c.delivery.tls.mode, node::OutboundTlsMode::Required);
+        assert_eq!(
+            c.delivery.destination_limits,
+            node::DestinationLimits {
+                messages_per_connection: 0,
+                messages_per_minute: 30
+            }
+        );
+        assert_eq!(
+            c.delivery.sender_routes[0].limits, None,
+            "the default applies"
+        );
         assert_eq!(
             c.delivery.auth_file,
             Some(PathBuf::from("/etc/mailnode/smarthost-auth/m365-relay"))

@@ -532,6 +532,7 @@ mod tests {
                 smarthosts: mc.spec.delivery.smarthosts.clone(),
                 tls: None,
                 auth_secret: Some("m365-brand-b".into()),
+                limits: None,
             });
         let sts = statefulset(&mc, "h", None, "img").unwrap();
         let pod = sts.spec.unwrap().template.spec.unwrap();
