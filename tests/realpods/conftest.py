@@ -130,6 +130,20 @@ class Cluster:
         os.killpg(proc.pid, signal.SIGTERM)
         return proc.wait(timeout)
 
+    def failures(self, name, most=5):
+        """What a background sender's failed messages got (send.py's "failed" lines), by kind:
+        the reply or error without the message's subject, with how often each came."""
+        kinds = {}
+        path = os.path.join(self.work, name + ".log")
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                for line in f:
+                    if line.startswith("failed "):
+                        kind = line.split(" ", 2)[2].strip() if line.count(" ") >= 2 else line
+                        kinds[kind] = kinds.get(kind, 0) + 1
+        top = sorted(kinds.items(), key=lambda kv: -kv[1])[:most]
+        return "; ".join(f"{n}x {k}" for k, n in top) or "none"
+
     def delivered(self, prefix):
         """sha256 -> number of copies at the sink, of messages whose subject starts with prefix."""
         counts = {}

@@ -276,7 +276,7 @@ def test_kill9_and_pod_delete_under_load_lose_nothing(relay):
     relay.stop_sender(sender)
     accepted = len(relay.journal(journal))
     failed = len(relay.journal(journal, "failed"))
-    log(f"{accepted} accepted, {failed} failed under kill -9 and pod deletion")
+    log(f"{accepted} accepted, {failed} failed under kill -9 and pod deletion: {relay.failures('load')}")
     assert accepted >= 200, "the cluster stopped accepting while members were killed"
     got = wait_delivered(relay, journal, "load")
     dups = sum(n - 1 for n in got.values())
@@ -311,7 +311,8 @@ def rollout(relay, change, prefix):
     assert most_unready <= 1, f"{most_unready} members were down at once"
     accepted = len(relay.journal(journal))
     failed = len(relay.journal(journal, "failed"))
-    log(f"{prefix}: {accepted} accepted, {failed} failed (4xx or connection) during the rollout")
+    log(f"{prefix}: {accepted} accepted, {failed} failed (4xx or connection) during the rollout: "
+        f"{relay.failures(prefix)}")
     assert accepted > 50
     return wait_delivered(relay, journal, prefix, exactly_once=True)
 
