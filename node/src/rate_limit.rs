@@ -160,15 +160,15 @@ impl RateLimiter {
                 continue;
             };
             let span = Duration::from_secs(rule.window_seconds);
-            let used = windows[i]
+            let current = windows[i]
                 .get(&key)
-                .filter(|w| now.duration_since(w.start) < span)
-                .map_or(0, |w| match unit {
-                    Unit::Message => w.messages,
-                    Unit::Recipient => w.recipients,
-                });
+                .filter(|w| now.duration_since(w.start) < span);
+            let used = current.map_or(0, |w| match unit {
+                Unit::Message => w.messages,
+                Unit::Recipient => w.recipients,
+            });
             if used >= limit {
-                let start = windows[i].get(&key).map_or(now, |w| w.start);
+                let start = current.map_or(now, |w| w.start);
                 return Err(Exceeded {
                     unit,
                     limit,

@@ -72,8 +72,7 @@ impl<'a> Applier<'a> {
     }
 
     /// Deletes the objects with the labels of `selector` that `keep` does not keep and that
-    /// are not already being deleted. A kind the API server does not know (a CRD of another
-    /// project that is not installed) has nothing to delete.
+    /// are not already being deleted.
     pub async fn prune<K>(
         &mut self,
         api: &Api<K>,
@@ -83,21 +82,15 @@ impl<'a> Applier<'a> {
     where
         K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
     {
-        let live = match api
+        let live = api
             .list_metadata(&ListParams::default().labels(selector))
             .await
-        {
-            Ok(list) => list,
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
-            Err(source) => {
-                return Err(ApplyError::Kube {
-                    verb: "listing",
-                    kind: K::kind(&()).to_string(),
-                    name: format!("with labels {selector}"),
-                    source,
-                });
-            }
-        };
+            .map_err(|source| ApplyError::Kube {
+                verb: "listing",
+                kind: K::kind(&()).to_string(),
+                name: format!("with labels {selector}"),
+                source,
+            })?;
         for obj in live {
             let name = obj.name_any();
             if obj.metadata.deletion_timestamp.is_none() && !keep(&name) {

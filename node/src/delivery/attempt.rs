@@ -785,6 +785,7 @@ impl Engine {
         }
     }
 }
+
 /// SMTP AUTH credentials for a next hop, read at each connection (so a rotated Secret is used
 /// at once): a file whose first line is `user:password`, or a directory with the files
 /// `username` and `password` (a mounted Secret of type `kubernetes.io/basic-auth`).

@@ -76,59 +76,69 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
     };
     if let Some(i) = by_user.or_else(by_domain) {
         let r = &cfg.sender_routes[i];
-        return Route {
-            destination: format!("sender:{i}"),
-            kind: RouteKind::Smarthosts(r.smarthosts.clone()),
-            tls: r.tls.clone().unwrap_or_else(|| cfg.tls.clone()),
-            auth_file: r.auth_file.clone(),
-            limits: r.limits.unwrap_or(cfg.destination_limits),
-        };
+        return next_hops(
+            format!("sender:{i}"),
+            &r.smarthosts,
+            domain,
+            r.tls.as_ref().unwrap_or(&cfg.tls),
+            r.auth_file.as_ref(),
+            r.limits.unwrap_or(cfg.destination_limits),
+        );
     }
-    if cfg.smarthosts.is_empty() {
-        Route {
-            destination: format!("mx:{domain}"),
-            kind: RouteKind::Mx,
-            tls: cfg.tls.clone(),
-            auth_file: None,
-            limits: cfg.destination_limits,
-        }
-    } else {
-        Route {
-            destination: "default".into(),
-            kind: RouteKind::Smarthosts(cfg.smarthosts.clone()),
-            tls: cfg.tls.clone(),
-            auth_file: cfg.auth_file.clone(),
-            limits: cfg.destination_limits,
-        }
-    }
+    next_hops(
+        "default".into(),
+        &cfg.smarthosts,
+        domain,
+        &cfg.tls,
+        cfg.auth_file.as_ref(),
+        cfg.destination_limits,
+    )
 }
 
 /// The domain route listing `domain`, if any.
 fn domain_route(cfg: &DeliveryConfig, domain: &str) -> Option<Route> {
-    for (i, r) in cfg.routes.iter().enumerate() {
-        if r.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
-            let tls = r.tls.clone().unwrap_or_else(|| cfg.tls.clone());
-            let limits = r.limits.unwrap_or(cfg.destination_limits);
-            return Some(if r.smarthosts.is_empty() {
-                Route {
-                    destination: format!("mx:{domain}"),
-                    kind: RouteKind::Mx,
-                    tls,
-                    auth_file: None,
-                    limits,
-                }
-            } else {
-                Route {
-                    destination: format!("route:{i}"),
-                    kind: RouteKind::Smarthosts(r.smarthosts.clone()),
-                    tls,
-                    auth_file: r.auth_file.clone(),
-                    limits,
-                }
-            });
+    let (i, r) = cfg
+        .routes
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)))?;
+    Some(next_hops(
+        format!("route:{i}"),
+        &r.smarthosts,
+        domain,
+        r.tls.as_ref().unwrap_or(&cfg.tls),
+        r.auth_file.as_ref(),
+        r.limits.unwrap_or(cfg.destination_limits),
+    ))
+}
+
+/// A route through `smarthosts`, named `name`; without smarthosts, by MX to `domain` (named
+/// `mx:DOMAIN`, without credentials: AUTH is for smarthosts).
+fn next_hops(
+    name: String,
+    smarthosts: &[Smarthost],
+    domain: &str,
+    tls: &OutboundTls,
+    auth_file: Option<&PathBuf>,
+    limits: DestinationLimits,
+) -> Route {
+    if smarthosts.is_empty() {
+        Route {
+            destination: format!("mx:{domain}"),
+            kind: RouteKind::Mx,
+            tls: tls.clone(),
+            auth_file: None,
+            limits,
+        }
+    } else {
+        Route {
+            destination: name,
+            kind: RouteKind::Smarthosts(smarthosts.to_vec()),
+            tls: tls.clone(),
+            auth_file: auth_file.cloned(),
+            limits,
         }
     }
-    None
 }
 
 /// The domain of an address (lower case); empty for none.

@@ -200,12 +200,16 @@ pub async fn run(
 ) {
     let mut st = State::default();
     let _ = std::fs::create_dir_all(engine.queue.root().join(FLUSH_DIR));
-    if !engine.cfg().delivery.enabled {
+    // Both need a restart to change (`Config::restart_view`).
+    let (enabled, max) = {
+        let d = &engine.cfg().delivery;
+        (d.enabled, d.max_deliveries.max(1))
+    };
+    if !enabled {
         tracing::warn!("delivery is disabled (delivery.enabled: false): mail is only queued");
     }
     engine.refresh_self().await;
     scan(&engine, &mut st).await;
-    let max = engine.cfg().delivery.max_deliveries.max(1);
     let mut tasks: JoinSet<(String, Result<Next, crate::queue::QueueError>)> = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -213,7 +217,7 @@ pub async fn run(
     loop {
         let now = now_ms();
         // Start what is due.
-        while st.running < max && engine.cfg().delivery.enabled {
+        while st.running < max && enabled {
             let Some((due, id)) = st.due.first().cloned() else {
                 break;
             };

@@ -18,7 +18,7 @@ use super::address::{Address, Path};
 use super::command::{self, BodyType, Command, CommandError, MailParams};
 use super::data::{BodyCheck, BodyFlaws};
 use super::reply::Reply;
-use crate::rate_limit::{RateLimiter, Unit, Who};
+use crate::rate_limit::{Exceeded, RateLimiter, Unit, Who};
 use crate::smtp::policy::{Policy, Refusal};
 
 /// Per-listener settings of a session.
@@ -325,22 +325,33 @@ impl Session {
         }
     }
 
-    /// Counts a message or recipient under the listener's rate limits; beyond one, the
-    /// `451 4.7.1` step that refuses it.
-    fn count(&mut self, unit: Unit, sender_domain: Option<&str>) -> Result<(), Step> {
+    /// Counts a message or recipient (of a transaction from `from`) under the listener's
+    /// rate limits.
+    fn count(&self, unit: Unit, from: &Path) -> Result<(), Exceeded> {
+        let limits = &self.cfg.rate_limits;
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let sender_domain = match from {
+            Path::Mailbox(a) => Some(a.domain.as_str()),
+            _ => None,
+        };
         let who = Who {
             client: self.client.addr.ip(),
             user: self.auth_user.as_deref(),
             sender_domain,
         };
-        self.cfg
-            .rate_limits
-            .count(unit, &who, std::time::Instant::now())
-            .map_err(|e| {
-                let detail = format!("listener {}: {e}", self.cfg.listener);
-                let text = format!("{e}");
-                self.refuse("rate_limited", detail, Reply::new(451, "4.7.1", text))
-            })
+        limits.count(unit, &who, std::time::Instant::now())
+    }
+
+    /// The `451 4.7.1` step that refuses what a rate limit stopped.
+    fn rate_limited(&mut self, e: Exceeded) -> Step {
+        let detail = format!("listener {}: {e}", self.cfg.listener);
+        self.refuse(
+            "rate_limited",
+            detail,
+            Reply::new(451, "4.7.1", e.to_string()),
+        )
     }
 
     /// Count errors, and close after too many.
@@ -756,12 +767,8 @@ impl Session {
             });
             return Step::reply(Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
-        let sender_domain = match &from {
-            Path::Mailbox(a) => Some(a.domain.as_str()),
-            _ => None,
-        };
-        if let Err(e) = self.count(Unit::Message, sender_domain) {
-            return e;
+        if let Err(e) = self.count(Unit::Message, &from) {
+            return self.rate_limited(e);
         }
         self.tx = Some(Transaction {
             from,
@@ -802,12 +809,8 @@ impl Session {
                 let Path::Mailbox(addr) = to else {
                     return self.finish_reply(Refusal::NoLocalMailbox.reply());
                 };
-                let sender = match &tx.from {
-                    Path::Mailbox(a) => Some(a.domain.clone()),
-                    _ => None,
-                };
-                if let Err(e) = self.count(Unit::Recipient, sender.as_deref()) {
-                    return e;
+                if let Err(e) = self.count(Unit::Recipient, &tx.from) {
+                    return self.rate_limited(e);
                 }
                 if let Some(tx) = &mut self.tx {
                     tx.rcpts.push(addr);
