@@ -18,6 +18,7 @@ pub mod proxy_protocol;
 pub mod queue;
 pub mod rate_limit;
 pub mod reload;
+pub mod rewrite;
 pub mod serve;
 pub mod smtp;
 pub mod smtp_server;

@@ -232,7 +232,6 @@ impl Metrics {
         self.accepted_bytes.inc_by(bytes);
     }
 
-    /// Count a refusal.
     /// A config file change, `applied` or `refused`.
     pub fn config_reload(&self, result: &str) {
         self.config_reloads
@@ -240,6 +239,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Count a refusal.
     pub fn refused(&self, reason: &str) {
         self.refused.get_or_create(&label("reason", reason)).inc();
     }

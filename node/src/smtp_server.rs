@@ -102,6 +102,11 @@ fn session_config(
         }),
         forbid_unauth_pipelining: l.forbids_unauth_pipelining(),
         rate_limits,
+        rewrite: Some(Arc::new(crate::rewrite::HeaderEdit {
+            senders: crate::rewrite::SenderRewriter::new(&l.sender_rewrites),
+            remove_received: l.remove_received,
+        }))
+        .filter(|e| e.is_active()),
     }
 }
 
@@ -671,7 +676,8 @@ impl Driver {
         SessionEnd,
     > {
         let settings = self.session.config();
-        let mut dec = DataDecoder::with_memory(settings.max_message_size, settings.memory.clone());
+        let mut dec = DataDecoder::with_memory(settings.max_message_size, settings.memory.clone())
+            .with_header_edit(settings.rewrite.clone());
         loop {
             if !self.buf.is_empty() {
                 if let Some(n) = dec.feed(&self.buf) {
@@ -799,7 +805,7 @@ impl Driver {
                 node.metrics.accepted(&draft.listener, size);
                 tracing::info!(
                     id = %id, listener = %draft.listener, client = %draft.client.addr,
-                    from = %draft.sender, rcpts = draft.recipients.len(), size, auth = ?draft.auth_user,
+                    from = %draft.sender, rewritten_from = ?draft.rewritten_from, rcpts = draft.recipients.len(), size, auth = ?draft.auth_user,
                     "queued"
                 );
                 node.delivery.queued(

@@ -131,6 +131,53 @@ proptest! {
     }
 
     #[test]
+    fn header_editing_is_the_same_in_any_pieces_and_never_panics(
+        fields in proptest::collection::vec(prop_oneof![
+            "(From|Sender|Received|reply-to|X-A): [ -~]{0,40}\r\n",
+            "(From|Sender): [\"()<>,:;@ a-z\\\\]{0,30}\r\n",
+            "[ \t][ -~]{0,20}\r\n",
+            "[a-z ]{0,10}\r\n",
+        ], 0..12),
+        body in "[ -~]{0,30}",
+        cut in 0usize..600,
+    ) {
+        let rules = [mailnode::config::SenderRewrite { from: "*".into(), to: "@example.com".into() }];
+        let edit = Some(std::sync::Arc::new(mailnode::rewrite::HeaderEdit {
+            senders: mailnode::rewrite::SenderRewriter::new(&rules),
+            remove_received: true,
+        }));
+        let content = format!("{}\r\n{body}\r\n", fields.concat());
+        let data = mailnode::smtp::data::dot_stuff(content.as_bytes());
+        let mut whole = mailnode::smtp::data::DataDecoder::new(1 << 20).with_header_edit(edit.clone());
+        prop_assert!(whole.feed(&data).is_some());
+        let mut split = mailnode::smtp::data::DataDecoder::new(1 << 20).with_header_edit(edit);
+        let cut = cut.min(data.len());
+        if split.feed(&data[..cut]).is_none() {
+            prop_assert!(split.feed(&data[cut..]).is_some());
+        }
+        let (a, b) = (whole.finish(), split.finish());
+        prop_assert_eq!(&a, &b);
+        // The body is never touched.
+        let tail = format!("\r\n{body}\r\n");
+        prop_assert!(a.0.ends_with(tail.as_bytes()) || !a.1.is_clean());
+    }
+
+    #[test]
+    fn header_edit_never_panics_on_any_bytes(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let rules = [mailnode::config::SenderRewrite { from: "*".into(), to: "x@example.com".into() }];
+        let edit = mailnode::rewrite::HeaderEdit {
+            senders: mailnode::rewrite::SenderRewriter::new(&rules),
+            remove_received: true,
+        };
+        if let Some(e) = edit.apply(&data) {
+            prop_assert!(e.rewritten + e.removed > 0);
+        }
+        let text = String::from_utf8_lossy(&data);
+        let (n, same) = mailnode::rewrite::header::rewrite_addresses(&text, |a| Some(a.to_owned()));
+        prop_assert_eq!(same, text.into_owned(), "{} identical replacements", n);
+    }
+
+    #[test]
     fn data_decoder_split_anywhere_is_the_same(data in proptest::collection::vec(prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..200), cut in 0usize..200) {
         let mut whole = mailnode::smtp::data::DataDecoder::new(1 << 20);
         let end_whole = whole.feed(&data);

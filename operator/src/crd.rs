@@ -256,6 +256,37 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub rate_limits: Vec<RateLimit>,
+
+    /// Rewrite the sender of mail from devices that send as addresses nobody can answer,
+    /// such as `root@scanner01`, as Postfix's `sender_canonical_maps` does. The first rule
+    /// whose `from` matches rewrites the envelope sender and the addresses in the `From`,
+    /// `Sender`, `Resent-From` and `Resent-Sender` headers (`Reply-To` and recipient headers
+    /// are kept). Relay policy and rate limits see the sender as the client sent it; routes
+    /// (`delivery.senderRoutes`), delivery and bounces use the rewritten one. Applied without
+    /// a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub sender_rewrites: Vec<SenderRewrite>,
+
+    /// Remove the Received headers a message arrives with, which name internal hosts and
+    /// addresses, before it leaves; those written by a mailnode stay, so that a mail loop
+    /// through this cluster is still stopped by its hop count. The member's own Received
+    /// header then leaves out the client's address and HELO name. Default false.
+    #[serde(default)]
+    pub remove_received: bool,
+}
+
+/// One sender rewriting rule of a listener.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SenderRewrite {
+    /// Which senders: `user@host` (that address), `@host` (any address at that domain, not
+    /// its subdomains) or `*` (any sender except the null sender of bounces). Case is
+    /// ignored.
+    pub from: SenderPattern,
+    /// The new sender: `user@example.com`, or `@example.com` to keep the local part and
+    /// change only the domain.
+    pub to: RewriteAddress,
 }
 
 /// One rate limit of a listener.
@@ -937,6 +968,22 @@ string_newtype!(
     253,
     "self.matches('^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\\\\.)+[a-z]([-a-z0-9]{0,61}[a-z0-9])?$')",
     "must be a lowercase DNS domain like example.com"
+);
+string_newtype!(
+    /// A sender to rewrite: `user@host`, `@host` or `*`.
+    SenderPattern,
+    "SenderPattern",
+    254,
+    "self == '*' || self.matches('^[-A-Za-z0-9._+=!#$%&*/?^{|}~]*@([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$')",
+    "must be user@host, @host or * (any sender)"
+);
+string_newtype!(
+    /// A new sender address: `user@domain`, or `@domain` to keep the local part.
+    RewriteAddress,
+    "RewriteAddress",
+    254,
+    "self.matches('^[-A-Za-z0-9._+=!#$%&*/?^{|}~]*@([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$')",
+    "must be user@domain, or @domain to keep the local part"
 );
 string_newtype!(
     /// A host name or IP address.

@@ -234,6 +234,30 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.listeners[0].rateLimits[0].window", "unit"],
         ),
         (
+            "sender rewrite from a bare name",
+            set(
+                base.clone(),
+                "/spec/listeners/0/senderRewrites",
+                json!([{"from": "root", "to": "@example.com"}]),
+            ),
+            &[
+                "spec.listeners[0].senderRewrites[0].from",
+                "must be user@host, @host or *",
+            ],
+        ),
+        (
+            "sender rewrite to a catch-all",
+            set(
+                base.clone(),
+                "/spec/listeners/0/senderRewrites",
+                json!([{"from": "@scanner.lan", "to": "*"}]),
+            ),
+            &[
+                "spec.listeners[0].senderRewrites[0].to",
+                "must be user@domain, or @domain",
+            ],
+        ),
+        (
             "sender route without senders",
             set(
                 base.clone(),

@@ -90,14 +90,14 @@ impl Default for Config {
 
 impl Config {
     /// The configuration without the parts a running node applies when its file changes:
-    /// listeners' relay policy, accepted domains, message size, pipelining rule and rate
-    /// limits; the per-message limits `maxRecipients` and `maxErrors`; and where and how mail
-    /// is delivered (`delivery`'s smarthosts, routes, sender routes, TLS, credentials, retry
-    /// schedule, connect timeout, HELO name, hop limit, MX port, delay warnings, destination
-    /// limits and throttling). Two configs with
-    /// the same restart view differ only in what a reload applies; a different restart view
-    /// needs a restart (listener addresses, TLS files, queue, peers, session limits, DNS,
-    /// delivery concurrency, ...).
+    /// listeners' relay policy, accepted domains, message size, pipelining rule, rate
+    /// limits, sender rewrites and Received header removal; the per-message limits
+    /// `maxRecipients` and `maxErrors`; and where and how mail is delivered (`delivery`'s
+    /// smarthosts, routes, sender routes, TLS, credentials, retry schedule, connect timeout,
+    /// HELO name, hop limit, MX port, delay warnings, destination limits and throttling). Two
+    /// configs with the same restart view differ only in what a reload applies; a different
+    /// restart view needs a restart (listener addresses, TLS files, queue, peers, session
+    /// limits, DNS, delivery concurrency, ...).
     pub fn restart_view(&self) -> Config {
         let mut c = self.clone();
         for l in &mut c.listeners {
@@ -106,6 +106,8 @@ impl Config {
             l.max_message_size = None;
             l.forbid_unauth_pipelining = None;
             l.rate_limits = Vec::new();
+            l.sender_rewrites = Vec::new();
+            l.remove_received = false;
         }
         let limits = Limits::default();
         c.limits.max_recipients = limits.max_recipients;
@@ -166,6 +168,28 @@ pub struct Listener {
     /// receives.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimit>,
+    /// Sender rewriting, as Postfix's `sender_canonical_maps`: the first rule whose `from`
+    /// matches rewrites the envelope sender and the addresses of the `From`, `Sender`,
+    /// `Resent-From` and `Resent-Sender` headers. Relay policy and rate limits see the
+    /// sender the client sent; routes, delivery and bounces the rewritten one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sender_rewrites: Vec<SenderRewrite>,
+    /// Remove the Received headers a message arrives with (internal host names and
+    /// addresses), except those a mailnode wrote, and write this member's own without the
+    /// client's address and HELO name.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub remove_received: bool,
+}
+
+/// One sender rewriting rule of a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SenderRewrite {
+    /// Which senders: `user@domain` (that address), `@domain` (any address at that domain,
+    /// not its subdomains) or `*` (any sender but the null one). Case is ignored.
+    pub from: String,
+    /// The new address: `user@domain`, or `@domain` to keep the local part.
+    pub to: String,
 }
 
 /// What one rate limit counts together.
@@ -201,6 +225,23 @@ pub struct RateLimit {
     pub ipv6_prefix: u8,
 }
 
+/// `user@domain` or `@domain`, without spaces, angle brackets or quotes.
+fn is_rewrite_address(a: &str) -> bool {
+    let Some((local, domain)) = a.split_once('@') else {
+        return false;
+    };
+    let plain = |s: &str| {
+        !s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>\"()[],;:@\\".contains(c))
+    };
+    plain(local)
+        && !domain.is_empty()
+        && plain(domain)
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+}
+
 fn default_window_seconds() -> u64 {
     60
 }
@@ -222,6 +263,8 @@ impl Default for Listener {
             max_message_size: None,
             forbid_unauth_pipelining: None,
             rate_limits: Vec::new(),
+            sender_rewrites: Vec::new(),
+            remove_received: false,
         }
     }
 }
@@ -829,6 +872,21 @@ impl Config {
                     return Err(invalid(at("ipv6Prefix"), "must be 1 to 128"));
                 }
             }
+            for (j, r) in l.sender_rewrites.iter().enumerate() {
+                let at = |field: &str| format!("listeners[{i}].senderRewrites[{j}].{field}");
+                if r.from != "*" && !is_rewrite_address(&r.from) {
+                    return Err(invalid(
+                        at("from"),
+                        "must be user@domain, @domain or * (any sender)",
+                    ));
+                }
+                if !is_rewrite_address(&r.to) {
+                    return Err(invalid(
+                        at("to"),
+                        "must be user@domain, or @domain to keep the local part",
+                    ));
+                }
+            }
             if l.proxy_protocol && l.trusted_proxies.is_empty() {
                 return Err(invalid(
                     format!("listeners[{i}].trustedProxies"),
@@ -1054,6 +1112,32 @@ mod tests {
     }
 
     #[test]
+    fn sender_rewrites_are_checked_and_bad_ones_name_their_key() {
+        let yaml = "listeners:\n  - name: devices\n    removeReceived: true\n    senderRewrites:\n      - {from: \"*\", to: \"@example.com\"}\n      - {from: root@scanner01, to: scanner01@example.com}\n";
+        let mut c: Config = serde_yaml::from_str(yaml).unwrap();
+        c.validate().unwrap();
+        assert!(c.listeners[0].remove_received);
+        for (from, to, key) in [
+            ("root", "a@example.com", "senderRewrites[1].from"),
+            ("@", "a@example.com", "senderRewrites[1].from"),
+            ("a@b", "<a@example.com>", "senderRewrites[1].to"),
+            ("a@b", "*", "senderRewrites[1].to"),
+            ("a@b", "x y@example.com", "senderRewrites[1].to"),
+            ("a@b", "a@example..com", "senderRewrites[1].to"),
+        ] {
+            c.listeners[0].sender_rewrites[1] = SenderRewrite {
+                from: from.into(),
+                to: to.into(),
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("listeners[0].{key}")),
+                "{from} {to}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_restart_view_leaves_out_exactly_what_a_reload_applies() {
         let yaml = "hostname: relay.example\nlisteners:\n  - {name: devices, address: \"0.0.0.0:25\", relay: {allowedSources: [10.0.0.0/8]}}\n";
         let base: Config = serde_yaml::from_str(yaml).unwrap();
@@ -1069,6 +1153,11 @@ mod tests {
             window_seconds: 60,
             ipv6_prefix: 64,
         });
+        policy.listeners[0].sender_rewrites.push(SenderRewrite {
+            from: "*".into(),
+            to: "@example.com".into(),
+        });
+        policy.listeners[0].remove_received = true;
         policy.limits.max_recipients = 20;
         policy.delivery.smarthosts.push(Smarthost {
             host: "mx.example".into(),

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use crate::admission::{ContentMemory, Hold};
+use crate::rewrite::header::{HeaderEdit, MAX_HEADER_SECTION, section_end};
 
 /// Longest allowed line without its CRLF.
 pub const MAX_LINE: usize = 998;
@@ -54,6 +55,17 @@ pub struct BodyCheck {
     /// Bytes of the budget held for `body`.
     held: u64,
     spill_due: bool,
+    /// The listener's header edit, until the header section has been seen.
+    header: Option<PendingHeader>,
+}
+
+/// A header edit waiting for the end of the header section, which stays in memory (and off
+/// the queue file) until then, up to [`MAX_HEADER_SECTION`].
+#[derive(Debug)]
+struct PendingHeader {
+    edit: Arc<HeaderEdit>,
+    /// Bytes of the body already searched for the empty line.
+    scanned: usize,
 }
 
 impl BodyCheck {
@@ -75,7 +87,44 @@ impl BodyCheck {
             memory,
             held: 0,
             spill_due: false,
+            header: None,
         }
+    }
+
+    /// Apply `edit` to the header section (sender rewriting, Received removal).
+    pub fn with_header_edit(mut self, edit: Option<Arc<HeaderEdit>>) -> Self {
+        self.header = edit.map(|edit| PendingHeader { edit, scanned: 0 });
+        self
+    }
+
+    /// Edits the header section once its end is in the body, or gives up when it is longer
+    /// than [`MAX_HEADER_SECTION`]. At the end of the content (`done`), all of it is header.
+    fn edit_header(&mut self, done: bool) {
+        let Some(p) = &mut self.header else {
+            return;
+        };
+        let end = match section_end(&self.body, p.scanned.saturating_sub(3)) {
+            Some(end) => end,
+            None if done => self.body.len(),
+            None if self.body.len() > MAX_HEADER_SECTION => {
+                tracing::warn!(
+                    bytes = self.body.len(),
+                    "header section over {MAX_HEADER_SECTION} bytes: not rewritten"
+                );
+                self.header = None;
+                return;
+            }
+            None => {
+                p.scanned = self.body.len();
+                return;
+            }
+        };
+        if end <= MAX_HEADER_SECTION
+            && let Some(edited) = p.edit.apply(&self.body[..end])
+        {
+            self.body.splice(..end, edited.section);
+        }
+        self.header = None;
     }
 
     fn give_back(&mut self) {
@@ -138,6 +187,7 @@ impl BodyCheck {
         }
         if self.flaws.is_clean() {
             self.keep(data);
+            self.edit_header(false);
         } else if !self.body.is_empty() || self.held > 0 {
             self.body = Vec::new();
             self.spill_due = false;
@@ -153,7 +203,7 @@ impl BodyCheck {
     /// The kept bytes, when they are due to go to the queue file (see [`BodyCheck`]); their
     /// budget is given back.
     pub fn take_spill(&mut self) -> Option<Vec<u8>> {
-        if !std::mem::take(&mut self.spill_due) {
+        if self.header.is_some() || !std::mem::take(&mut self.spill_due) {
             return None;
         }
         self.give_back();
@@ -174,7 +224,9 @@ impl BodyCheck {
         if self.prev_cr {
             self.flaws.bare_newline = true;
         }
-        if !self.flaws.is_clean() {
+        if self.flaws.is_clean() {
+            self.edit_header(true);
+        } else {
             self.body = Vec::new();
             self.give_back();
         }
@@ -224,6 +276,12 @@ impl DataDecoder {
             out: Vec::with_capacity(8192),
             check: BodyCheck::with_memory(max, memory),
         }
+    }
+
+    /// Apply `edit` to the header section (see [`BodyCheck::with_header_edit`]).
+    pub fn with_header_edit(mut self, edit: Option<Arc<HeaderEdit>>) -> Self {
+        self.check = self.check.with_header_edit(edit);
+        self
     }
 
     /// Feed bytes. Returns `Some(n)` when the end of data was found after `n` bytes of `input`
@@ -477,6 +535,64 @@ mod tests {
         bad.feed(line.repeat(5).as_bytes());
         assert_eq!(bad.take_spill(), None);
         assert_eq!(budget.used(), 0);
+    }
+
+    fn scanner_edit() -> Option<Arc<HeaderEdit>> {
+        Some(Arc::new(HeaderEdit {
+            senders: crate::rewrite::address::rules_of(&[("@scanner.lan", "@example.com")]),
+            remove_received: true,
+        }))
+    }
+
+    #[test]
+    fn the_header_section_is_edited_before_anything_goes_to_the_queue_file() {
+        let budget = MemoryBudget::new(1 << 20);
+        let memory = Some(ContentMemory {
+            budget: Arc::clone(&budget),
+            spill_at: 100,
+        });
+        let mut dec = DataDecoder::with_memory(1 << 20, memory).with_header_edit(scanner_edit());
+        let long = format!("X-Pad: {}\r\n", "p".repeat(200));
+        let head =
+            format!("Received: from scanner (10.0.0.9)\r\n{long}From: Scan <root@scanner.lan>\r\n");
+        let line = format!("{}\r\n", "z".repeat(38));
+        let mut stored = Vec::new();
+        // Byte by byte: the empty line is found across pieces, and nothing is handed out
+        // before it although the threshold is long passed.
+        for b in head.as_bytes() {
+            assert_eq!(dec.feed(&[*b]), None);
+            assert_eq!(dec.take_spill(), None);
+        }
+        for piece in [b"\r\n".as_slice(), line.as_bytes(), line.as_bytes()] {
+            assert_eq!(dec.feed(piece), None);
+            stored.extend(dec.take_spill().unwrap_or_default());
+        }
+        assert!(!stored.is_empty());
+        assert!(dec.feed(b"Received: in the body\r\n.\r\n").is_some());
+        let (tail, flaws) = dec.finish();
+        assert!(flaws.is_clean());
+        stored.extend(tail);
+        let want = format!(
+            "{long}From: Scan <root@example.com>\r\n\r\n{line}{line}Received: in the body\r\n"
+        );
+        assert_eq!(String::from_utf8(stored).unwrap(), want);
+    }
+
+    #[test]
+    fn a_message_without_a_body_is_all_header_and_an_endless_header_is_left_alone() {
+        let mut dec = DataDecoder::new(1 << 20).with_header_edit(scanner_edit());
+        assert!(dec.feed(b"From: root@scanner.lan\r\n.\r\n").is_some());
+        assert_eq!(dec.finish().0, b"From: root@example.com\r\n");
+        let mut dec = DataDecoder::new(1 << 20).with_header_edit(scanner_edit());
+        let field = format!("X-Long: {}\r\n", "l".repeat(900));
+        let mut input = "From: root@scanner.lan\r\n".to_owned();
+        while input.len() <= MAX_HEADER_SECTION {
+            input.push_str(&field);
+        }
+        assert_eq!(dec.feed(input.as_bytes()), None);
+        assert!(dec.feed(b"\r\nbody\r\n.\r\n").is_some());
+        let body = dec.finish().0;
+        assert!(body.starts_with(b"From: root@scanner.lan\r\n"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn drive_session<'a>(lines: impl IntoIterator<Item = &'a [u8]>) {
         }),
         forbid_unauth_pipelining: true,
         rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(Vec::new())),
+        rewrite: None,
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),
@@ -82,6 +83,7 @@ pub fn drive_stream(input: &[u8]) {
         memory: Some(memory.clone()),
         forbid_unauth_pipelining: input.get(1).is_some_and(|b| b % 2 == 0),
         rate_limits: Arc::new(crate::rate_limit::RateLimiter::new(Vec::new())),
+        rewrite: None,
     };
     let client = ClientInfo {
         addr: std::net::SocketAddr::from(([127, 0, 0, 2], 1)),

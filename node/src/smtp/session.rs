@@ -19,6 +19,7 @@ use super::command::{self, BodyType, Command, CommandError, MailParams};
 use super::data::{BodyCheck, BodyFlaws};
 use super::reply::Reply;
 use crate::rate_limit::{Exceeded, RateLimiter, Unit, Who};
+use crate::rewrite::HeaderEdit;
 use crate::smtp::policy::{Policy, Refusal};
 
 /// Per-listener settings of a session.
@@ -51,6 +52,9 @@ pub struct SessionConfig {
     pub forbid_unauth_pipelining: bool,
     /// The listener's rate limits (messages at MAIL FROM, recipients at RCPT TO).
     pub rate_limits: Arc<RateLimiter>,
+    /// What the listener changes in accepted mail (sender rewriting, Received removal);
+    /// `None` when nothing.
+    pub rewrite: Option<Arc<HeaderEdit>>,
 }
 
 /// Who is connected.
@@ -94,6 +98,11 @@ pub struct Draft {
     pub eight_bit: bool,
     /// The body as received (no Received header yet).
     pub body: Vec<u8>,
+    /// The sender the client gave, when the listener rewrote it into `sender`.
+    pub rewritten_from: Option<String>,
+    /// Leave the client's address and HELO name out of the Received header
+    /// (`removeReceived`).
+    pub hide_client: bool,
 }
 
 impl Draft {
@@ -130,6 +139,12 @@ impl Draft {
         } else {
             String::new()
         };
+        if self.hide_client {
+            return format!(
+                "Received: by {hostname} (mailnode) with {proto} id {id}\r\n\t(listener {listener}){rcpt};\r\n\t{date}\r\n",
+                listener = self.listener,
+            );
+        }
         format!(
             "Received: from {helo} ([{ip}]:{port})\r\n\tby {hostname} (mailnode) with {proto} id {id}\r\n\t(listener {listener}{via}){rcpt};\r\n\t{date}\r\n",
             ip = self.client.addr.ip(),
@@ -854,9 +869,10 @@ impl Session {
             }
             Some(tx) => {
                 let memory = self.cfg.memory.clone();
-                let check = tx
-                    .chunks
-                    .get_or_insert_with(|| BodyCheck::with_memory(max, memory));
+                let rewrite = self.cfg.rewrite.clone();
+                let check = tx.chunks.get_or_insert_with(|| {
+                    BodyCheck::with_memory(max, memory).with_header_edit(rewrite)
+                });
                 if check.size().saturating_add(size) > max {
                     self.tx = None;
                     self.events.push(Event::Refused {
@@ -911,8 +927,19 @@ impl Session {
     }
 
     fn draft(&self, tx: &Transaction, body: Vec<u8>) -> Draft {
+        let from = tx.from.to_string();
+        let rewrite = self.cfg.rewrite.as_deref();
+        let rewritten = rewrite
+            .and_then(|r| r.senders.as_ref())
+            .and_then(|r| r.rewrite(&from));
+        let (sender, rewritten_from) = match rewritten {
+            Some(new) => (new, Some(from)),
+            None => (from, None),
+        };
         Draft {
-            sender: tx.from.to_string(),
+            sender,
+            rewritten_from,
+            hide_client: rewrite.is_some_and(|r| r.remove_received),
             recipients: tx.rcpts.iter().map(ToString::to_string).collect(),
             helo: self.helo.clone().unwrap_or_default(),
             client: self.client,
@@ -1048,6 +1075,7 @@ mod tests {
             memory: None,
             forbid_unauth_pipelining: true,
             rate_limits: Arc::new(RateLimiter::new(Vec::new())),
+            rewrite: None,
         };
         Session::new(
             cfg,

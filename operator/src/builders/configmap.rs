@@ -182,6 +182,15 @@ pub fn node_config(
                 .enumerate()
                 .map(|(j, r)| rate_limit(&format!("spec.listeners[{i}].rateLimits[{j}]"), r))
                 .collect::<Result<_, _>>()?,
+            sender_rewrites: l
+                .sender_rewrites
+                .iter()
+                .map(|r| node::SenderRewrite {
+                    from: r.from.0.clone(),
+                    to: r.to.0.clone(),
+                })
+                .collect(),
+            remove_received: l.remove_received,
         });
     }
     let smarthosts = next_hops("spec.delivery.smarthosts", &spec.delivery.smarthosts)?;
@@ -608,6 +617,44 @@ mod tests {
         mc.spec.listeners[0].rate_limits[1].window = Some("2d".into());
         let e = node_config(&mc, &[]).unwrap_err().to_string();
         assert!(e.contains("spec.listeners[0].rateLimits[1].window"), "{e}");
+    }
+
+    #[test]
+    fn sender_rewrites_and_received_removal_are_rendered_and_reloaded_not_restarted() {
+        let mut mc = sample();
+        mc.spec.listeners[0].sender_rewrites = vec![
+            crd::SenderRewrite {
+                from: "root@scanner01".into(),
+                to: "scanner01@example.com".into(),
+            },
+            crd::SenderRewrite {
+                from: "*".into(),
+                to: "@example.com".into(),
+            },
+        ];
+        mc.spec.listeners[0].remove_received = true;
+        let c = node_config(&mc, &[]).unwrap();
+        let l = &c.listeners[0];
+        assert!(l.remove_received);
+        assert_eq!(
+            l.sender_rewrites,
+            [
+                node::SenderRewrite {
+                    from: "root@scanner01".into(),
+                    to: "scanner01@example.com".into()
+                },
+                node::SenderRewrite {
+                    from: "*".into(),
+                    to: "@example.com".into()
+                }
+            ]
+        );
+        assert!(c.listeners[1].sender_rewrites.is_empty() && !c.listeners[1].remove_received);
+        let with = render(&c).unwrap();
+        node::Config::from_yaml(&with.yaml).unwrap();
+        let without = render(&node_config(&sample(), &[]).unwrap()).unwrap();
+        assert_ne!(with.hash, without.hash);
+        assert_eq!(with.restart_hash, without.restart_hash);
     }
 
     #[test]
