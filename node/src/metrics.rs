@@ -57,6 +57,8 @@ pub struct Metrics {
     pub destination_throttles: Family<Labels, Counter>,
     /// Config file changes by result (`applied`, `refused`).
     pub config_reloads: Family<Labels, Counter>,
+    /// Rate limit reports exchanged with peers (`sent`, `failed`, `received`).
+    pub rate_reports: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -102,6 +104,7 @@ impl Metrics {
             route_loops: Family::default(),
             dsn: Family::default(),
             config_reloads: Family::default(),
+            rate_reports: Family::default(),
             destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
@@ -195,6 +198,11 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         registry.register(
+            "rate_reports",
+            "Rate limit count reports exchanged with the other members, by result",
+            m.rate_reports.clone(),
+        );
+        registry.register(
             "auth_checks",
             "Password checks (SMTP AUTH) by result",
             m.auth_checks.clone(),
@@ -236,6 +244,13 @@ impl Metrics {
     pub fn config_reload(&self, result: &str) {
         self.config_reloads
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
+    /// A rate limit report to or from a peer: `sent`, `failed` or `received`.
+    pub fn rate_report(&self, result: &str) {
+        self.rate_reports
+            .get_or_create(&label("result", result))
             .inc();
     }
 

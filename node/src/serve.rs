@@ -128,6 +128,7 @@ pub async fn serve_with(
         delivery: delivery.clone(),
         peers: (config.peers.address.is_some() || !config.peers.members.is_empty())
             .then(|| Arc::new(crate::peer::Peers::new(&config))),
+        peer_counts: Arc::new(crate::rate_limit::PeerCounts::new()),
         drain_requested: tokio::sync::Notify::new(),
         drained: AtomicBool::new(false),
         loaded: std::sync::RwLock::new(crate::state::LoadedConfig {
@@ -167,9 +168,19 @@ pub async fn serve_with(
             l,
             node.tls.is_some(),
             Arc::clone(&node.budget),
+            node.peers.is_some().then(|| Arc::clone(&node.peer_counts)),
         ));
         listeners.push(Arc::clone(&ctx));
         tokio::spawn(run_listener(Arc::clone(&node), ctx, sock));
+    }
+    if let Some(peers) = &node.peers
+        && config.peers.secret_file.is_some()
+    {
+        tokio::spawn(crate::peer::share_rate_counts(
+            Arc::clone(peers),
+            Arc::clone(&node.metrics),
+            listeners.clone(),
+        ));
     }
     if let Some(path) = config_path
         && config.reload_interval_seconds > 0

@@ -34,24 +34,39 @@ pub struct ListenerCtx {
     tls_available: bool,
     budget: Arc<crate::admission::MemoryBudget>,
     session: RwLock<SessionConfig>,
+    /// The peers' rate limit counts, when the limits hold for the cluster.
+    peer_counts: Option<Arc<crate::rate_limit::PeerCounts>>,
 }
 
 impl ListenerCtx {
-    /// Build from the node config.
+    /// Build from the node config; with `peer_counts`, the rate limits hold for the cluster.
     pub fn new(
         cfg: &Config,
         l: &Listener,
         tls_available: bool,
         budget: Arc<crate::admission::MemoryBudget>,
+        peer_counts: Option<Arc<crate::rate_limit::PeerCounts>>,
     ) -> Self {
-        let rate_limits = Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone()));
+        let rate_limits = rate_limiter(l, peer_counts.as_ref());
         let session = session_config(cfg, l, tls_available, &budget, rate_limits);
         Self {
             config: l.clone(),
             tls_available,
             budget,
             session: RwLock::new(session),
+            peer_counts,
         }
+    }
+
+    /// The rate limits new sessions count with.
+    pub fn rate_limits(&self) -> Arc<crate::rate_limit::RateLimiter> {
+        Arc::clone(
+            &self
+                .session
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .rate_limits,
+        )
     }
 
     /// The settings a session starting now gets.
@@ -72,10 +87,21 @@ impl ListenerCtx {
         let rate_limits = if current.rate_limits.rules() == l.rate_limits.as_slice() {
             Arc::clone(&current.rate_limits)
         } else {
-            Arc::new(crate::rate_limit::RateLimiter::new(l.rate_limits.clone()))
+            rate_limiter(l, self.peer_counts.as_ref())
         };
         *current = session_config(cfg, l, self.tls_available, &self.budget, rate_limits);
     }
+}
+
+fn rate_limiter(
+    l: &Listener,
+    peer_counts: Option<&Arc<crate::rate_limit::PeerCounts>>,
+) -> Arc<crate::rate_limit::RateLimiter> {
+    let rules = l.rate_limits.clone();
+    Arc::new(match peer_counts {
+        Some(p) => crate::rate_limit::RateLimiter::shared(rules, &l.name, Arc::clone(p)),
+        None => crate::rate_limit::RateLimiter::new(rules),
+    })
 }
 
 fn session_config(

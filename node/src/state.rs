@@ -46,6 +46,8 @@ pub struct Node {
     pub delivery: crate::delivery::Handle,
     /// The peer channel (when `peers` is configured).
     pub peers: Option<Arc<crate::peer::Peers>>,
+    /// Rate limit counts the peers reported.
+    pub peer_counts: Arc<crate::rate_limit::PeerCounts>,
     /// Woken by `POST /drain`: hand the queue to the peers and stay draining.
     pub drain_requested: tokio::sync::Notify,
     /// The queue has been handed off (drain finished).

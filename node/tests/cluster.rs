@@ -1,6 +1,7 @@
 //! Cluster behaviour with real `mailnode` processes on loopback: peer channel authentication,
 //! queue hand-off on drain (SIGTERM, admin POST /drain), drain-from-volume after kill -9,
-//! `/status`, cluster-wide ETRN, key rotation during hand-off.
+//! `/status`, cluster-wide ETRN, key rotation during hand-off, rate limits that hold for the
+//! cluster.
 //!
 //! Member `i` (1..=3) binds everything to 127.0.0.1`i` (127.0.0.11, .12, .13) so members
 //! have distinct source addresses; the downstream sink is on 127.0.0.5.
@@ -26,6 +27,7 @@ listeners:
   - name: open
     address: "{ip}:{port0}"
     relay: {allowedSources: [127.0.0.0/8]}
+    LISTENER_EXTRA
 queue: {path: "{dir}/queue", fsync: FSYNC, minFreeBytes: 0, minFreePercent: 0}
 limits: {shutdownGraceSeconds: 5}
 admin: {address: "{ip}:{admin}"}
@@ -52,6 +54,11 @@ fn ip(i: usize) -> String {
 
 /// `n` members, all with key `key`, delivering to a sink address that is down.
 fn cluster(n: usize, retry: u64, fsync: bool) -> Cluster {
+    cluster_with(n, retry, fsync, "")
+}
+
+/// [`cluster`], with `listener` added to the settings of the members' listener.
+fn cluster_with(n: usize, retry: u64, fsync: bool, listener: &str) -> Cluster {
     let mut s = Sink::start("127.0.0.5");
     let sink_addr = s.addr;
     s.stop();
@@ -66,6 +73,7 @@ fn cluster(n: usize, retry: u64, fsync: bool) -> Cluster {
         let key = keydir.path().join(format!("key{i}"));
         std::fs::write(&key, "k1-cluster-secret\n").unwrap();
         let yaml = CONF
+            .replace("LISTENER_EXTRA", listener)
             .replace("FSYNC", if fsync { "true" } else { "false" })
             .replace("MEMBERS", &members.join(", "))
             .replace("KEYFILE", key.to_str().unwrap())
@@ -483,4 +491,86 @@ fn key_rotation_during_drain_has_no_failed_transfers() {
     c.nodes[2].term(WAIT);
     let sink = Sink::start_on(c.sink_addr);
     wait_all_delivered(&c, &sink, &ids);
+}
+
+/// MAIL FROM on `c`: whether it was accepted (then reset), or refused with 451 4.7.1.
+fn mail_accepted(c: &mut Client) -> bool {
+    let r = c.cmd("MAIL FROM:<app@src.example>");
+    if r.starts_with("250") {
+        assert!(c.cmd("RSET").starts_with("250"));
+        return true;
+    }
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    false
+}
+
+#[test]
+fn a_rate_limit_holds_for_the_cluster_within_ten_percent_and_falls_back_per_member() {
+    let mut c = cluster_with(
+        3,
+        60,
+        false,
+        "rateLimits: [{by: clientAddress, messages: 90, windowSeconds: 30}]",
+    );
+    // The members report to each other (at least a heartbeat a second once they have limits).
+    assert!(
+        wait_until(WAIT, || c.nodes.iter().all(|n| {
+            n.metric("mailnode_rate_reports_total{result=\"received\"}") >= 2.0
+        })),
+        "{}",
+        c.nodes[0].log()
+    );
+    // One client, spread over the three members as a load balancer does, as fast as it can
+    // for 1.5 s (some thousands of messages) against a limit of 90 for the cluster.
+    let mut sessions: Vec<Client> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let (mut s, banner) = Client::connect("127.0.0.9", n.addr(0));
+            assert!(banner.starts_with("220"), "{banner}");
+            assert!(s.cmd("EHLO burst.test").starts_with("250"));
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let mut accepted = [0usize; 3];
+    let mut attempts = 0;
+    let mut in_first_50ms = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        if mail_accepted(&mut sessions[attempts % 3]) {
+            accepted[attempts % 3] += 1;
+            if started.elapsed() < Duration::from_millis(50) {
+                in_first_50ms += 1;
+            }
+        }
+        attempts += 1;
+    }
+    let total: usize = accepted.iter().sum();
+    eprintln!(
+        "cluster-wide limit 90: accepted {total} {accepted:?} of {attempts} in 1.5 s, {in_first_50ms} in the first 50 ms"
+    );
+    assert!((81..=99).contains(&total), "{total} {accepted:?}");
+    assert!(
+        accepted.iter().all(|a| *a > 0),
+        "every member took a share: {accepted:?}"
+    );
+    assert_eq!(
+        c.nodes
+            .iter()
+            .map(|n| n.metric("mailnode_refused_total{reason=\"rate_limited\"}"))
+            .sum::<f64>() as usize,
+        attempts - total
+    );
+    for s in &mut sessions {
+        s.cmd("QUIT");
+    }
+    // With its peers gone silent, a member counts for itself: member 1 alone has what it
+    // took left of the limit, not the cluster's.
+    c.nodes[1].kill9();
+    c.nodes[2].kill9();
+    std::thread::sleep(Duration::from_millis(3500));
+    let (mut s, _) = Client::connect("127.0.0.9", c.nodes[0].addr(0));
+    assert!(s.cmd("EHLO burst.test").starts_with("250"));
+    let alone = (0..100).filter(|_| mail_accepted(&mut s)).count();
+    assert_eq!(alone, 90 - accepted[0], "{accepted:?}");
 }

@@ -251,8 +251,9 @@ pub struct Listener {
     /// Rate limits of this listener, so that one runaway client, application or sender cannot
     /// get the company's domain blocked: a message (counted at MAIL FROM) or recipient (at
     /// RCPT TO) beyond any limit gets `451 4.7.1` (try again later) until that limit's window
-    /// is over; refused ones are not counted. Each member counts what it receives, so with N
-    /// members behind the load balancer a client may get up to N times a limit.
+    /// is over; refused ones are not counted. A limit holds for the whole cluster: the members
+    /// report their counts to each other over the peer channel every 50 ms and add the others'
+    /// counts to their own; a member whose peers have been silent for 3 s counts for itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub rate_limits: Vec<RateLimit>,

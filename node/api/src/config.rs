@@ -164,8 +164,8 @@ pub struct Listener {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forbid_unauth_pipelining: Option<bool>,
     /// Rate limits: a message (counted at MAIL FROM) or a recipient (at RCPT TO) beyond any of
-    /// them gets `451 4.7.1` until that limit's window is over. Each member counts what it
-    /// receives.
+    /// them gets `451 4.7.1` until that limit's window is over. With peers, a limit holds for
+    /// the cluster: members report their counts to each other over the peer channel.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimit>,
     /// Sender rewriting, as Postfix's `sender_canonical_maps`: the first rule whose `from`

@@ -122,6 +122,20 @@ impl PeerConn {
         }
     }
 
+    /// Report rate limit counts; the peer has them when this returns.
+    pub async fn report(&mut self, report: &crate::rate_limit::Report) -> Result<(), PeerError> {
+        let body = serde_json::to_vec(report).map_err(|e| PeerError::Protocol(e.to_string()))?;
+        let mut data = format!("{}\r\n", proto::xrate_line(body.len())).into_bytes();
+        data.extend_from_slice(&body);
+        write_all(&mut self.io, &data, "rate report").await?;
+        let r = read_line(&mut self.io, "rate report").await?;
+        if r.starts_with("250") {
+            Ok(())
+        } else {
+            Err(PeerError::Refused(r))
+        }
+    }
+
     /// Say goodbye (best effort).
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -12,6 +12,8 @@
 //!    followed by exactly that many bytes: envelope JSON, delivery state JSON, message
 //! S: 250 2.0.0 <id> queued     (after the message is durably in the queue)
 //! C: XFLUSH <domain | *>       (run the queue for a domain: cluster-wide ETRN)
+//! C: XRATE <length>            followed by that many bytes: rate limit counts (JSON)
+//! S: 250 2.0.0 counted
 //! C: NOOP / QUIT
 //! ```
 //!
@@ -23,12 +25,14 @@
 //!
 //! Files: [`proto`] builds and parses the lines (pure), `auth` holds the keys and MACs,
 //! `cluster` the node's view of its peers ([`Peers`]: probes, hand-off, ETRN fan-out),
-//! `client` one authenticated connection ([`PeerConn`]) and `server` the listener.
+//! `client` one authenticated connection ([`PeerConn`]), `server` the listener, and
+//! `rate_share` the task that reports this member's rate limit counts to the others.
 
 mod auth;
 mod client;
 mod cluster;
 pub mod proto;
+mod rate_share;
 mod server;
 
 use std::time::Duration;
@@ -41,6 +45,7 @@ use crate::queue::QueueError;
 pub use auth::{hmac, load_keys, sha256_hex};
 pub use client::PeerConn;
 pub use cluster::{PeerStatus, Peers};
+pub use rate_share::run as share_rate_counts;
 pub use server::{ServerCtx, run_listener};
 
 /// Peer channel errors.

@@ -89,6 +89,8 @@ pub enum Command {
     Xfer(Xfer),
     /// `XFLUSH <domain | *>`: run the queue for a domain (lower-cased), or all of it.
     Xflush(Option<String>),
+    /// `XRATE <length>`: a rate limit report (JSON) of that many bytes follows.
+    Xrate(u64),
     /// `NOOP`.
     Noop,
     /// `QUIT`.
@@ -123,6 +125,10 @@ pub fn parse_command(line: &str) -> Command {
                 _ => Command::Syntax,
             }
         }
+        "XRATE" => match (w.next().map(str::parse::<u64>), w.next()) {
+            (Some(Ok(n)), None) => Command::Xrate(n),
+            _ => Command::Syntax,
+        },
         "XFLUSH" => {
             let d = w.next().unwrap_or("*");
             Command::Xflush((d != "*").then(|| d.to_ascii_lowercase()))
@@ -136,6 +142,11 @@ pub fn parse_command(line: &str) -> Command {
 /// The client's `AUTH` line.
 pub fn auth_line(cnonce: &str, macs: &[String]) -> String {
     format!("AUTH {cnonce} {}", macs.join(" "))
+}
+
+/// The client's `XRATE` line, for a report of `len` bytes.
+pub fn xrate_line(len: usize) -> String {
+    format!("XRATE {len}")
 }
 
 /// The client's `XFLUSH` line.
@@ -216,6 +227,10 @@ mod tests {
         );
         assert_eq!(parse_command(&xflush_line(None)), Command::Xflush(None));
         assert_eq!(parse_command("XFLUSH"), Command::Xflush(None));
+        assert_eq!(parse_command(&xrate_line(120)), Command::Xrate(120));
+        for bad in ["XRATE", "XRATE -1", "XRATE 1 2", "XRATE x"] {
+            assert_eq!(parse_command(bad), Command::Syntax, "{bad}");
+        }
         assert_eq!(parse_command("noop"), Command::Noop);
         assert_eq!(parse_command("QUIT"), Command::Quit);
         assert_eq!(parse_command("EHLO x"), Command::Unknown);

@@ -26,6 +26,10 @@ pub struct ServerCtx {
     pub max_size: u64,
 }
 
+/// Largest rate limit report taken (a full report of 200,000 keys is about 30 MB; reports
+/// are of changed keys, sent every 50 ms).
+const MAX_RATE_REPORT: u64 = 32 << 20;
+
 /// Accept loop of the peer listener.
 pub async fn run_listener(ctx: Arc<ServerCtx>, listener: TcpListener) {
     loop {
@@ -106,6 +110,26 @@ async fn serve_conn(ctx: &ServerCtx, sock: TcpStream, peer: SocketAddr) -> Resul
                 match x.split(&buf) {
                     Some(parts) => receive(ctx, peer, parts, x.hold).await,
                     None => "554 5.6.0 bad transfer".into(),
+                }
+            }
+            Command::Xrate(len) => {
+                if len > MAX_RATE_REPORT {
+                    let _ = write_all(&mut io, b"552 5.3.4 report too big\r\n", "xrate").await;
+                    return Ok(());
+                }
+                let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+                tokio::time::timeout(IO_TIMEOUT, io.read_exact(&mut buf))
+                    .await
+                    .map_err(|_| PeerError::Timeout("xrate data"))??;
+                match serde_json::from_slice::<crate::rate_limit::Report>(&buf) {
+                    Ok(report) => {
+                        ctx.node.metrics.rate_report("received");
+                        ctx.node
+                            .peer_counts
+                            .merge(report, std::time::Instant::now());
+                        "250 2.0.0 counted".into()
+                    }
+                    Err(e) => format!("554 5.6.0 bad rate report: {e}"),
                 }
             }
             Command::Auth { .. } => "503 5.5.1 already authenticated".into(),

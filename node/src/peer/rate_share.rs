@@ -1,0 +1,108 @@
+//! Reports this member's rate limit counts to the other members, so that a listener's limits
+//! hold for the cluster (see [`crate::rate_limit`]): every [`EVERY`], the counts that changed
+//! go to each peer over a kept connection, at least a heartbeat every [`HEARTBEAT`] so that
+//! the peers know this member's counts still hold; a peer newly connected gets all current
+//! counts. Members are re-resolved every [`RESOLVE_EVERY`]; a peer that fails a report is
+//! dropped and connected again at the next resolution.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimiter, Report};
+use crate::smtp_server::ListenerCtx;
+
+use super::{PeerConn, Peers};
+
+/// How often changed counts are reported.
+pub const EVERY: Duration = Duration::from_millis(50);
+/// Longest time without a report while the member has limits.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the members are resolved and new ones connected.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+/// Most time for one report to one peer.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn report(node: &str, limiters: &[Arc<RateLimiter>], all: bool, now: Instant) -> Report {
+    Report {
+        node: node.to_owned(),
+        counts: limiters.iter().flat_map(|r| r.changes(all, now)).collect(),
+    }
+}
+
+/// Runs for the life of the node.
+pub async fn run(peers: Arc<Peers>, metrics: Arc<Metrics>, listeners: Vec<Arc<ListenerCtx>>) {
+    let mut conns: HashMap<SocketAddr, PeerConn> = HashMap::new();
+    // Addresses that turned out to be this member.
+    let mut own: HashSet<SocketAddr> = HashSet::new();
+    let mut last_resolve: Option<Instant> = None;
+    let mut last_report = Instant::now();
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let limiters: Vec<Arc<RateLimiter>> = listeners
+            .iter()
+            .map(|l| l.rate_limits())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if limiters.is_empty() {
+            continue;
+        }
+        let mut fresh = Vec::new();
+        if last_resolve.is_none_or(|t| t.elapsed() >= RESOLVE_EVERY) {
+            last_resolve = Some(Instant::now());
+            for (member, addrs) in peers.resolve().await {
+                for a in addrs {
+                    if conns.contains_key(&a) || own.contains(&a) {
+                        continue;
+                    }
+                    match peers.connect(a).await {
+                        Ok(c) if c.node == peers.instance => {
+                            own.insert(a);
+                            c.quit().await;
+                        }
+                        Ok(c) => {
+                            fresh.push(a);
+                            conns.insert(a, c);
+                        }
+                        Err(e) => {
+                            tracing::debug!(member = %member, address = %a, error = %e, "rate limit counts: peer not available");
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        let changed = report(&peers.instance, &limiters, false, now);
+        if changed.counts.is_empty() && fresh.is_empty() && last_report.elapsed() < HEARTBEAT {
+            continue;
+        }
+        last_report = now;
+        let full = (!fresh.is_empty()).then(|| report(&peers.instance, &limiters, true, now));
+        let mut failed = Vec::new();
+        for (a, c) in &mut conns {
+            let r = match &full {
+                Some(full) if fresh.contains(a) => full,
+                _ => &changed,
+            };
+            match tokio::time::timeout(REPORT_TIMEOUT, c.report(r)).await {
+                Ok(Ok(())) => metrics.rate_report("sent"),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %a, error = %e, "rate limit report failed");
+                    failed.push(*a);
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %a, "rate limit report timed out");
+                    failed.push(*a);
+                }
+            }
+        }
+        for a in failed {
+            metrics.rate_report("failed");
+            conns.remove(&a);
+        }
+    }
+}
