@@ -647,6 +647,55 @@ fn a_connection_carries_at_most_its_messages_per_connection() {
 }
 
 #[test]
+fn connections_per_destination_are_limited_per_route() {
+    // Two slow next hops: the default destination may have 5 connections at once, the route
+    // for few.example 2. Twenty messages to each are all delivered, never over the limits.
+    let many = Sink::start("127.0.0.1");
+    let few = Sink::start("127.0.0.1");
+    many.set_mode(Mode::SlowData);
+    few.set_mode(Mode::SlowData);
+    let node = Node::start(
+        &yaml(&format!(
+            "delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {}}}]
+  destinationLimits: {{connections: 5, messagesPerConnection: 1}}
+  routes: [{{domains: [few.example], smarthosts: [{{host: 127.0.0.1, port: {}}}], limits: {{connections: 2, messagesPerConnection: 1}}}}]
+  retry: {{firstSeconds: 1, maxSeconds: 1}}
+",
+            many.addr.port(),
+            few.addr.port()
+        )),
+        1,
+    );
+    for i in 0..20 {
+        submit(
+            &node,
+            "s@a.example",
+            &["r@many.example"],
+            &msg(&format!("m{i}@t")),
+        );
+        submit(
+            &node,
+            "s@a.example",
+            &["r@few.example"],
+            &msg(&format!("f{i}@t")),
+        );
+    }
+    assert!(
+        wait_until(WAIT, || many.got().len() == 20 && few.got().len() == 20),
+        "{}",
+        node.log()
+    );
+    // Never over a limit; the default destination used more than the route may.
+    assert!(few.max_open() <= 2, "the route's limit: {}", few.max_open());
+    assert!(
+        (3..=5).contains(&many.max_open()),
+        "the default destination's limit: {}",
+        many.max_open()
+    );
+}
+
+#[test]
 fn a_next_hop_that_asks_to_slow_down_pauses_its_destination_only() {
     let busy = Sink::start("127.0.0.1");
     busy.set_mode(Mode::Throttle451);

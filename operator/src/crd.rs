@@ -476,6 +476,11 @@ pub struct SenderRoute {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationLimits {
+    /// Connections open at once to the destination, per member (Microsoft 365 and Google
+    /// refuse more than a few per sender); more deliveries wait for one. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub connections: Option<i32>,
     /// Messages sent over one connection before it is closed and a new one opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]

@@ -686,6 +686,9 @@ pub struct DomainRoute {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct DestinationLimits {
+    /// Connections open at once to the destination (`0`: `concurrencyPerDestination`); more
+    /// deliveries wait for one.
+    pub connections: u32,
     /// Messages sent over one connection before it is closed (`0`: no limit).
     pub messages_per_connection: u32,
     /// Messages per minute (`0`: no limit); more wait, deferred, for a later attempt.

@@ -592,7 +592,11 @@ impl Engine {
                 last.unwrap_or_else(|| "none".into())
             )));
         }
-        let Some(_permit) = self.pool.acquire(&r.destination).await else {
+        let Some(_permit) = self
+            .pool
+            .acquire(&r.destination, r.limits.connections)
+            .await
+        else {
             return all(Res::Deferred("451 4.3.0 shutting down".into()));
         };
         let slow_down = |reply: &str| {

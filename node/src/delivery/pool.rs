@@ -15,7 +15,8 @@ use super::client::Connection;
 pub struct Pool {
     per_destination: usize,
     idle_for: Duration,
-    limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per destination: its connection limit and the semaphore holding it.
+    limits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
     idle: Mutex<HashMap<String, Vec<Connection>>>,
 }
 
@@ -31,14 +32,22 @@ impl Pool {
         }
     }
 
-    /// Wait for a slot to the destination.
-    pub async fn acquire(&self, destination: &str) -> Option<OwnedSemaphorePermit> {
+    /// Wait for a slot to the destination, which has at most `limit` (`0`: the pools'
+    /// default). A changed limit (a reload) applies to connections opened from then on.
+    pub async fn acquire(&self, destination: &str, limit: u32) -> Option<OwnedSemaphorePermit> {
+        let limit = match usize::try_from(limit) {
+            Ok(0) | Err(_) => self.per_destination,
+            Ok(n) => n,
+        };
         let sem = {
             let mut l = self.limits.lock().ok()?;
-            Arc::clone(
-                l.entry(destination.to_owned())
-                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_destination))),
-            )
+            let entry = l
+                .entry(destination.to_owned())
+                .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
+            if entry.0 != limit {
+                *entry = (limit, Arc::new(Semaphore::new(limit)));
+            }
+            Arc::clone(&entry.1)
         };
         sem.acquire_owned().await.ok()
     }

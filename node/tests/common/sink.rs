@@ -23,6 +23,8 @@ pub enum Mode {
     Permfail550,
     /// Accept the connection and never answer.
     Hang,
+    /// Accept, answering the end of DATA only after 300 ms (a slow next hop).
+    SlowData,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,27 @@ struct State {
     reject: HashSet<String>,
     got: Vec<Got>,
     connections: usize,
+    /// Sessions open now, and the most open at once.
+    open: usize,
+    max_open: usize,
+}
+
+/// Counts a session as open while it lives.
+struct Open(Arc<Mutex<State>>);
+
+impl Open {
+    fn new(state: &Arc<Mutex<State>>) -> Open {
+        let mut st = state.lock().unwrap();
+        st.open += 1;
+        st.max_open = st.max_open.max(st.open);
+        Open(Arc::clone(state))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().open -= 1;
+    }
 }
 
 pub struct Sink {
@@ -66,6 +89,7 @@ fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
         .unwrap();
     let mut w = stream.try_clone().unwrap();
     let mut r = BufReader::new(stream);
+    let _open = Open::new(&state);
     let mode = state.lock().unwrap().mode;
     match mode {
         Mode::Tempfail421 => {
@@ -168,6 +192,9 @@ fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Arc<AtomicBool>) {
                     data,
                 };
                 state.lock().unwrap().got.push(got);
+                if mode == Mode::SlowData {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
                 "250 2.0.0 ok: queued\r\n".into()
             }
         } else if up == "RSET" || up == "NOOP" {
@@ -210,6 +237,8 @@ impl Sink {
             reject: HashSet::new(),
             got: Vec::new(),
             connections: 0,
+            open: 0,
+            max_open: 0,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (Arc::clone(&state), Arc::clone(&stop));
@@ -253,6 +282,11 @@ impl Sink {
 
     pub fn connections(&self) -> usize {
         self.state.lock().unwrap().connections
+    }
+
+    /// The most sessions that were open at once.
+    pub fn max_open(&self) -> usize {
+        self.state.lock().unwrap().max_open
     }
 
     /// Recipients delivered with this Message-ID (over all transactions).

@@ -337,6 +337,7 @@ fn outbound_tls(t: &crd::OutboundTls) -> node::OutboundTls {
 fn destination_limits(l: &crd::DestinationLimits) -> node::DestinationLimits {
     let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
     node::DestinationLimits {
+        connections: n(l.connections),
         messages_per_connection: n(l.messages_per_connection),
         messages_per_minute: n(l.messages_per_minute),
     }
@@ -666,6 +667,7 @@ mod tests {
         });
         d.auth_secret = Some("m365-relay".into());
         d.limits = Some(crd::DestinationLimits {
+            connections: Some(3),
             messages_per_connection: None,
             messages_per_minute: Some(30),
         });
@@ -699,6 +701,7 @@ mod tests {
         assert_eq!(
             c.delivery.destination_limits,
             node::DestinationLimits {
+                connections: 3,
                 messages_per_connection: 0,
                 messages_per_minute: 30
             }
