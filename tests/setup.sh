@@ -23,7 +23,9 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 # - real pods (tests/realpods): containerd, runc and containernetworking-plugins (the nodes'
 #   runtime and pod network), iptables and conntrack (kube-proxy), buildah (images without a
 #   Docker daemon), python3-pytest (the end-to-end tests, on Debian's python3).
+# - python3-dkim (dkimpy) and python3-nacl (its Ed25519): the independent DKIM verifier.
 packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl ca-certificates python3
+  python3-dkim python3-nacl
   gcc g++ libc6-dev make musl-tools shellcheck git iproute2 procps util-linux mount
   containerd runc containernetworking-plugins iptables conntrack buildah python3-pytest)
 missing=()

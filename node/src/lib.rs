@@ -12,6 +12,7 @@ pub mod auth;
 pub mod auth_limit;
 pub use mailnode_api::config;
 pub mod delivery;
+pub mod dkim;
 pub mod metrics;
 pub mod peer;
 pub mod proxy_protocol;

@@ -38,6 +38,18 @@ enum Cmd {
     },
     /// Read a password from standard input and print an argon2 hash for the users file.
     HashPassword,
+    /// Print the DNS TXT record that publishes a DKIM key's public half (RSA or Ed25519,
+    /// PEM), as a zone file line for `<selector>._domainkey.<domain>`.
+    DkimRecord {
+        /// The private key file (PEM), as `delivery.dkim[].keys[].keyFile`.
+        key: PathBuf,
+        /// The selector.
+        #[arg(long)]
+        selector: String,
+        /// The signing domain.
+        #[arg(long)]
+        domain: String,
+    },
     /// Hand the queue to the other cluster members. With `--queue-dir`: without serving,
     /// move every message of that directory (e.g. the volume of a removed member) to the
     /// members named in the config's `peers`, exit 0 only when the directory is empty.
@@ -311,6 +323,24 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Cmd::Queue { target, action } => queue_cmd(target, action),
         Cmd::HashPassword => hash_password(),
+        Cmd::DkimRecord {
+            key,
+            selector,
+            domain,
+        } => mailnode::dkim::dns_record(&key)
+            .map(|txt| {
+                // A TXT string holds at most 255 octets; longer records are split.
+                let parts: Vec<String> = txt
+                    .as_bytes()
+                    .chunks(255)
+                    .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+                    .collect();
+                println!(
+                    "{selector}._domainkey.{domain}. IN TXT ( {} )",
+                    parts.join(" ")
+                );
+            })
+            .map_err(|e| e.to_string()),
         Cmd::Serve { config } => {
             init_tracing();
             // The hash and the config come from the same bytes: the file may change any time.

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub config_reloads: Family<Labels, Counter>,
     /// Rate limit reports exchanged with peers (`sent`, `failed`, `received`).
     pub rate_reports: Family<Labels, Counter>,
+    /// Messages DKIM-signed by domain and result (`signed`, `failed`).
+    pub dkim_signatures: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -105,6 +107,7 @@ impl Metrics {
             dsn: Family::default(),
             config_reloads: Family::default(),
             rate_reports: Family::default(),
+            dkim_signatures: Family::default(),
             destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
@@ -196,6 +199,11 @@ impl Metrics {
             "config_reloads",
             "Changes of the config file, applied or refused (the old config kept)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "dkim_signatures",
+            "Messages DKIM-signed as they leave, by signing domain and result",
+            m.dkim_signatures.clone(),
         );
         registry.register(
             "rate_reports",

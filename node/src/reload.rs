@@ -84,6 +84,9 @@ impl Reloader {
             Ok(c) => c,
             Err(e) => return self.refuse(hash, e.to_string()),
         };
+        if let Err(e) = self.engine.check(&config) {
+            return self.refuse(hash, e.to_string());
+        }
         self.seen.clone_from(&hash);
         let restart_needed = config.restart_view() != self.started;
         for ctx in &self.listeners {

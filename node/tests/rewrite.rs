@@ -80,13 +80,7 @@ fn swaks(node: &Node, port: usize, from: &str, rcpts: &[&str], data: &str) {
 }
 
 fn got(sink: &Sink, id: &str) -> Got {
-    let find = || {
-        sink.got()
-            .into_iter()
-            .find(|g| g.message_id == format!("<{id}>"))
-    };
-    assert!(wait_until(WAIT, || find().is_some()), "{id} not delivered");
-    find().unwrap()
+    sink.message(id, WAIT)
 }
 
 fn headers(g: &Got) -> &str {

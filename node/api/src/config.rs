@@ -94,7 +94,8 @@ impl Config {
     /// limits, sender rewrites and Received header removal; the per-message limits
     /// `maxRecipients` and `maxErrors`; and where and how mail is delivered (`delivery`'s
     /// smarthosts, routes, sender routes, TLS, credentials, retry schedule, connect timeout,
-    /// HELO name, hop limit, MX port, delay warnings, destination limits and throttling). Two
+    /// HELO name, hop limit, MX port, delay warnings, destination limits, throttling and DKIM
+    /// signing). Two
     /// configs with the same restart view differ only in what a reload applies; a different
     /// restart view needs a restart (listener addresses, TLS files, queue, peers, session
     /// limits, DNS, delivery concurrency, ...).
@@ -127,6 +128,7 @@ impl Config {
             helo_name: d.helo_name,
             destination_limits: d.destination_limits,
             throttle_seconds: d.throttle_seconds,
+            dkim: d.dkim,
             ..c.delivery
         };
         c
@@ -223,6 +225,19 @@ pub struct RateLimit {
     /// /64, or a /48).
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: u8,
+}
+
+/// Dot-separated labels of letters, digits and '-' (a DKIM domain or selector).
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// `user@domain` or `@domain`, without spaces, angle brackets or quotes.
@@ -608,6 +623,10 @@ pub struct DeliveryConfig {
     /// doubling with each such answer up to 16 times this; other destinations go on. `0`:
     /// never.
     pub throttle_seconds: u64,
+    /// DKIM signing (RFC 6376, RFC 8463): mail whose `From` header is at one of these
+    /// domains (or a subdomain) is signed for it as it leaves.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimDomain>,
     /// Most messages being delivered at once, over all destinations.
     pub max_deliveries: usize,
     /// Timeout for connecting, in seconds.
@@ -646,6 +665,7 @@ impl Default for DeliveryConfig {
             concurrency_per_destination: 20,
             destination_limits: DestinationLimits::default(),
             throttle_seconds: 60,
+            dkim: Vec::new(),
             max_deliveries: 200,
             connect_timeout_seconds: 30,
             command_timeout_seconds: 300,
@@ -681,6 +701,56 @@ pub struct DomainRoute {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,
 }
+
+/// DKIM signing for one domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DkimDomain {
+    /// The signing domain (`d=`): mail whose `From` header is at this domain or one of its
+    /// subdomains is signed (relaxed DMARC alignment).
+    pub domain: String,
+    /// The keys; each signs every such message (two selectors during a rotation, or an RSA
+    /// and an Ed25519 key side by side as RFC 8463 advises).
+    pub keys: Vec<DkimKeyFile>,
+    /// Listeners whose mail is signed; empty: every listener's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<String>,
+    /// Header fields signed; empty: [`DKIM_DEFAULT_HEADERS`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// One DKIM key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DkimKeyFile {
+    /// The selector (`s=`): the key's public half is published at
+    /// `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// The private key, PEM: RSA (2048 to 4096 bits, PKCS#1 or PKCS#8) or Ed25519 (PKCS#8).
+    /// Read again when the file changes (a rotated Secret).
+    pub key_file: PathBuf,
+}
+
+/// Header fields signed by default (RFC 6376 section 5.4.1), those present in the message.
+pub const DKIM_DEFAULT_HEADERS: [&str; 16] = [
+    "From",
+    "Reply-To",
+    "Subject",
+    "Date",
+    "To",
+    "Cc",
+    "Resent-Date",
+    "Resent-From",
+    "Resent-To",
+    "Resent-Cc",
+    "In-Reply-To",
+    "References",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+];
 
 /// How much is sent to one destination.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -984,6 +1054,41 @@ impl Config {
             path,
             message: message.to_owned(),
         };
+        let mut dkim_domains = std::collections::HashSet::new();
+        for (i, k) in self.delivery.dkim.iter().enumerate() {
+            let at = |field: &str| format!("delivery.dkim[{i}].{field}");
+            if !is_dns_name(&k.domain) {
+                return Err(invalid(at("domain"), "must be a domain like example.com"));
+            }
+            if !dkim_domains.insert(k.domain.to_ascii_lowercase()) {
+                return Err(invalid(at("domain"), "duplicate domain"));
+            }
+            if k.keys.is_empty() {
+                return Err(invalid(at("keys"), "needs at least one key"));
+            }
+            for (j, key) in k.keys.iter().enumerate() {
+                if !is_dns_name(&key.selector) {
+                    return Err(invalid(
+                        at(&format!("keys[{j}].selector")),
+                        "must be a DNS label (or labels) like mail2026",
+                    ));
+                }
+            }
+            for (j, l) in k.listeners.iter().enumerate() {
+                if !self.listeners.iter().any(|x| &x.name == l) {
+                    return Err(invalid(
+                        at(&format!("listeners[{j}]")),
+                        "names no listener of this config",
+                    ));
+                }
+            }
+            if !k.headers.is_empty() && !k.headers.iter().any(|h| h.eq_ignore_ascii_case("from")) {
+                return Err(invalid(
+                    at("headers"),
+                    "must include From (RFC 6376 section 5.4)",
+                ));
+            }
+        }
         let d = &self.delivery;
         let hosts = |path: &str, list: &[Smarthost]| -> Result<(), ConfigError> {
             for (i, h) in list.iter().enumerate() {

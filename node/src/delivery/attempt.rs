@@ -31,6 +31,9 @@ pub enum EngineError {
     /// TLS client configuration.
     #[error("TLS client configuration: {0}")]
     Tls(String),
+    /// A DKIM key.
+    #[error("{0}")]
+    Dkim(#[from] crate::dkim::DkimError),
 }
 
 /// Result of one recipient in this attempt.
@@ -73,6 +76,8 @@ pub struct Engine {
     seed: AtomicU64,
     tls_any: Arc<rustls::ClientConfig>,
     tls_verified: HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>,
+    /// DKIM keys, read when first used and again when their files change.
+    dkim: crate::dkim::Signer,
     /// Turns true when the shutdown grace is over: attempts that have not sent their
     /// message give up; those that have wait for the answer.
     abandon: tokio::sync::watch::Sender<bool>,
@@ -120,7 +125,10 @@ impl Engine {
             d.concurrency_per_destination,
             Duration::from_secs(d.idle_connection_seconds),
         );
+        let dkim = crate::dkim::Signer::new();
+        dkim.check(&d.dkim)?;
         Ok(Self {
+            dkim,
             dns,
             pool,
             shaper: super::shaping::Shaper::default(),
@@ -149,6 +157,12 @@ impl Engine {
 
     /// Attempts starting from now use `cfg` (a reloaded config; only the parts
     /// [`Config::restart_view`] leaves out may differ from the running one).
+    /// Whether `cfg` can be applied: its DKIM keys are readable and usable.
+    pub fn check(&self, cfg: &Config) -> Result<(), crate::dkim::DkimError> {
+        self.dkim.check(&cfg.delivery.dkim)
+    }
+
+    /// Attempts starting from now use `cfg` (checked with [`Engine::check`]).
     pub fn reload(&self, cfg: Config) {
         *self
             .cfg
@@ -216,6 +230,40 @@ impl Engine {
             .map_err(|e| QueueError::Task(e.to_string()))?
     }
 
+    /// The message as it leaves: with its DKIM signatures when a domain of `delivery.dkim`
+    /// signs it. A key that cannot be used defers the message (it is not sent unsigned).
+    fn dkim_sign(
+        &self,
+        cfg: &Config,
+        env: &Envelope,
+        msg: &Arc<Vec<u8>>,
+    ) -> Result<Arc<Vec<u8>>, String> {
+        let result = |domain: &str, result: &str| {
+            self.metrics
+                .dkim_signatures
+                .get_or_create(&vec![
+                    ("domain".to_owned(), domain.to_owned()),
+                    ("result".to_owned(), result.to_owned()),
+                ])
+                .inc();
+        };
+        match self.dkim.sign(&cfg.delivery.dkim, &env.listener, msg) {
+            Ok(None) => Ok(Arc::clone(msg)),
+            Ok(Some(s)) => {
+                result(&s.domain, "signed");
+                Ok(Arc::new([s.headers.as_slice(), msg.as_slice()].concat()))
+            }
+            Err(e) => {
+                let domain = crate::dkim::pick(&cfg.delivery.dkim, &env.listener, msg)
+                    .map(|d| d.domain.to_ascii_lowercase())
+                    .unwrap_or_default();
+                result(&domain, "failed");
+                tracing::error!(id = %env.id, error = %e, "cannot DKIM-sign; the message waits");
+                Err(format!("451 4.7.5 cannot DKIM-sign the message: {e}"))
+            }
+        }
+    }
+
     /// One attempt for message `id`, queued at `received_ms`.
     pub async fn deliver(self: &Arc<Self>, id: &str, received_ms: i64) -> Result<Next, QueueError> {
         let id_owned = id.to_owned();
@@ -266,6 +314,7 @@ impl Engine {
             }
             // The state is written (or the message deleted) below, after the DSN is queued.
         } else {
+            let signed = self.dkim_sign(&cfg, &env, &msg);
             let mut groups: Vec<(Route, String, Vec<usize>)> = Vec::new();
             let sender = route::Sender::new(&env.sender, env.auth_user.as_deref());
             for &i in &pending {
@@ -282,7 +331,10 @@ impl Engine {
                     .iter()
                     .map(|&i| state.recipients[i].address.clone())
                     .collect();
-                let results = self.deliver_group(&env, &msg, &r, &dom, &rcpts).await;
+                let results = match &signed {
+                    Ok(m) => self.deliver_group(&env, m, &r, &dom, &rcpts).await,
+                    Err(why) => vec![Res::Deferred(why.clone()); rcpts.len()],
+                };
                 let mut n_ok = 0;
                 let mut n_defer = 0;
                 for (&i, res) in idx.iter().zip(results) {

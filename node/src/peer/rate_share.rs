@@ -2,7 +2,7 @@
 //! hold for the cluster (see [`crate::rate_limit`]): every [`EVERY`], the counts that changed
 //! go to each peer over a kept connection, at least a heartbeat every [`HEARTBEAT`] so that
 //! the peers know this member's counts still hold; a peer newly connected gets all current
-//! counts. Members are re-resolved every [`RESOLVE_EVERY`]; a peer that fails a report is
+//! counts. Counts are acknowledged to the limiter only once every peer has them. Members are re-resolved every [`RESOLVE_EVERY`]; a peer that fails a report is
 //! dropped and connected again at the next resolution.
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
-use crate::rate_limit::{RateLimiter, Report};
+use crate::rate_limit::{Changes, RateLimiter, Report};
 use crate::smtp_server::ListenerCtx;
 
 use super::{PeerConn, Peers};
@@ -25,10 +25,10 @@ pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 /// Most time for one report to one peer.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn report(node: &str, limiters: &[Arc<RateLimiter>], all: bool, now: Instant) -> Report {
+fn report(node: &str, changes: &[Changes]) -> Report {
     Report {
         node: node.to_owned(),
-        counts: limiters.iter().flat_map(|r| r.changes(all, now)).collect(),
+        counts: changes.iter().flat_map(|c| c.shares.clone()).collect(),
     }
 }
 
@@ -76,12 +76,16 @@ pub async fn run(peers: Arc<Peers>, metrics: Arc<Metrics>, listeners: Vec<Arc<Li
             }
         }
         let now = Instant::now();
-        let changed = report(&peers.instance, &limiters, false, now);
+        let changes: Vec<Changes> = limiters.iter().map(|r| r.changes(false, now)).collect();
+        let changed = report(&peers.instance, &changes);
         if changed.counts.is_empty() && fresh.is_empty() && last_report.elapsed() < HEARTBEAT {
             continue;
         }
         last_report = now;
-        let full = (!fresh.is_empty()).then(|| report(&peers.instance, &limiters, true, now));
+        let full = (!fresh.is_empty()).then(|| {
+            let all: Vec<Changes> = limiters.iter().map(|r| r.changes(true, now)).collect();
+            report(&peers.instance, &all)
+        });
         let mut failed = Vec::new();
         for (a, c) in &mut conns {
             let r = match &full {
@@ -98,6 +102,12 @@ pub async fn run(peers: Arc<Peers>, metrics: Arc<Metrics>, listeners: Vec<Arc<Li
                     tracing::debug!(peer = %a, "rate limit report timed out");
                     failed.push(*a);
                 }
+            }
+        }
+        // Every peer has the counts: they no longer hold back this member's share.
+        if failed.is_empty() && !conns.is_empty() {
+            for (r, c) in limiters.iter().zip(changes) {
+                r.acknowledge(c);
             }
         }
         for a in failed {

@@ -119,6 +119,15 @@ impl fmt::Display for Exceeded {
     }
 }
 
+/// Counts to report to the peers ([`RateLimiter::changes`]).
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// What the report carries.
+    pub shares: Vec<Share>,
+    /// Per share: the rule, key, window and unreported counts it covers.
+    marks: Vec<(usize, Key, Instant, [u32; 2])>,
+}
+
 /// How a listener's limits are shared with the other members.
 #[derive(Debug)]
 struct Sharing {
@@ -181,22 +190,23 @@ impl RateLimiter {
     }
 
     /// The counts of this member's current windows to report to the peers: those that
-    /// changed since the last call, or all of them (`all`, for a peer just connected).
-    pub fn changes(&self, all: bool, now: Instant) -> Vec<Share> {
+    /// changed since the last call, or all of them (`all`, for a peer just connected). Once
+    /// every peer has them, [`RateLimiter::acknowledge`] the returned [`Changes`]: until then
+    /// what was counted since the previous report still limits this member's share.
+    pub fn changes(&self, all: bool, now: Instant) -> Changes {
+        let mut out = Changes::default();
         let Some(s) = &self.sharing else {
-            return Vec::new();
+            return out;
         };
         let mut guard = self.lock();
         let t = &mut *guard;
-        let mut out = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             let span = Duration::from_secs(rule.window_seconds);
             let changed = std::mem::take(&mut t.changed[i]);
-            let mut add = |key: &Key, w: &mut Window| {
-                w.unreported = [0; 2];
+            let mut add = |key: &Key, w: &Window| {
                 let end = w.start + span;
                 if end > now {
-                    out.push(Share {
+                    out.shares.push(Share {
                         listener: s.listener.clone(),
                         rule: s.ids[i].clone(),
                         key: key.to_string(),
@@ -204,19 +214,33 @@ impl RateLimiter {
                         recipients: w.recipients,
                         remaining_ms: u64::try_from((end - now).as_millis()).unwrap_or(u64::MAX),
                     });
+                    out.marks.push((i, key.clone(), w.start, w.unreported));
                 }
             };
             if all {
-                t.windows[i].iter_mut().for_each(|(k, w)| add(k, w));
+                t.windows[i].iter().for_each(|(k, w)| add(k, w));
             } else {
                 for key in &changed {
-                    if let Some(w) = t.windows[i].get_mut(key) {
+                    if let Some(w) = t.windows[i].get(key) {
                         add(key, w);
                     }
                 }
             }
         }
         out
+    }
+
+    /// The peers have `changes`: what they carried no longer counts as unreported.
+    pub fn acknowledge(&self, changes: Changes) {
+        let mut t = self.lock();
+        for (i, key, start, sent) in changes.marks {
+            if let Some(w) = t.windows.get_mut(i).and_then(|w| w.get_mut(&key))
+                && w.start == start
+            {
+                w.unreported[0] = w.unreported[0].saturating_sub(sent[0]);
+                w.unreported[1] = w.unreported[1].saturating_sub(sent[1]);
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -450,14 +474,15 @@ mod tests {
 
     /// Members `to` take the report of member `from`.
     fn exchange(from: &RateLimiter, name: &str, to: &[&PeerCounts], t: Instant) {
-        let counts = from.changes(false, t);
+        let changes = from.changes(false, t);
         for p in to {
             let report = Report {
                 node: name.into(),
-                counts: counts.clone(),
+                counts: changes.shares.clone(),
             };
             p.merge(report, t);
         }
+        from.acknowledge(changes);
     }
 
     #[test]
@@ -523,17 +548,18 @@ mod tests {
         let t1 = t0 + Duration::from_secs(20);
         exchange(&a, "a", &[&pb], t1);
         b.count(Unit::Message, &app, t1).unwrap();
-        let shared = b.changes(false, t1);
+        let shared = b.changes(false, t1).shares;
         assert_eq!(shared.len(), 1);
         assert_eq!(shared[0].key, "user app");
         assert_eq!(shared[0].remaining_ms, 40_000, "b's window ends with a's");
         // Nothing changed since: nothing to report, unless all is asked for.
-        assert!(b.changes(false, t1).is_empty());
-        assert_eq!(b.changes(true, t1).len(), 1);
+        assert!(b.changes(false, t1).shares.is_empty());
+        assert_eq!(b.changes(true, t1).shares.len(), 1);
         // A limiter without sharing reports nothing.
         assert!(
             RateLimiter::new(vec![rule(RateKey::User, Some(1), None)])
                 .changes(true, t1)
+                .shares
                 .is_empty()
         );
     }

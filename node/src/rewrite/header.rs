@@ -63,21 +63,8 @@ impl HeaderEdit {
     pub fn apply(&self, section: &[u8]) -> Option<Edited> {
         let mut out = Vec::with_capacity(section.len() + 64);
         let (mut rewritten, mut removed) = (0, 0);
-        let mut rest = section;
-        while !rest.is_empty() {
-            // One field: its first line and the continuation lines that start with SP or HTAB.
-            let mut len = 0;
-            loop {
-                len += memchr::memchr(b'\n', &rest[len..]).map_or(rest.len() - len, |i| i + 1);
-                if !matches!(rest.get(len), Some(b' ' | b'\t')) {
-                    break;
-                }
-            }
-            let (field, tail) = rest.split_at(len);
-            let Some(name) = name_of(field) else {
-                break;
-            };
-            rest = tail;
+        let mut fields = Fields::new(section);
+        for (name, field) in fields.by_ref() {
             if self.remove_received
                 && name.eq_ignore_ascii_case(b"received")
                 && memchr::memmem::find(field, OWN_MARK.as_bytes()).is_none()
@@ -102,7 +89,7 @@ impl HeaderEdit {
             }
             out.extend_from_slice(field);
         }
-        out.extend_from_slice(rest);
+        out.extend_from_slice(fields.rest());
         (rewritten + removed > 0).then_some(Edited {
             section: out,
             rewritten,
@@ -111,10 +98,66 @@ impl HeaderEdit {
     }
 }
 
+/// The header fields at the start of a message: `(name, field)`, the field with its
+/// continuation lines and CRLFs. It stops at the first line that is not a field (the empty
+/// line before the body, or anything else); [`Fields::rest`] is what it did not read.
+#[derive(Debug, Clone)]
+pub struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of `msg` (a message or its header section).
+    pub fn new(msg: &'a [u8]) -> Self {
+        Self { rest: msg }
+    }
+
+    /// What follows the last field read.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest;
+        if rest.is_empty() {
+            return None;
+        }
+        // The first line and the continuation lines that start with SP or HTAB.
+        let mut len = 0;
+        loop {
+            len += memchr::memchr(b'\n', &rest[len..]).map_or(rest.len() - len, |i| i + 1);
+            if !matches!(rest.get(len), Some(b' ' | b'\t')) {
+                break;
+            }
+        }
+        let (field, tail) = rest.split_at(len);
+        let name = name_of(field)?;
+        self.rest = tail;
+        Some((name, field))
+    }
+}
+
+/// The value of a header field as [`Fields`] gives it: after the colon, unfolded, trimmed.
+pub fn value_of(field: &[u8]) -> String {
+    let v = memchr::memchr(b':', field).map_or(field, |i| &field[i + 1..]);
+    String::from_utf8_lossy(v)
+        .split(['\r', '\n'])
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
 /// The addresses of an address-list header value (RFC 5322 section 3.4) that `f` rewrites,
 /// replaced: in `Name <addr>` only the angle address, otherwise the bare `addr`. Quoted
 /// strings and comments are skipped, folding is kept. Returns how many were replaced.
-pub fn rewrite_addresses(value: &str, f: impl Fn(&str) -> Option<String>) -> (usize, String) {
+pub fn rewrite_addresses(
+    value: &str,
+    mut f: impl FnMut(&str) -> Option<String>,
+) -> (usize, String) {
     let mut spans = Vec::new();
     // Per mailbox: its angle address, or its bare tokens that hold an '@'.
     let mut angle: Option<(usize, usize)> = None;

@@ -284,6 +284,17 @@ impl Sink {
         self.state.lock().unwrap().connections
     }
 
+    /// The message with this Message-ID (without brackets), waiting up to `within` for it.
+    pub fn message(&self, id: &str, within: Duration) -> Got {
+        let want = format!("<{id}>");
+        let find = || self.got().into_iter().find(|g| g.message_id == want);
+        assert!(
+            wait_until(within, || find().is_some()),
+            "{id} not delivered"
+        );
+        find().unwrap()
+    }
+
     /// The most sessions that were open at once.
     pub fn max_open(&self) -> usize {
         self.state.lock().unwrap().max_open
