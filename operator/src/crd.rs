@@ -424,6 +424,14 @@ pub struct Delivery {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub sender_routes: Vec<SenderRoute>,
+    /// DKIM signing (RFC 6376, RFC 8463) of mail as it leaves, so that receivers can tie it to
+    /// the company's domain (DMARC): a message whose From header is at one of these domains,
+    /// or a subdomain, is signed once with each of the domain's keys; mail already signed by
+    /// the domain is not signed again. Applied without a restart; a rotated key Secret is
+    /// used as soon as the members see it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub dkim: Vec<DkimSigning>,
     /// STARTTLS towards `smarthosts` and MX hosts, and towards routes that set none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTls>,
@@ -471,6 +479,54 @@ pub struct SenderRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,
 }
+
+/// DKIM signing for one domain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimSigning {
+    /// The signing domain (`d=`), e.g. `example.com`: mail whose From header is at this domain
+    /// or one of its subdomains is signed for it.
+    pub domain: DomainName,
+    /// The keys: each signs every such message. One key; two during a rotation (publish the
+    /// new selector, add its key, remove the old one later), or an RSA and an Ed25519 key
+    /// side by side as RFC 8463 advises. `mailnode dkim-record KEYFILE --selector S --domain
+    /// D` prints the DNS record to publish for a key.
+    #[schemars(length(min = 1, max = 4))]
+    pub keys: Vec<DkimKeyRef>,
+    /// Names of the listeners whose mail is signed; empty: every listener's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub listeners: Vec<String>,
+    /// Header fields to sign; must include From. Default: From, Reply-To, Subject, Date, To,
+    /// Cc, Resent-Date, Resent-From, Resent-To, Resent-Cc, In-Reply-To, References,
+    /// Message-ID, MIME-Version, Content-Type and Content-Transfer-Encoding (those present).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("size(self) == 0 || self.exists(h, h.lowerAscii() == 'from')").message("must include From (RFC 6376 section 5.4)"))]
+    pub headers: Vec<HeaderField>,
+}
+
+/// One DKIM key of a domain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimKeyRef {
+    /// The selector (`s=`): the public key is published at `<selector>._domainkey.<domain>`.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?$')").message("must be a DNS label like mail2026"))]
+    pub selector: String,
+    /// Secret in the cluster's namespace holding the private key (PEM): RSA of 2048 to 4096
+    /// bits or Ed25519, e.g. `kubectl create secret generic dkim-example-com
+    /// --from-file=private.key=dkim.pem`.
+    pub secret_name: SecretName,
+    /// The key in the Secret that holds the PEM. Default `private.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("must be a Secret data key: letters, digits, '-', '_' and '.'"))]
+    pub key: Option<String>,
+}
+
+/// The Secret key that holds a DKIM private key by default.
+pub const DKIM_SECRET_KEY: &str = "private.key";
 
 /// How much one destination (a route, or a recipient domain delivered by MX) is sent.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Default)]
@@ -990,6 +1046,14 @@ string_newtype!(
     254,
     "self.matches('^[-A-Za-z0-9._+=!#$%&*/?^{|}~]*@([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$')",
     "must be user@domain, or @domain to keep the local part"
+);
+string_newtype!(
+    /// A header field name, e.g. `Subject`.
+    HeaderField,
+    "HeaderField",
+    76,
+    "self.matches('^[!-9;-~]+$')",
+    "must be a header field name like Subject"
 );
 string_newtype!(
     /// A host name or IP address.

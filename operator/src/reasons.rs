@@ -43,6 +43,8 @@ pub enum Reason {
     ConfigRefused,
     /// Degraded: a smarthost credentials Secret is missing or lacks `username`/`password`.
     SmarthostSecretInvalid,
+    /// Degraded: a DKIM key Secret is missing or lacks the key it should hold.
+    DkimSecretInvalid,
     /// Event: objects were created or changed.
     Applied,
     /// Event: a new cluster key was added next to the old one.
@@ -77,6 +79,7 @@ impl Reason {
             Self::DrainFailed => "DrainFailed",
             Self::ConfigRefused => "ConfigRefused",
             Self::SmarthostSecretInvalid => "SmarthostSecretInvalid",
+            Self::DkimSecretInvalid => "DkimSecretInvalid",
             Self::Applied => "Applied",
             Self::RotatingKey => "RotatingKey",
             Self::KeyRotated => "KeyRotated",

@@ -321,6 +321,17 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
                 .push(Problem::new(Reason::SmarthostSecretInvalid, message));
         }
     }
+    for (secret, keys) in configmap::dkim_secrets(&mc.spec) {
+        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&secret)
+            .await
+            .map_err(kube_err(format!("reading Secret {secret}")))?;
+        if let Some(message) = dkim_secret_problem(&secret, &keys, live.as_ref()) {
+            observed
+                .problems
+                .push(Problem::new(Reason::DkimSecretInvalid, message));
+        }
+    }
 
     // The members, and the queue volumes of removed members.
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -375,6 +386,36 @@ fn smarthost_secret_problem(name: &str, secret: Option<&Secret>) -> Option<Strin
             "the smarthost credentials Secret {name} does not exist; members cannot start until it does: `kubectl create secret generic {name} --type=kubernetes.io/basic-auth --from-literal=username=... --from-literal=password=...`"
         ));
     };
+    let missing = missing_keys(secret, &["username", "password"]);
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the smarthost credentials Secret {name} has no {}; SMTP AUTH to its next hops fails until it does",
+            missing.join(" and no ")
+        )
+    })
+}
+
+/// What is wrong with a DKIM key Secret that should hold `keys`, if anything.
+fn dkim_secret_problem(name: &str, keys: &[String], secret: Option<&Secret>) -> Option<String> {
+    let Some(secret) = secret else {
+        return Some(format!(
+            "the DKIM key Secret {name} does not exist; members cannot start until it does: `kubectl create secret generic {name} --from-file={}=dkim.pem`",
+            keys.first()
+                .map_or(crate::crd::DKIM_SECRET_KEY, String::as_str)
+        ));
+    };
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let missing = missing_keys(secret, &keys);
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the DKIM key Secret {name} has no {}; members refuse the config (mail waits, unsigned mail is not sent) until it does",
+            missing.join(" and no ")
+        )
+    })
+}
+
+/// The keys of `keys` the Secret has no non-empty value for.
+fn missing_keys<'a>(secret: &Secret, keys: &[&'a str]) -> Vec<&'a str> {
     let has = |key: &str| {
         secret
             .data
@@ -385,16 +426,7 @@ fn smarthost_secret_problem(name: &str, secret: Option<&Secret>) -> Option<Strin
                 .as_ref()
                 .is_some_and(|d| d.get(key).is_some_and(|v| !v.is_empty()))
     };
-    let missing: Vec<&str> = ["username", "password"]
-        .into_iter()
-        .filter(|k| !has(k))
-        .collect();
-    (!missing.is_empty()).then(|| {
-        format!(
-            "the smarthost credentials Secret {name} has no {}; SMTP AUTH to its next hops fails until it does",
-            missing.join(" and no ")
-        )
-    })
+    keys.iter().copied().filter(|k| !has(k)).collect()
 }
 
 /// When to look again without a watch event.
@@ -912,5 +944,34 @@ mod tests {
             .unwrap()
             .insert("password".into(), ByteString(b"x".to_vec()));
         assert_eq!(smarthost_secret_problem("m365", Some(&s)), None);
+    }
+
+    #[test]
+    fn a_missing_or_incomplete_dkim_secret_is_a_problem_that_says_what_to_do() {
+        use k8s_openapi::ByteString;
+        let keys = vec!["rsa.key".to_string(), "ed.key".to_string()];
+        let e = dkim_secret_problem("dkim-example", &keys, None).unwrap();
+        assert!(
+            e.contains("does not exist")
+                && e.contains("kubectl create secret generic dkim-example --from-file=rsa.key="),
+            "{e}"
+        );
+        let mut s = Secret {
+            data: Some(std::collections::BTreeMap::from([(
+                "rsa.key".to_string(),
+                ByteString(b"-----BEGIN PRIVATE KEY-----".to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let e = dkim_secret_problem("dkim-example", &keys, Some(&s)).unwrap();
+        assert!(
+            e.contains("has no ed.key") && e.contains("mail waits"),
+            "{e}"
+        );
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("ed.key".into(), ByteString(b"x".to_vec()));
+        assert_eq!(dkim_secret_problem("dkim-example", &keys, Some(&s)), None);
     }
 }

@@ -234,6 +234,27 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.listeners[0].rateLimits[0].window", "unit"],
         ),
         (
+            "DKIM selector with a dot-less space",
+            set(
+                base.clone(),
+                "/spec/delivery/dkim",
+                json!([{"domain": "example.com", "keys": [{"selector": "mail 2026", "secretName": "dkim"}]}]),
+            ),
+            &[
+                "spec.delivery.dkim[0].keys[0].selector",
+                "must be a DNS label",
+            ],
+        ),
+        (
+            "DKIM headers without From",
+            set(
+                base.clone(),
+                "/spec/delivery/dkim",
+                json!([{"domain": "example.com", "keys": [{"selector": "s1", "secretName": "dkim"}], "headers": ["Subject"]}]),
+            ),
+            &["spec.delivery.dkim[0].headers", "must include From"],
+        ),
+        (
             "sender rewrite from a bare name",
             set(
                 base.clone(),

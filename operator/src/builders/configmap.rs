@@ -23,6 +23,8 @@ pub const TLS_DIR: &str = "/etc/mailnode/tls";
 pub const AUTH_DIR: &str = "/etc/mailnode/auth";
 /// Mount path of the smarthost credentials Secrets, one directory per Secret.
 pub const SMARTHOST_AUTH_DIR: &str = "/etc/mailnode/smarthost-auth";
+/// Where DKIM key Secrets are mounted, one directory per Secret.
+pub const DKIM_DIR: &str = "/etc/mailnode/dkim";
 /// Key of the users file in the auth Secret.
 pub const AUTH_USERS_KEY: &str = "users";
 /// Mount path of the queue volume.
@@ -294,6 +296,7 @@ pub fn node_config(
                 .unwrap_or_default(),
             retry,
             mx_port,
+            dkim: dkim(spec)?,
             // Peer names are "self" too: a member never relays to a peer as a next hop.
             self_hostnames: vec![
                 names.peer_dns(),
@@ -341,6 +344,58 @@ fn destination_limits(l: &crd::DestinationLimits) -> node::DestinationLimits {
         messages_per_connection: n(l.messages_per_connection),
         messages_per_minute: n(l.messages_per_minute),
     }
+}
+
+/// `spec.delivery.dkim` as the node reads it: each key's file in its mounted Secret.
+fn dkim(spec: &crd::MailClusterSpec) -> Result<Vec<node::DkimDomain>, BuildError> {
+    let mut out = Vec::with_capacity(spec.delivery.dkim.len());
+    for (i, d) in spec.delivery.dkim.iter().enumerate() {
+        for (j, l) in d.listeners.iter().enumerate() {
+            if !spec.listeners.iter().any(|x| &x.name == l) {
+                return Err(BuildError::Invalid {
+                    field: format!("spec.delivery.dkim[{i}].listeners[{j}]"),
+                    message: format!("{l} is not the name of a listener in spec.listeners"),
+                });
+            }
+        }
+        out.push(node::DkimDomain {
+            domain: d.domain.0.clone(),
+            keys: d
+                .keys
+                .iter()
+                .map(|k| node::DkimKeyFile {
+                    selector: k.selector.clone(),
+                    key_file: dkim_path(k),
+                })
+                .collect(),
+            listeners: d.listeners.clone(),
+            headers: d.headers.iter().map(|h| h.0.clone()).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// Where a DKIM key is in a member.
+pub fn dkim_path(k: &crd::DkimKeyRef) -> PathBuf {
+    Path::new(DKIM_DIR)
+        .join(&k.secret_name.0)
+        .join(k.key.as_deref().unwrap_or(crd::DKIM_SECRET_KEY))
+}
+
+/// The DKIM key Secrets the spec names, sorted, each once, with the keys each must hold.
+pub fn dkim_secrets(spec: &crd::MailClusterSpec) -> Vec<(String, Vec<String>)> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for k in spec.delivery.dkim.iter().flat_map(|d| &d.keys) {
+        let keys = out.entry(k.secret_name.0.clone()).or_default();
+        let key = k
+            .key
+            .clone()
+            .unwrap_or_else(|| crd::DKIM_SECRET_KEY.to_owned());
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Where a smarthost credentials Secret is mounted in a member.
@@ -656,6 +711,37 @@ mod tests {
         let without = render(&node_config(&sample(), &[]).unwrap()).unwrap();
         assert_ne!(with.hash, without.hash);
         assert_eq!(with.restart_hash, without.restart_hash);
+    }
+
+    #[test]
+    fn dkim_is_rendered_reloadable_and_an_unknown_listener_names_its_field() {
+        let mut mc = sample();
+        mc.spec.delivery.dkim.push(crd::DkimSigning {
+            domain: "example.com".into(),
+            keys: vec![crd::DkimKeyRef {
+                selector: "mail2026".into(),
+                secret_name: "dkim-example".into(),
+                key: None,
+            }],
+            listeners: vec![mc.spec.listeners[0].name.clone()],
+            headers: Vec::new(),
+        });
+        let with = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        let c = node::Config::from_yaml(&with.yaml).unwrap();
+        assert_eq!(c.delivery.dkim[0].domain, "example.com");
+        assert_eq!(c.delivery.dkim[0].keys[0].selector, "mail2026");
+        let without = render(&node_config(&sample(), &[]).unwrap()).unwrap();
+        assert_eq!(
+            with.restart_hash, without.restart_hash,
+            "a DKIM change is reloaded"
+        );
+        assert_eq!(
+            dkim_secrets(&mc.spec),
+            [("dkim-example".to_string(), vec!["private.key".to_string()])]
+        );
+        mc.spec.delivery.dkim[0].listeners = vec!["nosuch".into()];
+        let e = node_config(&mc, &[]).unwrap_err().to_string();
+        assert!(e.contains("spec.delivery.dkim[0].listeners[0]"), "{e}");
     }
 
     #[test]

@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::configmap::{
-    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, QUEUE_DIR, SHUTDOWN_DELAY_SECONDS,
-    SHUTDOWN_GRACE_SECONDS, TLS_DIR, auth_path, config_path, smarthost_auth_secrets,
+    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, DKIM_DIR, QUEUE_DIR, SHUTDOWN_DELAY_SECONDS,
+    SHUTDOWN_GRACE_SECONDS, TLS_DIR, auth_path, config_path, dkim_secrets, smarthost_auth_secrets,
 };
 use super::peer_service::PEER_PORT_NAME;
 use super::{
@@ -175,6 +175,13 @@ pub fn statefulset(
         let path = auth_path(&secret.as_str().into());
         volumes.push(secret_volume(&volume, secret));
         mounts.push(mount(&volume, &path.to_string_lossy()));
+    }
+    // DKIM keys: one volume per Secret, at DKIM_DIR/<secret>.
+    for (i, (secret, _)) in dkim_secrets(spec).into_iter().enumerate() {
+        let volume = format!("dkim-{i}");
+        let path = format!("{DKIM_DIR}/{secret}");
+        volumes.push(secret_volume(&volume, secret));
+        mounts.push(mount(&volume, &path));
     }
 
     let resources = spec.resources.clone().unwrap_or_else(|| {
@@ -556,5 +563,56 @@ mod tests {
             .unwrap();
         assert_eq!(m.mount_path, "/etc/mailnode/smarthost-auth/m365-relay");
         assert_eq!(m.read_only, Some(true));
+    }
+
+    #[test]
+    fn dkim_key_secrets_are_mounted_once_each_where_the_config_points() {
+        let mut mc = sample();
+        let key = |selector: &str, secret: &str, key: Option<&str>| crate::crd::DkimKeyRef {
+            selector: selector.into(),
+            secret_name: secret.into(),
+            key: key.map(Into::into),
+        };
+        mc.spec.delivery.dkim.push(crate::crd::DkimSigning {
+            domain: "example.com".into(),
+            keys: vec![
+                key("rsa2026", "dkim-example", None),
+                key("ed2026", "dkim-example", Some("ed.key")),
+            ],
+            listeners: Vec::new(),
+            headers: Vec::new(),
+        });
+        mc.spec.delivery.dkim.push(crate::crd::DkimSigning {
+            domain: "brand-b.example".into(),
+            keys: vec![key("s1", "dkim-brand-b", None)],
+            listeners: Vec::new(),
+            headers: Vec::new(),
+        });
+        let sts = statefulset(&mc, "h", None, "img").unwrap();
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let volumes = pod.volumes.unwrap();
+        let dkim: Vec<_> = volumes
+            .iter()
+            .filter(|v| v.name.starts_with("dkim-"))
+            .filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone()))
+            .collect();
+        assert_eq!(dkim, ["dkim-brand-b", "dkim-example"]);
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let m = mounts.iter().find(|m| m.name == "dkim-1").unwrap();
+        assert_eq!(m.mount_path, "/etc/mailnode/dkim/dkim-example");
+        assert_eq!(m.read_only, Some(true));
+        let c = crate::builders::configmap::node_config(&mc, &[]).unwrap();
+        let files: Vec<_> = c.delivery.dkim[0]
+            .keys
+            .iter()
+            .map(|k| k.key_file.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "/etc/mailnode/dkim/dkim-example/private.key",
+                "/etc/mailnode/dkim/dkim-example/ed.key"
+            ]
+        );
     }
 }
