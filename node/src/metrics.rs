@@ -61,6 +61,9 @@ pub struct Metrics {
     pub rate_reports: Family<Labels, Counter>,
     /// Messages DKIM-signed by domain and result (`signed`, `failed`).
     pub dkim_signatures: Family<Labels, Counter>,
+    /// Outbound connections by TLS result: `tls`, `plaintext`, `handshake_failed` (then
+    /// tried without TLS: opportunistic), `refused_without_tls` (required TLS not had).
+    pub outbound_tls: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -108,6 +111,7 @@ impl Metrics {
             config_reloads: Family::default(),
             rate_reports: Family::default(),
             dkim_signatures: Family::default(),
+            outbound_tls: Family::default(),
             destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
@@ -199,6 +203,11 @@ impl Metrics {
             "config_reloads",
             "Changes of the config file, applied or refused (the old config kept)",
             m.config_reloads.clone(),
+        );
+        registry.register(
+            "outbound_tls",
+            "Outbound connections by TLS result (tls, plaintext, handshake_failed, refused_without_tls)",
+            m.outbound_tls.clone(),
         );
         registry.register(
             "dkim_signatures",

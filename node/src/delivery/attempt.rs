@@ -815,7 +815,30 @@ impl Engine {
             }
         }
         let opts = self.connect_options(r)?;
-        let mut c = client::unless_abandoned(&abandon, Connection::open(addr, host, &opts)).await?;
+        let tls_metric = |result: &str| {
+            self.metrics
+                .outbound_tls
+                .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+                .inc();
+        };
+        let mut c = match client::unless_abandoned(&abandon, Connection::open(addr, host, &opts))
+            .await
+        {
+            // Opportunistic TLS may go without TLS when the handshake fails (as Postfix's
+            // `may` level does), on a new connection; required TLS never does.
+            Err(ClientError::Handshake(e)) if r.tls.mode == OutboundTlsMode::Opportunistic => {
+                tracing::warn!(hop = %host, address = %addr, error = %e, "TLS handshake failed; opportunistic TLS: trying this next hop again without TLS");
+                tls_metric("handshake_failed");
+                let plain = ConnectOptions { tls: None, ..opts };
+                client::unless_abandoned(&abandon, Connection::open(addr, host, &plain)).await?
+            }
+            Err(e @ (ClientError::Handshake(_) | ClientError::Tls(_))) => {
+                tls_metric("refused_without_tls");
+                return Err(e);
+            }
+            other => other?,
+        };
+        tls_metric(if c.tls { "tls" } else { "plaintext" });
         let o = c
             .send(
                 &env.sender,

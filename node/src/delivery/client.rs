@@ -49,6 +49,9 @@ pub enum ClientError {
     /// TLS required but not offered or failed.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The next hop took STARTTLS but the TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
     /// The node is shutting down and gave up this attempt before the message was sent.
     #[error("given up before the message was sent: the node is shutting down")]
     Abandoned,
@@ -303,9 +306,12 @@ impl Connection {
         Ok(c)
     }
 
-    async fn starttls(self, cfg: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+    async fn starttls(mut self, cfg: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
         if !self.rbuf.is_empty() {
-            return Err(ClientError::Protocol("data after STARTTLS reply".into()));
+            // Plaintext that followed the 220 could be a man in the middle's injected replies
+            // (CVE-2011-0411 style): it is dropped, never read as an answer after the handshake.
+            tracing::warn!(host = %self.host, bytes = self.rbuf.len(), "discarding what the next hop sent after its STARTTLS reply, before the TLS handshake");
+            self.rbuf.clear();
         }
         let name = rustls_pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| ClientError::Tls(format!("bad server name {}: {e}", self.host)))?;
@@ -313,7 +319,7 @@ impl Connection {
         let stream = timeout(self.timeout, connector.connect(name, self.io))
             .await
             .map_err(|_| ClientError::Timeout("TLS handshake"))?
-            .map_err(|e| ClientError::Tls(format!("handshake with {}: {e}", self.host)))?;
+            .map_err(|e| ClientError::Handshake(format!("with {}: {e}", self.host)))?;
         Ok(Connection {
             io: Box::new(stream),
             tls: true,

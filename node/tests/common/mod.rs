@@ -376,8 +376,6 @@ pub fn make_cert(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
-/// (`MAILCLUSTER_REQUIRE_TOOLS` set) a missing tool fails the test instead of skipping it.
 /// An argon2id hash of `password`, made by `mailnode hash-password` as a user would.
 pub fn argon2_hash(password: &str) -> String {
     let mut child = Command::new(BIN)
@@ -408,6 +406,8 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
 }
 
+/// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
+/// (`MAILCLUSTER_REQUIRE_TOOLS` set) a missing tool fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {
     let found = Command::new("sh")
         .args([
