@@ -1,7 +1,7 @@
 //! Cluster behaviour with real `mailnode` processes on loopback: peer channel authentication,
 //! queue hand-off on drain (SIGTERM, admin POST /drain), drain-from-volume after kill -9,
 //! `/status`, cluster-wide ETRN, key rotation during hand-off, rate limits that hold for the
-//! cluster.
+//! cluster, DKIM signatures made by the member that delivers a handed-off message.
 //!
 //! Member `i` (1..=3) binds everything to 127.0.0.1`i` (127.0.0.11, .12, .13) so members
 //! have distinct source addresses; the downstream sink is on 127.0.0.5.
@@ -39,6 +39,7 @@ delivery:
   smarthosts: [{host: "SINKIP", port: SINKPORT}]
   retry: {firstSeconds: RETRY, maxSeconds: RETRY, lifetimeSeconds: 86400}
   connectTimeoutSeconds: 2
+  DELIVERY_EXTRA
 "#;
 
 struct Cluster {
@@ -54,11 +55,12 @@ fn ip(i: usize) -> String {
 
 /// `n` members, all with key `key`, delivering to a sink address that is down.
 fn cluster(n: usize, retry: u64, fsync: bool) -> Cluster {
-    cluster_with(n, retry, fsync, "")
+    cluster_with(n, retry, fsync, "", "")
 }
 
-/// [`cluster`], with `listener` added to the settings of the members' listener.
-fn cluster_with(n: usize, retry: u64, fsync: bool, listener: &str) -> Cluster {
+/// [`cluster`], with `listener` added to the settings of the members' listener and `delivery`
+/// to their `delivery` (each a YAML line, or several indented as the place needs).
+fn cluster_with(n: usize, retry: u64, fsync: bool, listener: &str, delivery: &str) -> Cluster {
     let mut s = Sink::start("127.0.0.5");
     let sink_addr = s.addr;
     s.stop();
@@ -74,6 +76,7 @@ fn cluster_with(n: usize, retry: u64, fsync: bool, listener: &str) -> Cluster {
         std::fs::write(&key, "k1-cluster-secret\n").unwrap();
         let yaml = CONF
             .replace("LISTENER_EXTRA", listener)
+            .replace("DELIVERY_EXTRA", delivery)
             .replace("FSYNC", if fsync { "true" } else { "false" })
             .replace("MEMBERS", &members.join(", "))
             .replace("KEYFILE", key.to_str().unwrap())
@@ -511,6 +514,7 @@ fn a_rate_limit_holds_for_the_cluster_within_ten_percent_and_falls_back_per_memb
         60,
         false,
         "rateLimits: [{by: clientAddress, messages: 90, windowSeconds: 30}]",
+        "",
     );
     // The members report to each other (at least a heartbeat a second once they have limits).
     assert!(
@@ -573,4 +577,46 @@ fn a_rate_limit_holds_for_the_cluster_within_ten_percent_and_falls_back_per_memb
     assert!(s.cmd("EHLO burst.test").starts_with("250"));
     let alone = (0..100).filter(|_| mail_accepted(&mut s)).count();
     assert_eq!(alone, 90 - accepted[0], "{accepted:?}");
+}
+
+#[test]
+fn a_message_handed_to_a_peer_is_signed_by_it_and_verifies() {
+    if !common::dkim::have_tools() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let rsa = common::dkim::rsa_key(keys.path(), "rsa.pem");
+    let ed = common::dkim::ed_key(keys.path(), "ed.pem");
+    let dkim = format!(
+        "dkim: [{{domain: example.com, keys: [{{selector: r1, keyFile: \"{}\"}}, {{selector: e1, keyFile: \"{}\"}}]}}]",
+        rsa.display(),
+        ed.display()
+    );
+    let mut c = cluster_with(2, 60, false, "", &dkim);
+    // Accepted by member 1 while the downstream is down, handed to member 2 by a drain.
+    let (mut s, _) = Client::connect("127.0.0.2", c.nodes[0].addr(0));
+    assert!(s.cmd("EHLO client.test").starts_with("250"));
+    let r = s.mail(
+        "app@example.com",
+        &["r@dst.example"],
+        "From: App <app@example.com>\r\nTo: r@dst.example\r\nSubject: handed over\r\nMessage-ID: <h1@t>\r\n\r\nsigned by whoever delivers it\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    s.cmd("QUIT");
+    assert_eq!(c.nodes[0].term(WAIT), Some(0), "{}", c.nodes[0].log());
+    assert_eq!(c.nodes[1].queue_ids().len(), 1);
+    let sink = Sink::start_on(c.sink_addr);
+    flush(&c.nodes[1]);
+    let g = sink.message("h1@t", WAIT);
+    assert_eq!(common::dkim::signatures(&g), 2, "{}", g.data);
+    assert_eq!(
+        common::dkim::verify(&g.data, "example.com", &[("r1", &rsa), ("e1", &ed)]),
+        [("r1".to_owned(), true), ("e1".to_owned(), true)]
+    );
+    // Signed at each attempt (one while the downstream was down, then the delivery).
+    assert!(
+        c.nodes[1]
+            .metric("mailnode_dkim_signatures_total{domain=\"example.com\",result=\"signed\"}")
+            >= 1.0
+    );
 }

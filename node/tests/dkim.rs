@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::dkim::{ed_key, genkey, have_tools, rsa_key, signatures, verify};
 use common::sink::{Got, Sink, wait_until};
 use common::*;
 
@@ -47,129 +48,22 @@ delivery:
     )
 }
 
-fn genkey(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
-    let path = dir.join(name);
-    let out = Command::new("openssl")
-        .args(["genpkey", "-out", path.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
-fn rsa_key(dir: &Path, name: &str) -> PathBuf {
-    genkey(
-        dir,
-        name,
-        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-    )
-}
-
-fn ed_key(dir: &Path, name: &str) -> PathBuf {
-    genkey(dir, name, &["-algorithm", "ed25519"])
-}
-
 fn swaks(node: &Node, port: usize, from: &str, id: &str, extra: &[&str]) {
-    let out = Command::new(tool_path("swaks"))
-        .args(["--server", &node.addr(port).to_string()])
-        .args(["--from", from, "--to", "it@b.example"])
-        .args(["--header", &format!("From: Sender <{from}>")])
-        .args(["--header", &format!("Message-Id: <{id}>")])
-        .args(["--header", "Subject: quarterly report"])
-        .args(["--body", "Numbers attached.\nRegards\n"])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        node.log()
+    run_ok(
+        Command::new(tool_path("swaks"))
+            .args(["--server", &node.addr(port).to_string()])
+            .args(["--from", from, "--to", "it@b.example"])
+            .args(["--header", &format!("From: Sender <{from}>")])
+            .args(["--header", &format!("Message-Id: <{id}>")])
+            .args(["--header", "Subject: quarterly report"])
+            .args(["--body", "Numbers attached.\nRegards\n"])
+            .args(extra),
+        &node.log(),
     );
 }
 
 fn got(sink: &Sink, id: &str) -> Got {
     sink.message(id, WAIT)
-}
-
-/// Checks every DKIM-Signature of `msg` with dkimpy; `keys` are (selector, key file). Returns
-/// per signature (selector, verified).
-fn verify(msg: &str, domain: &str, keys: &[(&str, &Path)]) -> Vec<(String, bool)> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("msg.eml");
-    std::fs::write(&file, msg).unwrap();
-    let records: Vec<String> = keys
-        .iter()
-        .map(|(s, k)| {
-            format!(
-                "\"{s}._domainkey.{domain}.\": {:?}",
-                mailnode::dkim::dns_record(k).unwrap()
-            )
-        })
-        .collect();
-    let script = format!(
-        r#"
-import sys, dkim
-records = {{{}}}
-def dns(name, timeout=5):
-    return records.get(name.decode() if isinstance(name, bytes) else name, "").encode()
-msg = open(sys.argv[1], "rb").read()
-d = dkim.DKIM(msg)
-n = sum(1 for line in msg.split(b"\r\n\r\n")[0].split(b"\r\n") if line.lower().startswith(b"dkim-signature:"))
-for i in range(n):
-    ok = d.verify(idx=i, dnsfunc=dns)
-    print(d.selector.decode() if isinstance(d.selector, bytes) else d.selector, ok)
-"#,
-        records.join(", ")
-    );
-    let out = Command::new("/usr/bin/python3")
-        .args(["-c", &script, file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dkimpy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let (s, ok) = l.split_once(' ').unwrap();
-            (s.to_owned(), ok == "True")
-        })
-        .collect()
-}
-
-fn signatures(g: &Got) -> usize {
-    g.data
-        .split("\r\n\r\n")
-        .next()
-        .unwrap()
-        .to_ascii_lowercase()
-        .matches("dkim-signature:")
-        .count()
-}
-
-fn have_tools() -> bool {
-    for t in ["swaks", "openssl"] {
-        if !have(t) {
-            unavailable(t);
-            return false;
-        }
-    }
-    let dkimpy = Command::new("/usr/bin/python3")
-        .args(["-c", "import dkim, nacl"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !dkimpy {
-        unavailable("python3-dkim and python3-nacl");
-    }
-    dkimpy
 }
 
 #[test]

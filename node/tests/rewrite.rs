@@ -64,18 +64,13 @@ fn swaks(node: &Node, port: usize, from: &str, rcpts: &[&str], data: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("msg.eml");
     std::fs::write(&file, data).unwrap();
-    let out = Command::new(tool_path("swaks"))
-        .args(["--server", &node.addr(port).to_string(), "--from", from])
-        .args(["--to", &rcpts.join(",")])
-        .args(["--data", &format!("@{}", file.display())])
-        .args(["--helo", "scanner01.office.lan"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        node.log()
+    run_ok(
+        Command::new(tool_path("swaks"))
+            .args(["--server", &node.addr(port).to_string(), "--from", from])
+            .args(["--to", &rcpts.join(",")])
+            .args(["--data", &format!("@{}", file.display())])
+            .args(["--helo", "scanner01.office.lan"]),
+        &node.log(),
     );
 }
 

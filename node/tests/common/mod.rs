@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dkim;
 pub mod dns;
 pub mod sink;
 
@@ -404,6 +405,19 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
+}
+
+/// Runs `cmd` to its end and returns its standard output; a failure fails the test with what
+/// the command printed and `context` (e.g. the node's log).
+pub fn run_ok(cmd: &mut Command, context: &str) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}\n{context}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
