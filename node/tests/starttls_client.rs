@@ -15,8 +15,6 @@ use std::time::Duration;
 
 use common::sink::wait_until;
 use common::*;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -132,31 +130,10 @@ fn session(
             return Ok(());
         }
     }
-    let mut stream = io.into_inner();
-    let mut conn = rustls::ServerConnection::new(tls).map_err(std::io::Error::other)?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut stream)?;
-    }
-    let mut tls_io = BufReader::new(rustls::StreamOwned::new(conn, stream));
+    let mut tls_io = BufReader::new(tls_accept(io.into_inner(), tls)?);
     smtp(&mut tls_io, "tls", false, log)?;
     let _ = tls_io.get_mut().read(&mut [0u8; 1]);
     Ok(())
-}
-
-fn server_tls() -> Arc<rustls::ServerConfig> {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = make_cert(dir.path(), "hostile.test");
-    let certs = vec![CertificateDer::from_pem_file(&cert).unwrap()];
-    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-    )
 }
 
 fn node(hop: &Hostile, mode: &str) -> Node {
@@ -195,7 +172,7 @@ fn submit(node: &Node, id: &str) {
 
 #[test]
 fn replies_injected_before_the_handshake_are_discarded() {
-    let hop = Hostile::start(Hop::InjectThenTls, server_tls());
+    let hop = Hostile::start(Hop::InjectThenTls, tls_server_config("hostile.test"));
     let node = node(&hop, "opportunistic");
     submit(&node, "i1@t");
     assert!(
@@ -224,7 +201,7 @@ fn replies_injected_before_the_handshake_are_discarded() {
 
 #[test]
 fn required_tls_never_falls_back_to_plaintext() {
-    let tls = server_tls();
+    let tls = tls_server_config("hostile.test");
     for hop in [Hop::FailHandshake, Hop::Stripped] {
         let hostile = Hostile::start(hop, Arc::clone(&tls));
         let node = node(&hostile, "required");
@@ -249,7 +226,7 @@ fn required_tls_never_falls_back_to_plaintext() {
 
 #[test]
 fn opportunistic_tls_goes_on_without_tls_after_a_failed_handshake() {
-    let hop = Hostile::start(Hop::FailHandshake, server_tls());
+    let hop = Hostile::start(Hop::FailHandshake, tls_server_config("hostile.test"));
     let node = node(&hop, "opportunistic");
     submit(&node, "o1@t");
     assert!(

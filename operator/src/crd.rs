@@ -399,7 +399,10 @@ pub struct RelayPolicy {
 
 /// Where accepted mail is delivered.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("!(has(self.smarthosts) && size(self.smarthosts) > 0 && has(self.mx))").message("smarthosts and mx are mutually exclusive: deliver through smarthosts or directly by MX, not both"))]
+#[x_kube(
+    validation = Rule::new("!(has(self.smarthosts) && size(self.smarthosts) > 0 && has(self.mx))").message("smarthosts and mx are mutually exclusive: deliver through smarthosts or directly by MX, not both"),
+    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
     /// Next hops for all mail not matched by a route, tried in ascending priority; hosts of
@@ -441,6 +444,11 @@ pub struct Delivery {
     /// without a restart. Sent only over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// SMTP AUTH for `smarthosts` with an OAuth2 access token (XOAUTH2 or OAUTHBEARER)
+    /// instead of a password, as Microsoft 365 and Google Workspace ask for. Exclusive with
+    /// `authSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Auth>,
     /// How much `smarthosts`, and each recipient domain delivered by MX, are sent, e.g. the
     /// per-account limits of a provider. A next hop that answers that it gets too much (a
     /// temporary reply saying "too many", "rate limit", "throttled", ...) gets no attempt for
@@ -454,7 +462,10 @@ pub struct Delivery {
 
 /// Next hops for the mail of some senders.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("(has(self.senderDomains) && size(self.senderDomains) > 0) || (has(self.users) && size(self.users) > 0)").message("set senderDomains, users or both"))]
+#[x_kube(
+    validation = Rule::new("(has(self.senderDomains) && size(self.senderDomains) > 0) || (has(self.users) && size(self.users) > 0)").message("set senderDomains, users or both"),
+    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SenderRoute {
     /// Envelope sender domains whose mail takes this route (exact match), e.g.
@@ -475,10 +486,42 @@ pub struct SenderRoute {
     /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// SMTP AUTH for these next hops with an OAuth2 token, as `delivery.oauth2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Auth>,
     /// How much these next hops are sent; default: `delivery.limits`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,
 }
+
+/// SMTP AUTH with an OAuth2 access token from the client credentials grant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Auth {
+    /// The token endpoint, e.g.
+    /// `https://login.microsoftonline.com/<tenant id>/oauth2/v2.0/token`.
+    #[schemars(length(min = 9, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("must be an https:// URL (the client secret is sent to it)"))]
+    pub token_url: String,
+    /// The application (client) id registered with the provider.
+    #[schemars(length(min = 1, max = 256))]
+    pub client_id: String,
+    /// Secret in the cluster's namespace whose key `clientSecret` holds the client secret;
+    /// mounted into the members and read at each token request, so a rotated secret is used
+    /// without a restart.
+    pub secret_name: SecretName,
+    /// The scope asked for, e.g. `https://outlook.office365.com/.default` (Microsoft 365) or
+    /// `https://mail.google.com/` (Google).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub scope: Option<String>,
+    /// The mailbox to authenticate as, e.g. `relay@example.com`.
+    #[schemars(length(min = 1, max = 254))]
+    pub user: String,
+}
+
+/// The Secret key that holds an OAuth2 client secret.
+pub const OAUTH2_SECRET_KEY: &str = "clientSecret";
 
 /// DKIM signing for one domain.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -602,6 +645,7 @@ pub struct MxDelivery {
 
 /// Next hops for one recipient domain.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both"))]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Recipient domain this route applies to (exact match), e.g. `partner.example`.
@@ -615,6 +659,9 @@ pub struct Route {
     /// SMTP AUTH credentials for these next hops, as `delivery.authSecret`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<SecretName>,
+    /// SMTP AUTH for these next hops with an OAuth2 token, as `delivery.oauth2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Auth>,
     /// How much these next hops are sent; default: `delivery.limits`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,

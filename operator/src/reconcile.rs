@@ -321,6 +321,29 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
                 .push(Problem::new(Reason::SmarthostSecretInvalid, message));
         }
     }
+    for secret in configmap::oauth2_secrets(&mc.spec) {
+        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .get_opt(&secret)
+            .await
+            .map_err(kube_err(format!("reading Secret {secret}")))?;
+        let message = match &live {
+            None => Some(format!(
+                "the OAuth2 client secret Secret {secret} does not exist; members cannot start until it does: `kubectl create secret generic {secret} --from-literal={}=...`",
+                crate::crd::OAUTH2_SECRET_KEY
+            )),
+            Some(s) => (!missing_keys(s, &[crate::crd::OAUTH2_SECRET_KEY]).is_empty()).then(|| {
+                format!(
+                    "the OAuth2 client secret Secret {secret} has no {}; SMTP AUTH to its next hops fails until it does",
+                    crate::crd::OAUTH2_SECRET_KEY
+                )
+            }),
+        };
+        if let Some(message) = message {
+            observed
+                .problems
+                .push(Problem::new(Reason::SmarthostSecretInvalid, message));
+        }
+    }
     for (secret, keys) in configmap::dkim_secrets(&mc.spec) {
         let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
             .get_opt(&secret)

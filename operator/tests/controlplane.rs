@@ -234,6 +234,28 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.listeners[0].rateLimits[0].window", "unit"],
         ),
         (
+            "OAuth2 over plain HTTP",
+            set(
+                base.clone(),
+                "/spec/delivery/oauth2",
+                json!({"tokenUrl": "http://login.example/token", "clientId": "a", "secretName": "s", "user": "u@example.com"}),
+            ),
+            &["spec.delivery.oauth2.tokenUrl", "must be an https:// URL"],
+        ),
+        (
+            "OAuth2 and a password together",
+            set(
+                set(
+                    base.clone(),
+                    "/spec/delivery/oauth2",
+                    json!({"tokenUrl": "https://login.example/token", "clientId": "a", "secretName": "s", "user": "u@example.com"}),
+                ),
+                "/spec/delivery/authSecret",
+                json!("basic"),
+            ),
+            &["spec.delivery", "set authSecret or oauth2, not both"],
+        ),
+        (
             "DKIM selector with a dot-less space",
             set(
                 base.clone(),

@@ -122,6 +122,7 @@ impl Config {
             sender_routes: d.sender_routes,
             tls: d.tls,
             auth_file: d.auth_file,
+            oauth2: d.oauth2,
             mx_port: d.mx_port,
             connect_timeout_seconds: d.connect_timeout_seconds,
             delay_warning_seconds: d.delay_warning_seconds,
@@ -611,6 +612,10 @@ pub struct DeliveryConfig {
     /// sent over TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// SMTP AUTH by OAuth2 (XOAUTH2 or OAUTHBEARER) for the default smarthosts, instead of
+    /// `authFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
     /// Port used for hosts found by MX (or A/AAAA) lookup.
     pub mx_port: u16,
     /// Most concurrent connections to one destination (a route, or one domain by MX).
@@ -661,6 +666,7 @@ impl Default for DeliveryConfig {
             sender_routes: Vec::new(),
             tls: OutboundTls::default(),
             auth_file: None,
+            oauth2: None,
             mx_port: 25,
             concurrency_per_destination: 20,
             destination_limits: DestinationLimits::default(),
@@ -697,9 +703,37 @@ pub struct DomainRoute {
     /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// SMTP AUTH by OAuth2 for this route's smarthosts, instead of `authFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
     /// Messages per connection and per minute; defaults to `destinationLimits`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,
+}
+
+/// SMTP AUTH to smarthosts with an OAuth2 access token (client credentials grant, RFC 6749
+/// section 4.4), sent with XOAUTH2 or OAUTHBEARER (RFC 7628), as Microsoft 365 and Google
+/// Workspace want instead of passwords. Tokens are cached and fetched again before they
+/// expire.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OAuth2 {
+    /// The token endpoint, `https://...`, e.g.
+    /// `https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token`.
+    pub token_url: String,
+    /// The application's client id.
+    pub client_id: String,
+    /// A file holding the client secret (a mounted Secret key); read at each token request.
+    pub client_secret_file: PathBuf,
+    /// The scope asked for, e.g. `https://outlook.office365.com/.default`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// The mailbox to authenticate as (the SASL user), e.g. `relay@example.com`.
+    pub user: String,
+    /// CA certificates (PEM) the token endpoint's certificate is checked against; default:
+    /// the public web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// DKIM signing for one domain.
@@ -785,6 +819,9 @@ pub struct SenderRoute {
     /// mounted `kubernetes.io/basic-auth` Secret). Read at each connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_file: Option<PathBuf>,
+    /// SMTP AUTH by OAuth2 for this route's smarthosts, instead of `authFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2>,
     /// Messages per connection and per minute; defaults to `destinationLimits`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<DestinationLimits>,
@@ -1054,6 +1091,53 @@ impl Config {
             path,
             message: message.to_owned(),
         };
+        let d = &self.delivery;
+        let auths = std::iter::once((
+            "delivery".to_owned(),
+            d.auth_file.is_some(),
+            d.oauth2.as_ref(),
+        ))
+        .chain(d.routes.iter().enumerate().map(|(i, r)| {
+            (
+                format!("delivery.routes[{i}]"),
+                r.auth_file.is_some(),
+                r.oauth2.as_ref(),
+            )
+        }))
+        .chain(d.sender_routes.iter().enumerate().map(|(i, r)| {
+            (
+                format!("delivery.senderRoutes[{i}]"),
+                r.auth_file.is_some(),
+                r.oauth2.as_ref(),
+            )
+        }));
+        for (at, has_file, oauth2) in auths {
+            let Some(o) = oauth2 else { continue };
+            if has_file {
+                return Err(invalid(
+                    format!("{at}.oauth2"),
+                    "set authFile or oauth2, not both",
+                ));
+            }
+            if o.token_url
+                .strip_prefix("https://")
+                .is_none_or(|rest| rest.is_empty())
+            {
+                return Err(invalid(
+                    format!("{at}.oauth2.tokenUrl"),
+                    "must be an https:// URL (the client secret is sent to it)",
+                ));
+            }
+            if o.client_id.is_empty() {
+                return Err(invalid(
+                    format!("{at}.oauth2.clientId"),
+                    "must not be empty",
+                ));
+            }
+            if o.user.is_empty() {
+                return Err(invalid(format!("{at}.oauth2.user"), "must not be empty"));
+            }
+        }
         let mut dkim_domains = std::collections::HashSet::new();
         for (i, k) in self.delivery.dkim.iter().enumerate() {
             let at = |field: &str| format!("delivery.dkim[{i}].{field}");
@@ -1217,6 +1301,25 @@ mod tests {
         c.listeners[0].rate_limits[1].recipients = None;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("set messages, recipients or both"), "{err}");
+    }
+
+    #[test]
+    fn oauth2_needs_https_and_excludes_a_password_file() {
+        let yaml = "delivery:\n  smarthosts: [{host: smtp.office365.com, port: 587}]\n  oauth2: {tokenUrl: \"https://login.example/t/token\", clientId: app, clientSecretFile: /s, user: relay@example.com}\n  senderRoutes:\n    - senderDomains: [b.example]\n      smarthosts: [{host: smtp.b.example}]\n      authFile: /auth\n      oauth2: {tokenUrl: \"http://login.example/t\", clientId: app, clientSecretFile: /s, user: u}\n";
+        let mut c: Config = serde_yaml::from_str(yaml).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("delivery.senderRoutes[0].oauth2: set authFile or oauth2"),
+            "{err}"
+        );
+        c.delivery.sender_routes[0].auth_file = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("delivery.senderRoutes[0].oauth2.tokenUrl"),
+            "{err}"
+        );
+        c.delivery.sender_routes[0].oauth2 = None;
+        c.validate().unwrap();
     }
 
     #[test]

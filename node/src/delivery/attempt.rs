@@ -14,12 +14,12 @@ use crate::queue::format::ENVELOPE_VERSION;
 use crate::queue::{DeliveryState, Envelope, Location, Queue, QueueError, RecipientStatus};
 
 use super::client::{
-    self, ClientError, ConnectOptions, Connection, RcptResult, TxOutcome, tls_config,
+    self, ClientError, ConnectOptions, Connection, Credentials, RcptResult, TxOutcome, tls_config,
 };
 use super::dns::{Dns, DnsError};
 use super::dsn::{self, Action, DsnRecipient};
 use super::pool::Pool;
-use super::route::{self, MxPlan, Route, RouteKind, SelfSet};
+use super::route::{self, MxPlan, Route, RouteAuth, RouteKind, SelfSet};
 use super::{Handle, backoff, now_ms};
 
 /// Engine setup errors.
@@ -78,6 +78,8 @@ pub struct Engine {
     tls_verified: HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>,
     /// DKIM keys, read when first used and again when their files change.
     dkim: crate::dkim::Signer,
+    /// OAuth2 tokens for SMTP AUTH to smarthosts.
+    tokens: super::oauth2::Tokens,
     /// Turns true when the shutdown grace is over: attempts that have not sent their
     /// message give up; those that have wait for the answer.
     abandon: tokio::sync::watch::Sender<bool>,
@@ -127,8 +129,10 @@ impl Engine {
         );
         let dkim = crate::dkim::Signer::new();
         dkim.check(&d.dkim)?;
+        let tokens = super::oauth2::Tokens::new(d).map_err(EngineError::Tls)?;
         Ok(Self {
             dkim,
+            tokens,
             dns,
             pool,
             shaper: super::shaping::Shaper::default(),
@@ -746,7 +750,7 @@ impl Engine {
         )))
     }
 
-    fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
+    async fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
         let cfg = self.cfg();
         let d = &cfg.delivery;
         let tls = match r.tls.mode {
@@ -760,13 +764,31 @@ impl Engine {
                 Some((c, true))
             }
         };
-        let auth = match &r.auth_file {
+        let auth = match &r.auth {
             None => None,
-            Some(p) => Some(read_credentials(p).map_err(|reply| ClientError::Refused {
-                stage: "AUTH",
-                reply,
-                code: 454,
-            })?),
+            Some(RouteAuth::File(p)) => {
+                let (user, password) =
+                    read_credentials(p).map_err(|reply| ClientError::Refused {
+                        stage: "AUTH",
+                        reply,
+                        code: 454,
+                    })?;
+                Some(Credentials::Password { user, password })
+            }
+            Some(RouteAuth::OAuth2(o)) => {
+                let token = self.tokens.token(o, &self.dns).await.map_err(|e| {
+                    tracing::warn!(error = %e, "no OAuth2 token for SMTP AUTH");
+                    ClientError::Refused {
+                        stage: "AUTH",
+                        reply: e.to_string(),
+                        code: 454,
+                    }
+                })?;
+                Some(Credentials::Bearer {
+                    user: o.user.clone(),
+                    token,
+                })
+            }
         };
         Ok(ConnectOptions {
             helo: d.helo_name.clone().unwrap_or_else(|| cfg.hostname.clone()),
@@ -788,7 +810,7 @@ impl Engine {
     ) -> Result<TxOutcome, ClientError> {
         let key = format!(
             "{addr}|{host}|{:?}|{:?}|{:?}",
-            r.tls.mode, r.tls.ca_file, r.auth_file
+            r.tls.mode, r.tls.ca_file, r.auth
         );
         let abandon = self.abandon.subscribe();
         if let Some(mut c) = self.pool.take(&key) {
@@ -814,16 +836,28 @@ impl Engine {
                 }
             }
         }
-        let opts = self.connect_options(r)?;
+        let opts = self.connect_options(r).await?;
         let tls_metric = |result: &str| {
             self.metrics
                 .outbound_tls
                 .get_or_create(&vec![("result".to_owned(), result.to_owned())])
                 .inc();
         };
-        let mut c = match client::unless_abandoned(&abandon, Connection::open(addr, host, &opts))
-            .await
+        let opened = client::unless_abandoned(&abandon, Connection::open(addr, host, &opts)).await;
+        // A refused OAuth2 token is not used again: the next attempt fetches a new one.
+        if let (
+            Err(ClientError::Refused {
+                stage: "AUTH",
+                code,
+                ..
+            }),
+            Some(RouteAuth::OAuth2(o)),
+        ) = (&opened, &r.auth)
+            && *code >= 500
         {
+            self.tokens.forget(o).await;
+        }
+        let mut c = match opened {
             // Opportunistic TLS may go without TLS when the handshake fails (as Postfix's
             // `may` level does), on a new connection; required TLS never does.
             Err(ClientError::Handshake(e)) if r.tls.mode == OutboundTlsMode::Opportunistic => {

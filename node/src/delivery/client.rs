@@ -161,7 +161,35 @@ pub struct ConnectOptions {
     /// STARTTLS: `None` never; `Some((config, required))`.
     pub tls: Option<(Arc<rustls::ClientConfig>, bool)>,
     /// AUTH credentials (only over TLS).
-    pub auth: Option<(String, String)>,
+    pub auth: Option<Credentials>,
+}
+
+/// What SMTP AUTH sends.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// A user and password: PLAIN or LOGIN.
+    Password {
+        /// User.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// A user and an OAuth2 access token: XOAUTH2 or OAUTHBEARER.
+    Bearer {
+        /// User (mailbox).
+        user: String,
+        /// Access token.
+        token: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Password { user, .. } => write!(f, "Password({user})"),
+            Self::Bearer { user, .. } => write!(f, "Bearer({user})"),
+        }
+    }
 }
 
 /// An open SMTP session to a next hop, after EHLO (and STARTTLS, AUTH).
@@ -295,13 +323,13 @@ impl Connection {
                 return Err(ClientError::Tls(format!("{host} does not offer STARTTLS")));
             }
         }
-        if let Some((user, pass)) = &opts.auth {
+        if let Some(creds) = &opts.auth {
             if !c.tls {
                 return Err(ClientError::Tls(
                     "AUTH is only sent over TLS, and TLS is not active".into(),
                 ));
             }
-            c.auth(user, pass).await?;
+            c.auth(creds).await?;
         }
         Ok(c)
     }
@@ -328,29 +356,55 @@ impl Connection {
         })
     }
 
-    async fn auth(&mut self, user: &str, pass: &str) -> Result<(), ClientError> {
+    async fn auth(&mut self, creds: &Credentials) -> Result<(), ClientError> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        let r = if self.caps.auth.iter().any(|m| m == "PLAIN") {
-            let token = b64.encode(format!("\0{user}\0{pass}"));
-            self.command(&format!("AUTH PLAIN {token}"), "AUTH").await?
-        } else if self.caps.auth.iter().any(|m| m == "LOGIN") {
-            let r = self.command("AUTH LOGIN", "AUTH").await?;
-            if r.code != 334 {
-                r
-            } else {
-                let r = self.command(&b64.encode(user), "AUTH").await?;
-                if r.code != 334 {
-                    r
+        let offers = |m: &str| self.caps.auth.iter().any(|x| x == m);
+        let none = |what: &str| ClientError::Refused {
+            stage: "AUTH",
+            reply: format!("the next hop offers no {what} AUTH mechanism"),
+            code: 454,
+        };
+        let r = match creds {
+            Credentials::Password { user, password } => {
+                if offers("PLAIN") {
+                    let token = b64.encode(format!("\0{user}\0{password}"));
+                    self.command(&format!("AUTH PLAIN {token}"), "AUTH").await?
+                } else if offers("LOGIN") {
+                    let r = self.command("AUTH LOGIN", "AUTH").await?;
+                    if r.code != 334 {
+                        r
+                    } else {
+                        let r = self.command(&b64.encode(user), "AUTH").await?;
+                        if r.code != 334 {
+                            r
+                        } else {
+                            self.command(&b64.encode(password), "AUTH").await?
+                        }
+                    }
                 } else {
-                    self.command(&b64.encode(pass), "AUTH").await?
+                    return Err(none("password (PLAIN, LOGIN)"));
                 }
             }
-        } else {
-            return Err(ClientError::Refused {
-                stage: "AUTH",
-                reply: "no supported AUTH mechanism offered".into(),
-                code: 454,
-            });
+            Credentials::Bearer { user, token } => {
+                let initial = if offers("XOAUTH2") {
+                    format!("AUTH XOAUTH2 {}", super::oauth2::xoauth2(user, token))
+                } else if offers("OAUTHBEARER") {
+                    let port = self.peer.port();
+                    format!(
+                        "AUTH OAUTHBEARER {}",
+                        super::oauth2::oauthbearer(user, &self.host, port, token)
+                    )
+                } else {
+                    return Err(none("OAuth2 (XOAUTH2, OAUTHBEARER)"));
+                };
+                let r = self.command(&initial, "AUTH").await?;
+                if r.code == 334 {
+                    // The server's error details (base64 JSON); an empty line ends the exchange.
+                    self.command("", "AUTH").await?
+                } else {
+                    r
+                }
+            }
         };
         if r.code != 235 {
             return Err(ClientError::Refused {

@@ -17,6 +17,7 @@ pub mod backoff;
 pub mod client;
 pub mod dns;
 pub mod dsn;
+pub mod oauth2;
 pub mod pool;
 pub mod route;
 pub mod scheduler;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::config::{Config, DeliveryConfig, DestinationLimits, OutboundTls, Smarthost};
+use crate::config::{Config, DeliveryConfig, DestinationLimits, OAuth2, OutboundTls, Smarthost};
 
 /// How a route finds its next hops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,10 +27,30 @@ pub struct Route {
     pub kind: RouteKind,
     /// STARTTLS policy.
     pub tls: OutboundTls,
-    /// AUTH credentials file.
-    pub auth_file: Option<PathBuf>,
+    /// SMTP AUTH towards the route's smarthosts.
+    pub auth: Option<RouteAuth>,
     /// Messages per connection and per minute.
     pub limits: DestinationLimits,
+}
+
+/// How a route authenticates to its smarthosts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RouteAuth {
+    /// A password from a credentials file or directory (`authFile`).
+    File(PathBuf),
+    /// An OAuth2 access token (`oauth2`).
+    OAuth2(OAuth2),
+}
+
+impl RouteAuth {
+    /// The AUTH setting of a route, default route or sender route.
+    fn of(file: Option<&PathBuf>, oauth2: Option<&OAuth2>) -> Option<Self> {
+        match (file, oauth2) {
+            (Some(f), _) => Some(Self::File(f.clone())),
+            (None, Some(o)) => Some(Self::OAuth2(o.clone())),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Who sent a message, as far as routing is concerned.
@@ -81,7 +101,7 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
             &r.smarthosts,
             domain,
             r.tls.as_ref().unwrap_or(&cfg.tls),
-            r.auth_file.as_ref(),
+            RouteAuth::of(r.auth_file.as_ref(), r.oauth2.as_ref()),
             r.limits.unwrap_or(cfg.destination_limits),
         );
     }
@@ -90,7 +110,7 @@ pub fn route_for(cfg: &DeliveryConfig, sender: &Sender, domain: &str) -> Route {
         &cfg.smarthosts,
         domain,
         &cfg.tls,
-        cfg.auth_file.as_ref(),
+        RouteAuth::of(cfg.auth_file.as_ref(), cfg.oauth2.as_ref()),
         cfg.destination_limits,
     )
 }
@@ -107,7 +127,7 @@ fn domain_route(cfg: &DeliveryConfig, domain: &str) -> Option<Route> {
         &r.smarthosts,
         domain,
         r.tls.as_ref().unwrap_or(&cfg.tls),
-        r.auth_file.as_ref(),
+        RouteAuth::of(r.auth_file.as_ref(), r.oauth2.as_ref()),
         r.limits.unwrap_or(cfg.destination_limits),
     ))
 }
@@ -119,7 +139,7 @@ fn next_hops(
     smarthosts: &[Smarthost],
     domain: &str,
     tls: &OutboundTls,
-    auth_file: Option<&PathBuf>,
+    auth: Option<RouteAuth>,
     limits: DestinationLimits,
 ) -> Route {
     if smarthosts.is_empty() {
@@ -127,7 +147,7 @@ fn next_hops(
             destination: format!("mx:{domain}"),
             kind: RouteKind::Mx,
             tls: tls.clone(),
-            auth_file: None,
+            auth: None,
             limits,
         }
     } else {
@@ -135,7 +155,7 @@ fn next_hops(
             destination: name,
             kind: RouteKind::Smarthosts(smarthosts.to_vec()),
             tls: tls.clone(),
-            auth_file: auth_file.cloned(),
+            auth,
             limits,
         }
     }
@@ -406,7 +426,7 @@ mod tests {
         let r = route_for(&cfg, &brand_b, "customer.example");
         assert_eq!(r.destination, "sender:0");
         assert_eq!(r.tls.mode, crate::config::OutboundTlsMode::Required);
-        assert_eq!(r.auth_file, Some("/auth/brand-b".into()));
+        assert_eq!(r.auth, Some(RouteAuth::File("/auth/brand-b".into())));
         // A domain route wins: internal mail stays internal whoever sends it.
         assert_eq!(
             route_for(&cfg, &brand_b, "internal.example").destination,

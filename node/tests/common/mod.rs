@@ -367,6 +367,41 @@ pub fn code(r: &str) -> u16 {
     r.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
+/// A TLS server configuration with a self-signed certificate for `host` (a name or an IP
+/// address), for test servers that speak TLS.
+pub fn tls_server_config(host: &str) -> std::sync::Arc<rustls::ServerConfig> {
+    tls_server_config_at(tempfile::tempdir().unwrap().path(), host)
+}
+
+/// [`tls_server_config`], its certificate left in `dir` as `tls.crt` (a client's CA file).
+pub fn tls_server_config_at(dir: &Path, host: &str) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    let (cert, key) = make_cert(dir, host);
+    let certs = vec![rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap()];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
+}
+
+/// The server side of a TLS handshake on `stream`.
+pub fn tls_accept(
+    mut stream: TcpStream,
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+) -> std::io::Result<rustls::StreamOwned<rustls::ServerConnection, TcpStream>> {
+    let mut conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut stream)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, stream))
+}
+
 /// Self-signed certificate for the cluster hostname: (cert path, key path).
 pub fn make_cert(dir: &Path, host: &str) -> (PathBuf, PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();

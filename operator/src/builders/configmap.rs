@@ -25,6 +25,8 @@ pub const AUTH_DIR: &str = "/etc/mailnode/auth";
 pub const SMARTHOST_AUTH_DIR: &str = "/etc/mailnode/smarthost-auth";
 /// Where DKIM key Secrets are mounted, one directory per Secret.
 pub const DKIM_DIR: &str = "/etc/mailnode/dkim";
+/// Where OAuth2 client secret Secrets are mounted, one directory per Secret.
+pub const OAUTH2_DIR: &str = "/etc/mailnode/oauth2";
 /// Key of the users file in the auth Secret.
 pub const AUTH_USERS_KEY: &str = "users";
 /// Mount path of the queue volume.
@@ -206,6 +208,7 @@ pub fn node_config(
             )?,
             tls: r.tls.as_ref().map(outbound_tls),
             auth_file: r.auth_secret.as_ref().map(auth_path),
+            oauth2: r.oauth2.as_ref().map(oauth2),
             limits: r.limits.as_ref().map(destination_limits),
         });
     }
@@ -220,6 +223,7 @@ pub fn node_config(
             )?,
             tls: r.tls.as_ref().map(outbound_tls),
             auth_file: r.auth_secret.as_ref().map(auth_path),
+            oauth2: r.oauth2.as_ref().map(oauth2),
             limits: r.limits.as_ref().map(destination_limits),
         });
     }
@@ -288,6 +292,7 @@ pub fn node_config(
                 .map(outbound_tls)
                 .unwrap_or_default(),
             auth_file: spec.delivery.auth_secret.as_ref().map(auth_path),
+            oauth2: spec.delivery.oauth2.as_ref().map(oauth2),
             destination_limits: spec
                 .delivery
                 .limits
@@ -396,6 +401,35 @@ pub fn dkim_secrets(spec: &crd::MailClusterSpec) -> Vec<(String, Vec<String>)> {
         }
     }
     out.into_iter().collect()
+}
+
+/// An `oauth2` setting as the node reads it, its client secret in the mounted Secret.
+fn oauth2(o: &crd::OAuth2Auth) -> node::OAuth2 {
+    node::OAuth2 {
+        token_url: o.token_url.clone(),
+        client_id: o.client_id.clone(),
+        client_secret_file: Path::new(OAUTH2_DIR)
+            .join(&o.secret_name.0)
+            .join(crd::OAUTH2_SECRET_KEY),
+        scope: o.scope.clone().unwrap_or_default(),
+        user: o.user.clone(),
+        ca_file: None,
+    }
+}
+
+/// The OAuth2 client secret Secrets the spec names, sorted, each once.
+pub fn oauth2_secrets(spec: &crd::MailClusterSpec) -> Vec<String> {
+    let d = &spec.delivery;
+    let mut names: Vec<String> = d
+        .oauth2
+        .iter()
+        .chain(d.routes.iter().filter_map(|r| r.oauth2.as_ref()))
+        .chain(d.sender_routes.iter().filter_map(|r| r.oauth2.as_ref()))
+        .map(|o| o.secret_name.0.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Where a smarthost credentials Secret is mounted in a member.
@@ -605,6 +639,7 @@ mod tests {
             }],
             tls: None,
             auth_secret: None,
+            oauth2: None,
             limits: None,
         });
         let c = node_config(&mc, &[]).unwrap();
@@ -714,6 +749,40 @@ mod tests {
     }
 
     #[test]
+    fn oauth2_is_rendered_with_its_mounted_secret_and_reloaded() {
+        let mut mc = sample();
+        mc.spec.delivery.oauth2 = Some(crd::OAuth2Auth {
+            token_url: "https://login.microsoftonline.com/t/oauth2/v2.0/token".into(),
+            client_id: "app-id".into(),
+            secret_name: "m365-oauth".into(),
+            scope: Some("https://outlook.office365.com/.default".into()),
+            user: "relay@example.com".into(),
+        });
+        let with = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        let c = node::Config::from_yaml(&with.yaml).unwrap();
+        let o = c.delivery.oauth2.unwrap();
+        assert_eq!(
+            o.client_secret_file,
+            PathBuf::from("/etc/mailnode/oauth2/m365-oauth/clientSecret")
+        );
+        assert_eq!(o.scope, "https://outlook.office365.com/.default");
+        assert_eq!(oauth2_secrets(&mc.spec), ["m365-oauth"]);
+        let without = render(&node_config(&sample(), &[]).unwrap()).unwrap();
+        assert_eq!(
+            with.restart_hash, without.restart_hash,
+            "reloaded, not rolled"
+        );
+        let sts = super::super::statefulset::statefulset(&mc, "h", None, "img").unwrap();
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.name == "oauth2-0" && m.mount_path == "/etc/mailnode/oauth2/m365-oauth")
+        );
+    }
+
+    #[test]
     fn dkim_is_rendered_reloadable_and_an_unknown_listener_names_its_field() {
         let mut mc = sample();
         mc.spec.delivery.dkim.push(crd::DkimSigning {
@@ -767,6 +836,7 @@ mod tests {
             }],
             tls: None,
             auth_secret: Some("m365-brand-b".into()),
+            oauth2: None,
             limits: None,
         });
         d.routes.push(crd::Route {
@@ -780,6 +850,7 @@ mod tests {
                 mode: crd::OutboundTlsMode::None,
             }),
             auth_secret: Some("m365-relay".into()),
+            oauth2: None,
             limits: None,
         });
         let c = node_config(&mc, &[]).unwrap();

@@ -20,8 +20,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::configmap::{
-    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, DKIM_DIR, QUEUE_DIR, SHUTDOWN_DELAY_SECONDS,
-    SHUTDOWN_GRACE_SECONDS, TLS_DIR, auth_path, config_path, dkim_secrets, smarthost_auth_secrets,
+    AUTH_DIR, CLUSTER_SECRET_DIR, CONFIG_DIR, DKIM_DIR, OAUTH2_DIR, QUEUE_DIR,
+    SHUTDOWN_DELAY_SECONDS, SHUTDOWN_GRACE_SECONDS, TLS_DIR, auth_path, config_path, dkim_secrets,
+    oauth2_secrets, smarthost_auth_secrets,
 };
 use super::peer_service::PEER_PORT_NAME;
 use super::{
@@ -176,10 +177,21 @@ pub fn statefulset(
         volumes.push(secret_volume(&volume, secret));
         mounts.push(mount(&volume, &path.to_string_lossy()));
     }
-    // DKIM keys: one volume per Secret, at DKIM_DIR/<secret>.
-    for (i, (secret, _)) in dkim_secrets(spec).into_iter().enumerate() {
-        let volume = format!("dkim-{i}");
-        let path = format!("{DKIM_DIR}/{secret}");
+    // DKIM keys and OAuth2 client secrets: one volume per Secret, in their directories.
+    let dirs = dkim_secrets(spec)
+        .into_iter()
+        .map(|(secret, _)| ("dkim", DKIM_DIR, secret))
+        .chain(
+            oauth2_secrets(spec)
+                .into_iter()
+                .map(|secret| ("oauth2", OAUTH2_DIR, secret)),
+        );
+    let mut counts = BTreeMap::new();
+    for (kind, dir, secret) in dirs {
+        let n = counts.entry(kind).or_insert(0);
+        let volume = format!("{kind}-{n}");
+        *n += 1;
+        let path = format!("{dir}/{secret}");
         volumes.push(secret_volume(&volume, secret));
         mounts.push(mount(&volume, &path));
     }
@@ -539,6 +551,7 @@ mod tests {
                 smarthosts: mc.spec.delivery.smarthosts.clone(),
                 tls: None,
                 auth_secret: Some("m365-brand-b".into()),
+                oauth2: None,
                 limits: None,
             });
         let sts = statefulset(&mc, "h", None, "img").unwrap();
