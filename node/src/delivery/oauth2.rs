@@ -67,6 +67,14 @@ pub struct Tokens {
     tls: HashMap<Option<std::path::PathBuf>, Arc<rustls::ClientConfig>>,
 }
 
+/// TLS towards a token endpoint: certificates checked against the web PKI roots and `ca`,
+/// HTTP/1.1 by ALPN.
+fn http1_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut c = (*super::client::tls_config(true, ca)?).clone();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
 /// Host, port and path of an `https://` URL.
 fn split_url(url: &str) -> Option<(String, u16, String)> {
     let rest = url.strip_prefix("https://")?;
@@ -152,9 +160,8 @@ impl Tokens {
         let mut tls = HashMap::new();
         for ca in cas {
             if let std::collections::hash_map::Entry::Vacant(v) = tls.entry(ca) {
-                let mut c = (*super::client::tls_config(true, v.key().as_deref())?).clone();
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                v.insert(Arc::new(c));
+                let c = http1_tls(v.key().as_deref())?;
+                v.insert(c);
             }
         }
         Ok(Self {
@@ -215,11 +222,11 @@ impl Tokens {
         if !o.scope.is_empty() {
             form.push_str(&format!("&scope={}", form_value(&o.scope)));
         }
-        let tls = self
-            .tls
-            .get(&o.ca_file)
-            .cloned()
-            .ok_or_else(|| endpoint("no TLS settings for its caFile".into()))?;
+        let tls = match self.tls.get(&o.ca_file) {
+            Some(t) => Arc::clone(t),
+            // A caFile that a reload added: its settings are made for this request.
+            None => http1_tls(o.ca_file.as_deref()).map_err(endpoint)?,
+        };
         let request = async {
             let ip = dns
                 .ips(&host)
