@@ -1305,11 +1305,12 @@ mod tests {
 
     #[test]
     fn oauth2_needs_https_and_excludes_a_password_file() {
-        let yaml = "delivery:\n  smarthosts: [{host: smtp.office365.com, port: 587}]\n  oauth2: {tokenUrl: \"https://login.example/t/token\", clientId: app, clientSecretFile: /s, user: relay@example.com}\n  senderRoutes:\n    - senderDomains: [b.example]\n      smarthosts: [{host: smtp.b.example}]\n      authFile: /auth\n      oauth2: {tokenUrl: \"http://login.example/t\", clientId: app, clientSecretFile: /s, user: u}\n";
+        let yaml = "delivery:\n  smarthosts: [{host: smtp.office365.com, port: 587}]\n  oauth2: {tokenUrl: \"https://login.example/t/token\", clientId: app, clientSecretFile: /s, user: relay@example.com}\n  senderRoutes:\n    - senderDomains: [b.example]\n      smarthosts: [{host: smtp.b.example, port: 587}]\n      authFile: /auth\n      oauth2: {tokenUrl: \"http://login.example/t\", clientId: app, clientSecretFile: /s, user: u}\n";
         let mut c: Config = serde_yaml::from_str(yaml).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(
-            err.contains("delivery.senderRoutes[0].oauth2: set authFile or oauth2"),
+            err.contains("delivery.senderRoutes[0].oauth2")
+                && err.contains("set authFile or oauth2"),
             "{err}"
         );
         c.delivery.sender_routes[0].auth_file = None;
