@@ -211,19 +211,10 @@ fn setup(expires_in: u64, secret: &str) -> Setup {
     let secret_file = dir.path().join("client-secret");
     std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
     let node = Node::start(
-        &format!(
-            r#"
-hostname: relay.test.example
-listeners:
-  - name: apps
-    address: 127.0.0.1:{{port0}}
-    relay: {{allowedSources: [127.0.0.0/8]}}
-queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
-admin: {{address: "127.0.0.1:{{admin}}"}}
-delivery:
-  smarthosts: [{{host: 127.0.0.1, port: {}}}]
-  tls: {{mode: opportunistic}}
-  retry: {{firstSeconds: 1, maxSeconds: 1}}
+        &relay_to(
+            smarthost.port(),
+            &format!(
+                r#"  tls: {{mode: opportunistic}}
   idleConnectionSeconds: 0
   oauth2:
     tokenUrl: "https://127.0.0.1:{}/tenant/oauth2/v2.0/token"
@@ -233,10 +224,10 @@ delivery:
     user: relay@example.com
     caFile: "{}"
 "#,
-            smarthost.port(),
-            endpoint.port(),
-            secret_file.display(),
-            ca.display()
+                endpoint.port(),
+                secret_file.display(),
+                ca.display()
+            ),
         ),
         1,
     );
@@ -248,18 +239,6 @@ delivery:
     }
 }
 
-fn submit(node: &Node, id: &str) {
-    let (mut c, _) = Client::connect("127.0.0.2", node.addr(0));
-    assert!(c.cmd("EHLO client.test").starts_with("250"));
-    let r = c.mail(
-        "app@example.com",
-        &["it@b.example"],
-        &format!("Message-ID: <{id}>\r\nSubject: report\r\n\r\nnumbers\r\n"),
-    );
-    assert!(r.starts_with("250"), "{r}");
-    c.cmd("QUIT");
-}
-
 fn delivered(s: &Setup, n: usize) -> bool {
     s.state.lock().unwrap().delivered.len() >= n
 }
@@ -267,8 +246,8 @@ fn delivered(s: &Setup, n: usize) -> bool {
 #[test]
 fn a_token_is_fetched_cached_refreshed_and_dropped_when_refused() {
     let s = setup(3, "s3cret+/");
-    submit(&s.node, "a1@t");
-    submit(&s.node, "a2@t");
+    submit_one(&s.node, "a1@t");
+    submit_one(&s.node, "a2@t");
     assert!(wait_until(WAIT, || delivered(&s, 2)), "{}", s.node.log());
     {
         let st = s.state.lock().unwrap();
@@ -277,7 +256,7 @@ fn a_token_is_fetched_cached_refreshed_and_dropped_when_refused() {
     }
     // Valid for 3 s, refreshed 1.5 s before it ends: a message 2 s later gets a new one.
     std::thread::sleep(Duration::from_secs(2));
-    submit(&s.node, "a3@t");
+    submit_one(&s.node, "a3@t");
     assert!(wait_until(WAIT, || delivered(&s, 3)), "{}", s.node.log());
     assert_eq!(s.state.lock().unwrap().requests.len(), 2);
     assert_eq!(
@@ -288,7 +267,7 @@ fn a_token_is_fetched_cached_refreshed_and_dropped_when_refused() {
     // The provider revokes the token: the smarthost refuses it, the node drops it and the
     // retry a second later authenticates with a new one.
     s.state.lock().unwrap().current = Some("revoked-all".into());
-    submit(&s.node, "a4@t");
+    submit_one(&s.node, "a4@t");
     assert!(
         wait_until(WAIT, || s
             .state
@@ -308,7 +287,7 @@ fn a_token_is_fetched_cached_refreshed_and_dropped_when_refused() {
 #[test]
 fn a_refused_client_secret_defers_the_mail_with_the_endpoints_reason() {
     let s = setup(3600, "wrong");
-    submit(&s.node, "b1@t");
+    submit_one(&s.node, "b1@t");
     assert!(
         wait_until(WAIT, || s.state.lock().unwrap().requests.len() >= 2),
         "retried: {}",

@@ -138,43 +138,16 @@ fn session(
 
 fn node(hop: &Hostile, mode: &str) -> Node {
     Node::start(
-        &format!(
-            r#"
-hostname: relay.test.example
-listeners:
-  - name: apps
-    address: 127.0.0.1:{{port0}}
-    relay: {{allowedSources: [127.0.0.0/8]}}
-queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
-admin: {{address: "127.0.0.1:{{admin}}"}}
-delivery:
-  smarthosts: [{{host: 127.0.0.1, port: {}}}]
-  tls: {{mode: {mode}}}
-  retry: {{firstSeconds: 1, maxSeconds: 1}}
-"#,
-            hop.addr.port()
-        ),
+        &relay_to(hop.addr.port(), &format!("  tls: {{mode: {mode}}}\n")),
         1,
     )
-}
-
-fn submit(node: &Node, id: &str) {
-    let (mut c, _) = Client::connect("127.0.0.2", node.addr(0));
-    assert!(c.cmd("EHLO client.test").starts_with("250"));
-    let r = c.mail(
-        "app@example.com",
-        &["it@b.example"],
-        &format!("Message-ID: <{id}>\r\nSubject: secret\r\n\r\nconfidential\r\n"),
-    );
-    assert!(r.starts_with("250"), "{r}");
-    c.cmd("QUIT");
 }
 
 #[test]
 fn replies_injected_before_the_handshake_are_discarded() {
     let hop = Hostile::start(Hop::InjectThenTls, tls_server_config("hostile.test"));
     let node = node(&hop, "opportunistic");
-    submit(&node, "i1@t");
+    submit_one(&node, "i1@t");
     assert!(
         wait_until(WAIT, || node.queue_ids().is_empty()),
         "{:?}\n{}",
@@ -205,7 +178,7 @@ fn required_tls_never_falls_back_to_plaintext() {
     for hop in [Hop::FailHandshake, Hop::Stripped] {
         let hostile = Hostile::start(hop, Arc::clone(&tls));
         let node = node(&hostile, "required");
-        submit(&node, "r1@t");
+        submit_one(&node, "r1@t");
         // Retries come every second: several attempts, none of them in plaintext.
         assert!(
             wait_until(WAIT, || node.metric(
@@ -228,7 +201,7 @@ fn required_tls_never_falls_back_to_plaintext() {
 fn opportunistic_tls_goes_on_without_tls_after_a_failed_handshake() {
     let hop = Hostile::start(Hop::FailHandshake, tls_server_config("hostile.test"));
     let node = node(&hop, "opportunistic");
-    submit(&node, "o1@t");
+    submit_one(&node, "o1@t");
     assert!(
         wait_until(WAIT, || node.queue_ids().is_empty()),
         "{:?}\n{}",

@@ -310,49 +310,42 @@ async fn reconcile_inner(mc: &MailCluster, ctx: &Context) -> Result<Action, Erro
         }
     }
     dns_records(mc, ctx, &names, &mut applier, &mut observed).await?;
-    for secret in configmap::smarthost_auth_secrets(&mc.spec) {
+    // The Secrets the members mount for next hops and signing: each must exist and hold its keys.
+    let needed = configmap::smarthost_auth_secrets(&mc.spec)
+        .into_iter()
+        .map(|s| (s, SecretUse::Smarthost))
+        .chain(
+            configmap::oauth2_secrets(&mc.spec)
+                .into_iter()
+                .map(|s| (s, SecretUse::OAuth2)),
+        )
+        .chain(
+            configmap::dkim_secrets(&mc.spec)
+                .into_iter()
+                .map(|(s, keys)| (s, SecretUse::Dkim(keys))),
+        );
+    for (secret, usage) in needed {
         let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
             .get_opt(&secret)
             .await
             .map_err(kube_err(format!("reading Secret {secret}")))?;
-        if let Some(message) = smarthost_secret_problem(&secret, live.as_ref()) {
-            observed
-                .problems
-                .push(Problem::new(Reason::SmarthostSecretInvalid, message));
-        }
-    }
-    for secret in configmap::oauth2_secrets(&mc.spec) {
-        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-            .get_opt(&secret)
-            .await
-            .map_err(kube_err(format!("reading Secret {secret}")))?;
-        let message = match &live {
-            None => Some(format!(
-                "the OAuth2 client secret Secret {secret} does not exist; members cannot start until it does: `kubectl create secret generic {secret} --from-literal={}=...`",
-                crate::crd::OAUTH2_SECRET_KEY
-            )),
-            Some(s) => (!missing_keys(s, &[crate::crd::OAUTH2_SECRET_KEY]).is_empty()).then(|| {
-                format!(
-                    "the OAuth2 client secret Secret {secret} has no {}; SMTP AUTH to its next hops fails until it does",
-                    crate::crd::OAUTH2_SECRET_KEY
-                )
-            }),
+        let live = live.as_ref();
+        let (reason, problem) = match &usage {
+            SecretUse::Smarthost => (
+                Reason::SmarthostSecretInvalid,
+                smarthost_secret_problem(&secret, live),
+            ),
+            SecretUse::OAuth2 => (
+                Reason::SmarthostSecretInvalid,
+                oauth2_secret_problem(&secret, live),
+            ),
+            SecretUse::Dkim(keys) => (
+                Reason::DkimSecretInvalid,
+                dkim_secret_problem(&secret, keys, live),
+            ),
         };
-        if let Some(message) = message {
-            observed
-                .problems
-                .push(Problem::new(Reason::SmarthostSecretInvalid, message));
-        }
-    }
-    for (secret, keys) in configmap::dkim_secrets(&mc.spec) {
-        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-            .get_opt(&secret)
-            .await
-            .map_err(kube_err(format!("reading Secret {secret}")))?;
-        if let Some(message) = dkim_secret_problem(&secret, &keys, live.as_ref()) {
-            observed
-                .problems
-                .push(Problem::new(Reason::DkimSecretInvalid, message));
+        if let Some(message) = problem {
+            observed.problems.push(Problem::new(reason, message));
         }
     }
 
@@ -414,6 +407,31 @@ fn smarthost_secret_problem(name: &str, secret: Option<&Secret>) -> Option<Strin
         format!(
             "the smarthost credentials Secret {name} has no {}; SMTP AUTH to its next hops fails until it does",
             missing.join(" and no ")
+        )
+    })
+}
+
+/// What a Secret the spec names is for.
+enum SecretUse {
+    /// Smarthost credentials (`username`, `password`).
+    Smarthost,
+    /// An OAuth2 client secret (`clientSecret`).
+    OAuth2,
+    /// DKIM private keys, under these keys.
+    Dkim(Vec<String>),
+}
+
+/// What is wrong with an OAuth2 client secret Secret, if anything.
+fn oauth2_secret_problem(name: &str, secret: Option<&Secret>) -> Option<String> {
+    let key = crate::crd::OAUTH2_SECRET_KEY;
+    let Some(secret) = secret else {
+        return Some(format!(
+            "the OAuth2 client secret Secret {name} does not exist; members cannot start until it does: `kubectl create secret generic {name} --from-literal={key}=...`"
+        ));
+    };
+    (!missing_keys(secret, &[key]).is_empty()).then(|| {
+        format!(
+            "the OAuth2 client secret Secret {name} has no {key}; SMTP AUTH to its next hops fails until it does"
         )
     })
 }

@@ -259,7 +259,7 @@ impl Engine {
             }
             Err(e) => {
                 let domain = crate::dkim::pick(&cfg.delivery.dkim, &env.listener, msg)
-                    .map(|d| d.domain.to_ascii_lowercase())
+                    .map(|(_, d)| d.domain.to_ascii_lowercase())
                     .unwrap_or_default();
                 result(&domain, "failed");
                 tracing::error!(id = %env.id, error = %e, "cannot DKIM-sign; the message waits");

@@ -170,10 +170,9 @@ impl Signer {
         listener: &str,
         msg: &[u8],
     ) -> Result<Option<Signed>, DkimError> {
-        let Some(d) = super::pick(cfg, listener, msg) else {
+        let Some((i, d)) = super::pick(cfg, listener, msg) else {
             return Ok(None);
         };
-        let i = cfg.iter().position(|x| std::ptr::eq(x, d)).unwrap_or(0);
         let mut headers = Vec::new();
         for (j, k) in d.keys.iter().enumerate() {
             let ready = self.ready(&format!("delivery.dkim[{i}].keys[{j}].keyFile"), d, k)?;

@@ -48,26 +48,31 @@ pub fn signed_domains(msg: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The domain config that signs a message received on `listener`: the most specific domain
-/// that the `From` domain is or is under, if its `listeners` admit `listener` and the message
-/// has no signature of that domain yet.
-pub fn pick<'a>(cfg: &'a [DkimDomain], listener: &str, msg: &[u8]) -> Option<&'a DkimDomain> {
+/// The domain config that signs a message received on `listener`, with its index in `cfg`:
+/// the most specific domain that the `From` domain is or is under, if its `listeners` admit
+/// `listener` and the message has no signature of that domain yet.
+pub fn pick<'a>(
+    cfg: &'a [DkimDomain],
+    listener: &str,
+    msg: &[u8],
+) -> Option<(usize, &'a DkimDomain)> {
     if cfg.is_empty() {
         return None;
     }
     let from = from_domain(msg)?;
-    let d = cfg
+    let (i, d) = cfg
         .iter()
-        .filter(|d| {
+        .enumerate()
+        .filter(|(_, d)| {
             let dom = d.domain.to_ascii_lowercase();
             from == dom || from.ends_with(&format!(".{dom}"))
         })
-        .max_by_key(|d| d.domain.len())?;
+        .max_by_key(|(_, d)| d.domain.len())?;
     if !d.listeners.is_empty() && !d.listeners.iter().any(|l| l == listener) {
         return None;
     }
     let dom = d.domain.to_ascii_lowercase();
-    (!signed_domains(msg).contains(&dom)).then_some(d)
+    (!signed_domains(msg).contains(&dom)).then_some((i, d))
 }
 
 /// The header fields a domain signs.
@@ -109,7 +114,7 @@ mod tests {
             format!("Subject: x\r\nFrom: {from}\r\nTo: y@z\r\n\r\nFrom: body@other\r\n")
         };
         let pick_for = |from: &str, listener: &str| {
-            pick(&cfg, listener, msg(from).as_bytes()).map(|d| d.domain.clone())
+            pick(&cfg, listener, msg(from).as_bytes()).map(|(_, d)| d.domain.clone())
         };
         assert_eq!(
             pick_for("App <app@Example.COM>", "apps").as_deref(),

@@ -455,6 +455,39 @@ pub fn run_ok(cmd: &mut Command, context: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A node config with one listener `apps` on `{port0}` that relays for loopback and delivers
+/// to the smarthost at 127.0.0.1:`port`, retrying every second; `delivery` adds lines to the
+/// `delivery` block (each indented by two spaces).
+pub fn relay_to(port: u16, delivery: &str) -> String {
+    format!(
+        r#"
+hostname: relay.test.example
+listeners:
+  - name: apps
+    address: 127.0.0.1:{{port0}}
+    relay: {{allowedSources: [127.0.0.0/8]}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+delivery:
+  smarthosts: [{{host: 127.0.0.1, port: {port}}}]
+  retry: {{firstSeconds: 1, maxSeconds: 1}}
+{delivery}"#
+    )
+}
+
+/// One message `<id>` from app@example.com to it@b.example, from 127.0.0.2 to listener 0.
+pub fn submit_one(node: &Node, id: &str) {
+    let (mut c, _) = Client::connect("127.0.0.2", node.addr(0));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let r = c.mail(
+        "app@example.com",
+        &["it@b.example"],
+        &format!("Message-ID: <{id}>\r\nSubject: report\r\n\r\nnumbers\r\n"),
+    );
+    assert!(r.starts_with("250"), "{r}");
+    c.cmd("QUIT");
+}
+
 /// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command
 /// (`MAILCLUSTER_REQUIRE_TOOLS` set) a missing tool fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {
