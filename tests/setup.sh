@@ -24,8 +24,10 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 #   runtime and pod network), iptables and conntrack (kube-proxy), buildah (images without a
 #   Docker daemon), python3-pytest (the end-to-end tests, on Debian's python3).
 # - python3-dkim (dkimpy) and python3-nacl (its Ed25519): the independent DKIM verifier.
+# - nsd and ldnsutils (ldns-keygen, ldns-signzone, ldns-key2ds): DNSSEC-signed zones on loopback
+#   for the DANE tests (node/tests/common/dnssec.rs runs its own nsd in the foreground).
 packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl ca-certificates python3
-  python3-dkim python3-nacl
+  python3-dkim python3-nacl nsd ldnsutils
   gcc g++ libc6-dev make musl-tools shellcheck git iproute2 procps util-linux mount
   containerd runc containernetworking-plugins iptables conntrack buildah python3-pytest)
 missing=()
@@ -39,6 +41,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The nsd package may start a system nsd on port 53; the tests run their own, so stop it.
+  if [[ " ${missing[*]} " == *" nsd "* ]] && command -v systemctl >/dev/null &&
+    systemctl is-system-running >/dev/null 2>&1; then
+    "${sudo_cmd[@]}" systemctl disable --now nsd >/dev/null 2>&1 || true
+  fi
 fi
 
 # Rust: the toolchain the repository builds with, its lints and the static (musl) target.
@@ -70,6 +77,12 @@ python3 -c 'import smtplib, ssl; ssl.create_default_context()' ||
   die "python3 cannot import smtplib and ssl"
 openssl version >/dev/null || die "openssl does not run"
 command -v musl-gcc >/dev/null || die "musl-gcc is missing (package musl-tools)"
+# DANE tests: NSD serves zones that ldns signs; a key must come out of ldns-keygen.
+[ -x /usr/sbin/nsd ] || die "/usr/sbin/nsd is missing (package nsd)"
+ldns_probe=$(mktemp -d)
+(cd "$ldns_probe" && ldns-keygen -a ECDSAP256SHA256 probe.test >/dev/null 2>&1) ||
+  die "ldns-keygen cannot make an ECDSA P-256 key (package ldnsutils)"
+rm -rf "$ldns_probe"
 for tool in containerd containerd-shim-runc-v2 ctr runc buildah conntrack iptables-restore nsenter; do
   command -v "$tool" >/dev/null || die "$tool is missing (see the package list in $0)"
 done

@@ -64,6 +64,11 @@ pub struct Metrics {
     /// Outbound connections by TLS result: `tls`, `plaintext`, `handshake_failed` (then
     /// tried without TLS: opportunistic), `refused_without_tls` (required TLS not had).
     pub outbound_tls: Family<Labels, Counter>,
+    /// Next hops by TLS policy (`none`, `opportunistic`, `required`, `mta-sts`,
+    /// `mta-sts-testing`, `dane`) and result: `ok` (the policy held), `failed` (a TLS or
+    /// certificate check failed: under a policy that requires TLS the hop was not used),
+    /// `skipped` (not tried: an MX host outside the MTA-STS policy, a TLSA lookup that failed).
+    pub outbound_tls_policy: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -112,6 +117,7 @@ impl Metrics {
             rate_reports: Family::default(),
             dkim_signatures: Family::default(),
             outbound_tls: Family::default(),
+            outbound_tls_policy: Family::default(),
             destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
@@ -208,6 +214,11 @@ impl Metrics {
             "outbound_tls",
             "Outbound connections by TLS result (tls, plaintext, handshake_failed, refused_without_tls)",
             m.outbound_tls.clone(),
+        );
+        registry.register(
+            "outbound_tls_policy",
+            "Next hops by TLS policy (none, opportunistic, required, mta-sts, mta-sts-testing, dane) and result (ok, failed, skipped)",
+            m.outbound_tls_policy.clone(),
         );
         registry.register(
             "dkim_signatures",

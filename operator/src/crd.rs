@@ -401,7 +401,8 @@ pub struct RelayPolicy {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(
     validation = Rule::new("!(has(self.smarthosts) && size(self.smarthosts) > 0 && has(self.mx))").message("smarthosts and mx are mutually exclusive: deliver through smarthosts or directly by MX, not both"),
-    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both")
+    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both"),
+    validation = Rule::new("!(has(self.tls) && self.tls.mode == 'MtaSts' && has(self.smarthosts) && size(self.smarthosts) > 0)").message("tls.mode MtaSts applies to delivery by MX; towards smarthosts use Required or Dane")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
@@ -464,7 +465,8 @@ pub struct Delivery {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
     validation = Rule::new("(has(self.senderDomains) && size(self.senderDomains) > 0) || (has(self.users) && size(self.users) > 0)").message("set senderDomains, users or both"),
-    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both")
+    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both"),
+    validation = Rule::new("!(has(self.tls) && self.tls.mode == 'MtaSts')").message("tls.mode MtaSts applies to delivery by MX; towards smarthosts use Required or Dane")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SenderRoute {
@@ -596,7 +598,11 @@ pub struct DestinationLimits {
 pub struct OutboundTls {
     /// `Opportunistic` (the default: STARTTLS when the next hop offers it, its certificate
     /// not checked), `Required` (STARTTLS with a certificate valid for the next hop's name,
-    /// otherwise the mail waits and is retried) or `None`.
+    /// otherwise the mail waits and is retried), `None`, `MtaSts` (delivery by MX: the
+    /// recipient domain's MTA-STS policy, RFC 8461) or `Dane` (DNSSEC-signed TLSA records,
+    /// RFC 7672, where the next hop has them, else MTA-STS for delivery by MX). `Dane` is
+    /// the strongest choice for mail to the internet; it needs a DNSSEC-validating view of
+    /// DNS, which the members do themselves.
     #[serde(default)]
     pub mode: OutboundTlsMode,
 }
@@ -611,6 +617,15 @@ pub enum OutboundTlsMode {
     Required,
     /// No STARTTLS.
     None,
+    /// For delivery by MX: under the recipient domain's MTA-STS policy in `enforce` mode,
+    /// only the MX hosts it lists, over TLS with a valid certificate, or the mail waits; in
+    /// `testing` mode or without a policy, as `Opportunistic`. Routes with smarthosts that
+    /// inherit it use `Opportunistic`.
+    MtaSts,
+    /// Where the next hop's TLSA records are DNSSEC-signed (and, for delivery by MX, the MX
+    /// records too): TLS with a certificate they match, or the mail waits, also when DNSSEC
+    /// validation fails. Otherwise as `MtaSts`.
+    Dane,
 }
 
 /// A next-hop SMTP server.
@@ -645,7 +660,10 @@ pub struct MxDelivery {
 
 /// Next hops for one recipient domain.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both"))]
+#[x_kube(
+    validation = Rule::new("!(has(self.authSecret) && has(self.oauth2))").message("set authSecret or oauth2, not both"),
+    validation = Rule::new("!(has(self.tls) && self.tls.mode == 'MtaSts')").message("tls.mode MtaSts applies to delivery by MX; towards smarthosts use Required or Dane")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Recipient domain this route applies to (exact match), e.g. `partner.example`.

@@ -256,6 +256,15 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.delivery", "set authSecret or oauth2, not both"],
         ),
         (
+            "MTA-STS towards smarthosts",
+            set(
+                base.clone(),
+                "/spec/delivery/tls",
+                json!({"mode": "MtaSts"}),
+            ),
+            &["spec.delivery", "MtaSts applies to delivery by MX"],
+        ),
+        (
             "DKIM selector with a dot-less space",
             set(
                 base.clone(),

@@ -833,9 +833,13 @@ pub struct SenderRoute {
 pub struct OutboundTls {
     /// `opportunistic` (default: STARTTLS when offered, certificate not checked), `required`
     /// (STARTTLS must succeed and the certificate must be valid for the next hop's name,
-    /// else the hop is skipped and the mail deferred) or `none`.
+    /// else the hop is skipped and the mail deferred), `none`, `mta-sts` (delivery by MX
+    /// only: the recipient domain's MTA-STS policy, RFC 8461, else opportunistic) or `dane`
+    /// (DNSSEC-signed TLSA records, RFC 7672, where the next hop has them; else MTA-STS for
+    /// delivery by MX; else opportunistic).
     pub mode: OutboundTlsMode,
-    /// Extra CA certificates (PEM) trusted besides the public web PKI roots.
+    /// Extra CA certificates (PEM) trusted besides the public web PKI roots (for `required`,
+    /// MTA-STS policy hosts and MX hosts under an MTA-STS policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
 }
@@ -851,6 +855,17 @@ pub enum OutboundTlsMode {
     Opportunistic,
     /// STARTTLS required, with certificate and name verification.
     Required,
+    /// For delivery by MX: the recipient domain's MTA-STS policy (RFC 8461). Under an
+    /// `enforce` policy only the MX hosts it lists are used, over TLS with a certificate valid
+    /// for the MX host's name, else the mail waits; `testing` or no policy: opportunistic.
+    /// Routes with smarthosts that inherit it use opportunistic TLS.
+    #[serde(rename = "mta-sts")]
+    MtaSts,
+    /// DANE (RFC 7672): where the next hop's TLSA records are DNSSEC-signed, TLS with a
+    /// certificate they match is required, else the mail waits (a bogus signature too). For
+    /// delivery by MX the MX records must be signed as well; without DANE the domain's
+    /// MTA-STS policy applies; else opportunistic.
+    Dane,
 }
 
 /// DNS resolver settings.
@@ -861,6 +876,14 @@ pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     /// Timeout of one query, in seconds.
     pub timeout_seconds: u64,
+    /// DNSSEC trust anchors for DANE (`delivery.tls.mode: dane`): a file of DNSKEY records
+    /// (zone file format, e.g. `. 172800 IN DNSKEY 257 3 8 AwEAAa...`) used instead of the
+    /// built-in keys of the DNS root, for a private DNSSEC root or tests. For a zone other
+    /// than the root, list all of its DNSKEYs (each key is checked against this file). Unset:
+    /// the root's keys (KSK-2017 and KSK-2024). A file that cannot be read or parsed stops
+    /// the node from starting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_anchor_file: Option<PathBuf>,
 }
 
 impl Default for DnsConfig {
@@ -868,6 +891,7 @@ impl Default for DnsConfig {
         Self {
             nameservers: Vec::new(),
             timeout_seconds: 5,
+            trust_anchor_file: None,
         }
     }
 }
@@ -1189,6 +1213,27 @@ impl Config {
             Ok(())
         };
         hosts("delivery.smarthosts", &d.smarthosts)?;
+        let sts_needs_mx = std::iter::once(("delivery.tls.mode".to_owned(), &d.tls, &d.smarthosts))
+            .chain(d.routes.iter().enumerate().filter_map(|(i, r)| {
+                let tls = r.tls.as_ref()?;
+                Some((format!("delivery.routes[{i}].tls.mode"), tls, &r.smarthosts))
+            }))
+            .chain(d.sender_routes.iter().enumerate().filter_map(|(i, r)| {
+                let tls = r.tls.as_ref()?;
+                Some((
+                    format!("delivery.senderRoutes[{i}].tls.mode"),
+                    tls,
+                    &r.smarthosts,
+                ))
+            }));
+        for (at, tls, smarthosts) in sts_needs_mx {
+            if tls.mode == OutboundTlsMode::MtaSts && !smarthosts.is_empty() {
+                return Err(invalid(
+                    at,
+                    "mta-sts applies to delivery by MX only; towards smarthosts use required or dane",
+                ));
+            }
+        }
         for (i, r) in d.routes.iter().enumerate() {
             if r.domains.is_empty() {
                 return Err(invalid(
@@ -1253,6 +1298,16 @@ impl Config {
         }
         if d.mx_port == 0 {
             return Err(invalid("delivery.mxPort".into(), "must not be 0"));
+        }
+        if d.dns
+            .trust_anchor_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "delivery.dns.trustAnchorFile".into(),
+                "must name a file of DNSKEY records (or be left out for the root's keys)",
+            ));
         }
         Ok(())
     }
@@ -1321,6 +1376,32 @@ mod tests {
         );
         c.delivery.sender_routes[0].oauth2 = None;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn mta_sts_is_for_delivery_by_mx_only() {
+        let yaml = "delivery:\n  tls: {mode: mta-sts}\n  routes:\n    - domains: [partner.example]\n      smarthosts: [{host: mx.partner.example, port: 25}]\n    - domains: [b.example]\n      smarthosts: [{host: smtp.b.example, port: 25}]\n      tls: {mode: dane}\n";
+        let mut c: Config = serde_yaml::from_str(yaml).unwrap();
+        // Routes with smarthosts that inherit mta-sts use opportunistic TLS.
+        c.validate().unwrap();
+        assert_eq!(c.delivery.tls.mode, OutboundTlsMode::MtaSts);
+        c.delivery.routes[1].tls = Some(OutboundTls {
+            mode: OutboundTlsMode::MtaSts,
+            ca_file: None,
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("delivery.routes[1].tls.mode") && err.contains("delivery by MX"),
+            "{err}"
+        );
+        c.delivery.routes.clear();
+        c.delivery.smarthosts = vec![Smarthost {
+            host: "smtp.example".into(),
+            port: 25,
+            priority: 0,
+        }];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.tls.mode"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,11 @@ use super::dns::{Dns, DnsError};
 use super::dsn::{self, Action, DsnRecipient};
 use super::pool::Pool;
 use super::route::{self, MxPlan, Route, RouteAuth, RouteKind, SelfSet};
+use super::tls_policy::{self, HopTls, Verified};
 use super::{Handle, backoff, now_ms};
+
+/// Directory of the queue volume where MTA-STS policies are kept across restarts.
+pub const MTA_STS_DIR: &str = "mta-sts";
 
 /// Engine setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +79,9 @@ pub struct Engine {
     turn: AtomicUsize,
     seed: AtomicU64,
     tls_any: Arc<rustls::ClientConfig>,
-    tls_verified: HashMap<Option<PathBuf>, Arc<rustls::ClientConfig>>,
+    tls_verified: HashMap<Option<PathBuf>, Verified>,
+    /// MTA-STS policies of recipient domains.
+    sts: super::mta_sts::Policies,
     /// DKIM keys, read when first used and again when their files change.
     dkim: crate::dkim::Signer,
     /// OAuth2 tokens for SMTP AUTH to smarthosts.
@@ -117,7 +123,7 @@ impl Engine {
         );
         for ca in cas {
             if let std::collections::hash_map::Entry::Vacant(v) = tls_verified.entry(ca) {
-                let c = tls_config(true, v.key().as_deref()).map_err(EngineError::Tls)?;
+                let c = Verified::new(v.key().as_deref()).map_err(EngineError::Tls)?;
                 v.insert(c);
             }
         }
@@ -141,6 +147,7 @@ impl Engine {
             seed: AtomicU64::new(u64::try_from(now_ms()).unwrap_or(1)),
             tls_any,
             tls_verified,
+            sts: super::mta_sts::Policies::new(Some(queue.root().join(MTA_STS_DIR))),
             abandon: tokio::sync::watch::Sender::new(false),
             cfg: RwLock::new(Arc::new(cfg)),
             queue,
@@ -587,11 +594,12 @@ impl Engine {
             tracing::debug!(id = %env.id, destination = %r.destination, reason = %why, "deferred by the destination's shaping");
             return all(Res::Deferred(why));
         }
+        let mut mx_secure = None;
         let hops = match &r.kind {
             RouteKind::Smarthosts(list) => {
                 route::order_smarthosts(list, self.turn.fetch_add(1, Ordering::Relaxed))
             }
-            RouteKind::Mx => match self.dns.mx(domain).await {
+            RouteKind::Mx => match self.mx(domain, r.tls.mode, &mut mx_secure).await {
                 Ok(recs) => {
                     let seed = self
                         .seed
@@ -619,7 +627,33 @@ impl Engine {
                 Err(e) => return all(Res::Deferred(format!("451 4.4.3 {e}"))),
             },
         };
-        let mut cands: Vec<(String, SocketAddr)> = Vec::new();
+        let sts = match (&r.kind, r.tls.mode) {
+            (RouteKind::Mx, OutboundTlsMode::MtaSts | OutboundTlsMode::Dane) => {
+                let l = self
+                    .sts
+                    .lookup(domain, &self.dns, r.tls.ca_file.as_deref())
+                    .await;
+                if let Some(f) = &l.failure {
+                    tracing::info!(id = %env.id, domain, error = %f, cached_policy = l.policy.is_some(), "MTA-STS policy not fetched");
+                }
+                l.policy
+            }
+            _ => None,
+        };
+        let verified = match self.tls_verified.get(&r.tls.ca_file) {
+            Some(v) => v.clone(),
+            // A caFile a reload added: made for this attempt.
+            None => match Verified::new(r.tls.ca_file.as_deref()) {
+                Ok(v) => v,
+                Err(e) => return all(Res::Deferred(format!("451 4.7.5 TLS settings: {e}"))),
+            },
+        };
+        let inputs = tls_policy::Inputs {
+            dns: &self.dns,
+            any: &self.tls_any,
+            verified: &verified,
+        };
+        let mut cands: Vec<Candidate> = Vec::new();
         let mut selfs: Vec<String> = Vec::new();
         let mut last: Option<String> = None;
         for hop in hops {
@@ -627,6 +661,24 @@ impl Engine {
                 selfs.push(hop.host.clone());
                 continue;
             }
+            let hop_tls = match tls_policy::for_hop(
+                r.tls.mode,
+                mx_secure,
+                sts.as_deref(),
+                &hop.host,
+                hop.port,
+                &inputs,
+            )
+            .await
+            {
+                Ok(t) => Arc::new(t),
+                Err(why) => {
+                    tracing::warn!(id = %env.id, hop = %hop.host, reason = %why, "next hop not used: its TLS policy cannot be met");
+                    self.tls_policy_metric(policy_of(r.tls.mode, sts.as_deref()), "skipped");
+                    last = Some(format!("451 4.7.5 {why}"));
+                    continue;
+                }
+            };
             match self.dns.ips(&hop.host).await {
                 Ok(ips) => {
                     for ip in ips {
@@ -634,7 +686,11 @@ impl Engine {
                         if self.is_self_addr(a) {
                             selfs.push(format!("{} ({a})", hop.host));
                         } else {
-                            cands.push((hop.host.clone(), a));
+                            cands.push(Candidate {
+                                host: hop.host.clone(),
+                                addr: a,
+                                tls: Arc::clone(&hop_tls),
+                            });
                         }
                     }
                 }
@@ -683,8 +739,9 @@ impl Engine {
                 .inc();
             tracing::warn!(destination = %r.destination, reply, backoff_seconds = backoff.as_secs(), "next hop asked to slow down; no attempts to this destination meanwhile");
         };
-        for (host, addr) in cands {
-            let outcome = self.try_hop(env, msg, r, &host, addr, rcpts).await;
+        for cand in cands {
+            let (host, addr) = (&cand.host, cand.addr);
+            let outcome = self.try_hop(env, msg, r, &cand, rcpts).await;
             match &outcome {
                 Ok(o) => {
                     if let Some(rep) = o.results.iter().find_map(|x| match x {
@@ -764,20 +821,14 @@ impl Engine {
         )))
     }
 
-    async fn connect_options(&self, r: &Route) -> Result<ConnectOptions, ClientError> {
+    async fn connect_options(
+        &self,
+        r: &Route,
+        hop_tls: &HopTls,
+    ) -> Result<ConnectOptions, ClientError> {
         let cfg = self.cfg();
         let d = &cfg.delivery;
-        let tls = match r.tls.mode {
-            OutboundTlsMode::None => None,
-            OutboundTlsMode::Opportunistic => Some((Arc::clone(&self.tls_any), false)),
-            OutboundTlsMode::Required => {
-                let c = match self.tls_verified.get(&r.tls.ca_file) {
-                    Some(c) => Arc::clone(c),
-                    None => tls_config(true, r.tls.ca_file.as_deref()).map_err(ClientError::Tls)?,
-                };
-                Some((c, true))
-            }
-        };
+        let tls = hop_tls.tls.clone();
         let auth = match &r.auth {
             None => None,
             Some(RouteAuth::File(p)) => {
@@ -818,13 +869,15 @@ impl Engine {
         env: &Envelope,
         msg: &[u8],
         r: &Route,
-        host: &str,
-        addr: SocketAddr,
+        cand: &Candidate,
         rcpts: &[String],
     ) -> Result<TxOutcome, ClientError> {
+        let (host, addr, hop_tls) = (cand.host.as_str(), cand.addr, &*cand.tls);
         let key = format!(
-            "{addr}|{host}|{:?}|{:?}|{:?}",
-            r.tls.mode, r.tls.ca_file, r.auth
+            "{addr}|{host}|{}|{:?}|{:?}",
+            hop_tls.kind.label(),
+            r.tls.ca_file,
+            r.auth
         );
         let abandon = self.abandon.subscribe();
         if let Some(mut c) = self.pool.take(&key) {
@@ -850,7 +903,7 @@ impl Engine {
                 }
             }
         }
-        let opts = self.connect_options(r).await?;
+        let opts = self.connect_options(r, hop_tls).await?;
         let tls_metric = |result: &str| {
             self.metrics
                 .outbound_tls
@@ -874,7 +927,9 @@ impl Engine {
         let mut c = match opened {
             // Opportunistic TLS may go without TLS when the handshake fails (as Postfix's
             // `may` level does), on a new connection; required TLS never does.
-            Err(ClientError::Handshake(e)) if r.tls.mode == OutboundTlsMode::Opportunistic => {
+            Err(ClientError::Handshake(e))
+                if hop_tls.tls.as_ref().is_some_and(|(_, required)| !required) =>
+            {
                 tracing::warn!(hop = %host, address = %addr, error = %e, "TLS handshake failed; opportunistic TLS: trying this next hop again without TLS");
                 tls_metric("handshake_failed");
                 let plain = ConnectOptions { tls: None, ..opts };
@@ -882,11 +937,29 @@ impl Engine {
             }
             Err(e @ (ClientError::Handshake(_) | ClientError::Tls(_))) => {
                 tls_metric("refused_without_tls");
+                self.tls_policy_metric(hop_tls.kind, "failed");
+                tracing::warn!(hop = %host, address = %addr, policy = hop_tls.kind.label(), error = %e, "TLS policy not met; this next hop is not used");
                 return Err(e);
             }
             other => other?,
         };
         tls_metric(if c.tls { "tls" } else { "plaintext" });
+        let observed = hop_tls.observed.as_ref().and_then(|o| {
+            o.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
+        match observed {
+            Some(why) => {
+                tracing::warn!(hop = %host, address = %addr, reason = %why, "MTA-STS testing policy: this delivery would fail under enforce");
+                self.tls_policy_metric(hop_tls.kind, "failed");
+            }
+            None if hop_tls.kind == tls_policy::Kind::MtaStsTesting && !c.tls => {
+                tracing::warn!(hop = %host, address = %addr, "MTA-STS testing policy: no TLS with this next hop; it would fail under enforce");
+                self.tls_policy_metric(hop_tls.kind, "failed");
+            }
+            None => self.tls_policy_metric(hop_tls.kind, "ok"),
+        }
         let o = c
             .send(
                 &env.sender,
@@ -901,6 +974,33 @@ impl Engine {
         Ok(o)
     }
 
+    /// The domain's MX records; under `dane` through the validating resolver, noting in
+    /// `secure` whether they were signed.
+    async fn mx(
+        &self,
+        domain: &str,
+        mode: OutboundTlsMode,
+        secure: &mut Option<bool>,
+    ) -> Result<Vec<(u16, String)>, DnsError> {
+        if mode != OutboundTlsMode::Dane {
+            *secure = Some(false);
+            return self.dns.mx(domain).await;
+        }
+        let (recs, signed) = self.dns.mx_dnssec(domain).await?;
+        *secure = Some(signed);
+        Ok(recs)
+    }
+
+    fn tls_policy_metric(&self, kind: tls_policy::Kind, result: &str) {
+        self.metrics
+            .outbound_tls_policy
+            .get_or_create(&vec![
+                ("policy".to_owned(), kind.label().to_owned()),
+                ("result".to_owned(), result.to_owned()),
+            ])
+            .inc();
+    }
+
     /// Keeps a connection for the route's next message, unless it has carried the route's
     /// messages per connection.
     async fn keep(&self, key: &str, c: Connection, r: &Route) {
@@ -910,6 +1010,23 @@ impl Engine {
         } else if let Some(c) = self.pool.put(key, c) {
             c.quit().await;
         }
+    }
+}
+
+/// A next hop to try: its name, one of its addresses, its TLS.
+#[derive(Debug)]
+struct Candidate {
+    host: String,
+    addr: SocketAddr,
+    tls: Arc<HopTls>,
+}
+
+/// The policy a skipped hop was held to, for the metric.
+fn policy_of(mode: OutboundTlsMode, sts: Option<&super::mta_sts::Policy>) -> tls_policy::Kind {
+    match (mode, sts) {
+        (OutboundTlsMode::Dane, None) => tls_policy::Kind::Dane,
+        (_, Some(_)) => tls_policy::Kind::MtaSts,
+        _ => tls_policy::Kind::Required,
     }
 }
 

@@ -593,29 +593,49 @@ pub fn tls_config(
     verify: bool,
     extra_ca: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let cfg = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(p) = extra_ca {
-            use rustls_pki_types::pem::PemObject as _;
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
-            for c in certs {
-                let c = c.map_err(|e| format!("{}: {e}", p.display()))?;
-                roots.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
-            }
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+    if verify {
+        with_verifier(webpki_verifier(extra_ca)?)
     } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth()
-    };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        with_verifier(Arc::new(AcceptAny(provider)))
+    }
+}
+
+/// The certificate check of verifying TLS: the web PKI roots plus `extra_ca`'s certificates,
+/// and the server's name.
+pub fn webpki_verifier(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<Arc<dyn rustls::client::danger::ServerCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(p) = extra_ca {
+        use rustls_pki_types::pem::PemObject as _;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("{}: {e}", p.display()))?;
+            roots.add(c).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+/// A TLS client configuration (ring, safe protocol versions, no client certificate) that
+/// checks the server with `verifier`.
+pub fn with_verifier(
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
 

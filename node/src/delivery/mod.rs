@@ -7,6 +7,11 @@
 //! - [`client`]: the SMTP client; [`pool`]: per-destination limits and connection reuse.
 //! - [`dns`]: MX and address lookups; [`dsn`] (pure): RFC 3464 reports;
 //!   [`backoff`] (pure): retry schedule.
+//! - [`dane`]: TLSA records and the certificate check of DANE (RFC 7672); their DNSSEC-validated
+//!   lookup is in [`dns`].
+//! - [`tls_policy`]: which TLS each next hop must have: the route's mode, the domain's
+//!   MTA-STS policy ([`mta_sts`]), the hop's DANE TLSA records.
+//! - [`https`]: one HTTPS request (OAuth2 tokens, MTA-STS policies, TLS reports).
 //!
 //! `mailnode queue flush [--domain D]` writes a request file into `QUEUE/flush/`; the
 //! scheduler polls that directory every second, rescans `active/` (picking up released
@@ -15,13 +20,17 @@
 pub mod attempt;
 pub mod backoff;
 pub mod client;
+pub mod dane;
 pub mod dns;
 pub mod dsn;
+pub mod https;
+pub mod mta_sts;
 pub mod oauth2;
 pub mod pool;
 pub mod route;
 pub mod scheduler;
 pub mod shaping;
+pub mod tls_policy;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

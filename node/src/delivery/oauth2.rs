@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use http_body_util::BodyExt as _;
 use tokio::time::Instant;
 
 use crate::config::OAuth2;
@@ -65,33 +64,6 @@ struct Cached {
 pub struct Tokens {
     cache: tokio::sync::Mutex<HashMap<OAuth2, Cached>>,
     tls: HashMap<Option<std::path::PathBuf>, Arc<rustls::ClientConfig>>,
-}
-
-/// TLS towards a token endpoint: certificates checked against the web PKI roots and `ca`,
-/// HTTP/1.1 by ALPN.
-fn http1_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut c = (*super::client::tls_config(true, ca)?).clone();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(c))
-}
-
-/// Host, port and path of an `https://` URL.
-fn split_url(url: &str) -> Option<(String, u16, String)> {
-    let rest = url.strip_prefix("https://")?;
-    let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']')?;
-        let port = after
-            .strip_prefix(':')
-            .map_or(Some(443), |p| p.parse().ok())?;
-        (h.to_owned(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), p.parse().ok()?),
-            None => (authority.to_owned(), 443),
-        }
-    };
-    (!host.is_empty()).then(|| (host, port, path.to_owned()))
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value.
@@ -160,7 +132,7 @@ impl Tokens {
         let mut tls = HashMap::new();
         for ca in cas {
             if let std::collections::hash_map::Entry::Vacant(v) = tls.entry(ca) {
-                let c = http1_tls(v.key().as_deref())?;
+                let c = super::https::tls(v.key().as_deref())?;
                 v.insert(c);
             }
         }
@@ -207,7 +179,8 @@ impl Tokens {
             url: url.clone(),
             why,
         };
-        let (host, port, path) = split_url(&url).ok_or_else(|| OAuthError::Url(url.clone()))?;
+        let (host, port, path) =
+            super::https::split_url(&url).ok_or_else(|| OAuthError::Url(url.clone()))?;
         let secret = std::fs::read_to_string(&o.client_secret_file).map_err(|source| {
             OAuthError::Secret {
                 path: o.client_secret_file.clone(),
@@ -225,54 +198,20 @@ impl Tokens {
         let tls = match self.tls.get(&o.ca_file) {
             Some(t) => Arc::clone(t),
             // A caFile that a reload added: its settings are made for this request.
-            None => http1_tls(o.ca_file.as_deref()).map_err(endpoint)?,
+            None => super::https::tls(o.ca_file.as_deref()).map_err(endpoint)?,
         };
-        let request = async {
-            let ip = dns
-                .ips(&host)
+        let req = http::Request::post(path.as_str())
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(bytes::Bytes::from(form))
+            .map_err(|e| endpoint(e.to_string()))?;
+        let super::https::Response { status, body, .. } =
+            super::https::request(dns, tls, &host, port, req, MAX_RESPONSE, REQUEST_TIMEOUT)
                 .await
-                .map_err(|e| endpoint(e.to_string()))?
-                .into_iter()
-                .next()
-                .ok_or_else(|| endpoint(format!("{host} has no address")))?;
-            let tcp = tokio::net::TcpStream::connect((ip, port))
-                .await
-                .map_err(|e| endpoint(format!("connect {ip}:{port}: {e}")))?;
-            let name = rustls_pki_types::ServerName::try_from(host.clone())
-                .map_err(|e| endpoint(e.to_string()))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| endpoint(format!("TLS: {e}")))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| endpoint(e.to_string()))?;
-            tokio::spawn(conn);
-            let req = http::Request::post(path.as_str())
-                .header(http::header::HOST, &host)
-                .header(
-                    http::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .header(http::header::ACCEPT, "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(form)))
-                .map_err(|e| endpoint(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| endpoint(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| endpoint(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok::<_, OAuthError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, request)
-            .await
-            .map_err(|_| endpoint("no answer in time".into()))??;
+                .map_err(endpoint)?;
         if status != 200 {
             return Err(OAuthError::Refused {
                 url,
@@ -290,24 +229,6 @@ mod tests {
 
     #[test]
     fn urls_forms_and_answers() {
-        assert_eq!(
-            split_url("https://login.example.com/t/oauth2/v2.0/token"),
-            Some((
-                "login.example.com".into(),
-                443,
-                "/t/oauth2/v2.0/token".into()
-            ))
-        );
-        assert_eq!(
-            split_url("https://127.0.0.1:8443"),
-            Some(("127.0.0.1".into(), 8443, "/".into()))
-        );
-        assert_eq!(
-            split_url("https://[::1]:9/x"),
-            Some(("::1".into(), 9, "/x".into()))
-        );
-        assert_eq!(split_url("http://a/b"), None);
-        assert_eq!(split_url("https://:1/"), None);
         assert_eq!(form_value("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
         assert_eq!(
             parse_token(br#"{"token_type":"Bearer","expires_in":3599,"access_token":"eyJ"}"#),

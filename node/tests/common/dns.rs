@@ -1,15 +1,16 @@
-//! A tiny authoritative DNS server for tests (UDP on loopback), answering MX, A and AAAA
-//! from a table; other names get NXDOMAIN, known names without the type get NOERROR/empty.
+//! A tiny authoritative DNS server for tests (UDP on loopback), answering MX, A, AAAA and TXT
+//! from a table that can change while it runs; other names get NXDOMAIN, known names without
+//! the type get NOERROR/empty.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, MX};
+use hickory_proto::rr::rdata::{A, AAAA, MX, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 
@@ -17,12 +18,14 @@ use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 pub enum Rec {
     Mx(u16, String),
     Ip(IpAddr),
+    Txt(String),
 }
 
 pub struct TestDns {
     pub addr: SocketAddr,
     table: Arc<Mutex<Vec<(String, Rec)>>>,
     stop: Arc<AtomicBool>,
+    ttl: Arc<AtomicU32>,
 }
 
 fn norm(n: &str) -> String {
@@ -37,7 +40,8 @@ impl TestDns {
         let addr = sock.local_addr().unwrap();
         let table: Arc<Mutex<Vec<(String, Rec)>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (Arc::clone(&table), Arc::clone(&stop));
+        let ttl = Arc::new(AtomicU32::new(5));
+        let (t, s, l) = (Arc::clone(&table), Arc::clone(&stop), Arc::clone(&ttl));
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !s.load(Ordering::Relaxed) {
@@ -70,9 +74,11 @@ impl TestDns {
                         )),
                         (Rec::Ip(IpAddr::V4(ip)), RecordType::A) => RData::A(A(*ip)),
                         (Rec::Ip(IpAddr::V6(ip)), RecordType::AAAA) => RData::AAAA(AAAA(*ip)),
+                        (Rec::Txt(t), RecordType::TXT) => RData::TXT(TXT::new(vec![t.clone()])),
                         _ => continue,
                     };
-                    resp.answers.push(Record::from_rdata(name, 5, rdata));
+                    resp.answers
+                        .push(Record::from_rdata(name, l.load(Ordering::Relaxed), rdata));
                 }
                 resp.queries.push(query);
                 if !known {
@@ -83,11 +89,31 @@ impl TestDns {
                 }
             }
         });
-        TestDns { addr, table, stop }
+        TestDns {
+            addr,
+            table,
+            stop,
+            ttl,
+        }
+    }
+
+    /// The TTL of the answers from now on (0: resolvers keep nothing, for records a test
+    /// changes).
+    pub fn set_ttl(&self, secs: u32) {
+        self.ttl.store(secs, Ordering::Relaxed);
     }
 
     pub fn add(&self, name: &str, rec: Rec) {
         self.table.lock().unwrap().push((norm(name), rec));
+    }
+
+    /// Remove every record of `name` that `which` selects.
+    pub fn remove(&self, name: &str, which: impl Fn(&Rec) -> bool) {
+        let n = norm(name);
+        self.table
+            .lock()
+            .unwrap()
+            .retain(|(k, r)| *k != n || !which(r));
     }
 }
 

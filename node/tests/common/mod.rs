@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod ca;
 pub mod dkim;
 pub mod dns;
+pub mod dnssec;
+pub mod https_server;
 pub mod sink;
+pub mod tls_hop;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 
@@ -475,17 +479,46 @@ delivery:
     )
 }
 
+/// A node config with one listener `apps` on `{port0}` that relays for loopback and delivers
+/// by MX; `delivery` adds lines to the `delivery` block (each indented by two spaces).
+pub fn relay_by_mx(delivery: &str) -> String {
+    format!(
+        r#"
+hostname: relay.test.example
+listeners:
+  - name: apps
+    address: 127.0.0.1:{{port0}}
+    relay: {{allowedSources: [127.0.0.0/8]}}
+queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
+admin: {{address: "127.0.0.1:{{admin}}"}}
+delivery:
+{delivery}"#
+    )
+}
+
 /// One message `<id>` from app@example.com to it@b.example, from 127.0.0.2 to listener 0.
 pub fn submit_one(node: &Node, id: &str) {
+    submit_one_to(node, id, "it@b.example");
+}
+
+/// One message `<id>` from app@example.com to `rcpt`, from 127.0.0.2 to listener 0.
+pub fn submit_one_to(node: &Node, id: &str, rcpt: &str) {
     let (mut c, _) = Client::connect("127.0.0.2", node.addr(0));
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     let r = c.mail(
         "app@example.com",
-        &["it@b.example"],
+        &[rcpt],
         &format!("Message-ID: <{id}>\r\nSubject: report\r\n\r\nnumbers\r\n"),
     );
     assert!(r.starts_with("250"), "{r}");
     c.cmd("QUIT");
+}
+
+/// `mailnode_outbound_tls_policy_total` for a policy and a result.
+pub fn tls_policy_metric(node: &Node, policy: &str, result: &str) -> f64 {
+    node.metric(&format!(
+        "mailnode_outbound_tls_policy_total{{policy=\"{policy}\",result=\"{result}\"}}"
+    ))
 }
 
 /// Whether a peer tool (swaks, Postfix's smtp-source, ...) is installed. Under the test command

@@ -336,6 +336,8 @@ fn outbound_tls(t: &crd::OutboundTls) -> node::OutboundTls {
             crd::OutboundTlsMode::Opportunistic => node::OutboundTlsMode::Opportunistic,
             crd::OutboundTlsMode::Required => node::OutboundTlsMode::Required,
             crd::OutboundTlsMode::None => node::OutboundTlsMode::None,
+            crd::OutboundTlsMode::MtaSts => node::OutboundTlsMode::MtaSts,
+            crd::OutboundTlsMode::Dane => node::OutboundTlsMode::Dane,
         },
         ca_file: None,
     }
