@@ -25,3 +25,4 @@ pub mod smtp;
 pub mod smtp_server;
 pub mod state;
 pub mod tls;
+pub mod tls_report;

@@ -69,6 +69,9 @@ pub struct Metrics {
     /// certificate check failed: under a policy that requires TLS the hop was not used),
     /// `skipped` (not tried: an MX host outside the MTA-STS policy, a TLSA lookup that failed).
     pub outbound_tls_policy: Family<Labels, Counter>,
+    /// TLS reports (RFC 8460) by how they were sent (`mail`, `https`) and result (`sent`:
+    /// queued or posted, `failed`).
+    pub tls_reports: Family<Labels, Counter>,
     /// Password checks, by result (ok, failed).
     pub auth_checks: Family<Labels, Counter>,
     /// AUTH attempts delayed because of the client's recent failures.
@@ -118,6 +121,7 @@ impl Metrics {
             dkim_signatures: Family::default(),
             outbound_tls: Family::default(),
             outbound_tls_policy: Family::default(),
+            tls_reports: Family::default(),
             destination_throttles: Family::default(),
             auth_checks: Family::default(),
             auth_delayed: Counter::default(),
@@ -219,6 +223,11 @@ impl Metrics {
             "outbound_tls_policy",
             "Next hops by TLS policy (none, opportunistic, required, mta-sts, mta-sts-testing, dane) and result (ok, failed, skipped)",
             m.outbound_tls_policy.clone(),
+        );
+        registry.register(
+            "tls_reports",
+            "TLS reports (RFC 8460) by how they were sent (mail, https) and result (sent, failed)",
+            m.tls_reports.clone(),
         );
         registry.register(
             "dkim_signatures",

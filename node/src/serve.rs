@@ -151,6 +151,10 @@ pub async fn serve_with(
         node.shutdown.subscribe(),
         Duration::from_secs(config.limits.shutdown_grace_seconds),
     ));
+    tokio::spawn(crate::tls_report::send::run(
+        Arc::clone(&engine),
+        node.shutdown.subscribe(),
+    ));
     node.storage_ok.store(storage_ok(&node), Ordering::Relaxed);
 
     let mut listeners = Vec::with_capacity(config.listeners.len());

@@ -374,3 +374,192 @@ fn invalid_withdrawn_or_expired_policies_are_no_policy() {
         node.log()
     );
 }
+
+/// The JSON of a TLS report, checked against RFC 8460 section 4.4's fields and types.
+fn check_report(json: &serde_json::Value) {
+    let s = |v: &serde_json::Value, k: &str| {
+        assert!(v[k].is_string(), "{k} is not a string in {v}");
+    };
+    s(json, "organization-name");
+    s(json, "report-id");
+    s(json, "contact-info");
+    for k in ["start-datetime", "end-datetime"] {
+        let t = json["date-range"][k].as_str().unwrap();
+        assert!(t.parse::<jiff::Timestamp>().is_ok(), "{k}: {t}");
+    }
+    for p in json["policies"].as_array().unwrap() {
+        let pol = &p["policy"];
+        assert!(
+            ["sts", "tlsa", "no-policy-found"].contains(&pol["policy-type"].as_str().unwrap()),
+            "{pol}"
+        );
+        s(pol, "policy-domain");
+        for k in ["policy-string", "mx-host"] {
+            assert!(
+                pol.get(k)
+                    .is_none_or(|v| v.as_array().unwrap().iter().all(|x| x.is_string())),
+                "{k}: {pol}"
+            );
+        }
+        for k in [
+            "total-successful-session-count",
+            "total-failure-session-count",
+        ] {
+            assert!(p["summary"][k].is_u64(), "{k}: {p}");
+        }
+        for d in p["failure-details"].as_array().into_iter().flatten() {
+            s(d, "result-type");
+            assert!(d["failed-session-count"].is_u64(), "{d}");
+            assert!(d.as_object().unwrap().values().all(|v| !v.is_null()), "{d}");
+        }
+    }
+}
+
+/// (successes, failures) of the `sts` policy over these reports, and its failure details.
+fn sts_totals(reports: &[serde_json::Value]) -> (u64, u64, Vec<serde_json::Value>) {
+    let (mut ok, mut failed, mut details) = (0, 0, Vec::new());
+    for r in reports {
+        for p in r["policies"].as_array().unwrap() {
+            if p["policy"]["policy-type"] == "sts" {
+                ok += p["summary"]["total-successful-session-count"]
+                    .as_u64()
+                    .unwrap();
+                failed += p["summary"]["total-failure-session-count"]
+                    .as_u64()
+                    .unwrap();
+                details.extend(
+                    p["failure-details"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+        }
+    }
+    (ok, failed, details)
+}
+
+fn gunzip(b: &[u8]) -> serde_json::Value {
+    use std::io::Read as _;
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(b)
+        .read_to_string(&mut s)
+        .unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
+/// The report attached to a `multipart/report; report-type=tlsrpt` message.
+fn attached_report(data: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let at = data
+        .find("application/tlsrpt+gzip")
+        .expect("no tlsrpt part");
+    let part = &data[at..];
+    let body_start = part.find("\r\n\r\n").unwrap() + 4;
+    let body_end = part[body_start..].find("\r\n--").unwrap() + body_start;
+    let b64: String = part[body_start..body_end].split_whitespace().collect();
+    gunzip(
+        &base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+}
+
+#[test]
+fn tls_reports_reach_the_domain_by_mail_and_https() {
+    let Some(bed) = Bed::new(47, policy("enforce", &["mx1.sts.test"], 86400)) else {
+        return;
+    };
+    bed.dns.add(
+        &format!("_smtp._tls.{DOMAIN}"),
+        Rec::Txt(format!(
+            "v=TLSRPTv1; rua=mailto:tlsrpt@example.com,https://mta-sts.{DOMAIN}/tlsrpt"
+        )),
+    );
+    // The first MX is not in the policy (skipped: a failure); the second takes the mail.
+    let _evil = bed.mx(5, "evil.sts.test", 11, Hop::Tls, None);
+    let mx1 = bed.mx(10, "mx1.sts.test", 10, Hop::Tls, None);
+    let yaml = bed.yaml("mta-sts", 600)
+        + "  tlsReports: {organizationName: \"Relay Test Org\", from: \"tlsrpt-noreply@relay.test.example\", contact: \"tls-ops@example.com\", intervalSeconds: 5}\n";
+    let node = Node::start(&yaml, 1);
+    submit_one_to(&node, "r1@t", RCPT);
+    submit_one_to(&node, "r2@t", RCPT);
+    assert!(
+        wait_until(WAIT, || mx1.tls_messages() == 2),
+        "{}",
+        node.log()
+    );
+    let server = bed.policy.as_ref().unwrap();
+    let posted = || -> Vec<serde_json::Value> {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.line.starts_with("POST /tlsrpt "))
+            .map(|r| {
+                let ct = r.headers.iter().find(|(k, _)| k == "content-type").unwrap();
+                assert_eq!(ct.1, "application/tlsrpt+gzip");
+                gunzip(&r.body)
+            })
+            .collect()
+    };
+    let mailed = || -> Vec<serde_json::Value> {
+        bed.bounces
+            .got()
+            .iter()
+            .filter(|g| g.data.contains("TLS-Report-Domain: sts.test"))
+            .map(|g| {
+                assert_eq!(g.sender, "", "reports have the null sender");
+                assert_eq!(g.rcpts, ["tlsrpt@example.com"]);
+                assert!(
+                    g.data.contains("report-type=tlsrpt")
+                        || g.data.contains("report-type=\"tlsrpt\"")
+                );
+                attached_report(&g.data)
+            })
+            .collect()
+    };
+    // Two attempts skipped the unlisted MX (failures), and the sessions with mx1 met the
+    // policy (one, or two when the first connection was not kept), however the periods fell:
+    // the member's reports, each way, add up to that.
+    let long = Duration::from_secs(30);
+    for (how, get) in [
+        ("https", &posted as &dyn Fn() -> Vec<serde_json::Value>),
+        ("mail", &mailed),
+    ] {
+        assert!(
+            wait_until(long, || {
+                let (ok, failed, _) = sts_totals(&get());
+                ok >= 1 && failed == 2
+            }),
+            "{how}: {:?}\n{}",
+            get(),
+            node.log()
+        );
+        let reports = get();
+        for r in &reports {
+            check_report(r);
+            assert_eq!(r["organization-name"], "Relay Test Org");
+            assert_eq!(r["contact-info"], "tls-ops@example.com");
+        }
+        let (_, _, details) = sts_totals(&reports);
+        assert!(
+            details
+                .iter()
+                .all(|d| d["result-type"] == "validation-failure"
+                    && d["receiving-mx-hostname"] == "evil.sts.test"),
+            "{details:?}"
+        );
+        let pol = &reports[0]["policies"][0]["policy"];
+        assert_eq!(pol["policy-domain"], "sts.test");
+        assert_eq!(pol["mx-host"][0], "mx1.sts.test");
+        assert!(
+            pol["policy-string"][1]
+                .as_str()
+                .unwrap()
+                .contains("mode: enforce")
+        );
+    }
+    assert!(node.metric("mailnode_tls_reports_total{via=\"https\",result=\"sent\"}") >= 1.0);
+    assert!(node.metric("mailnode_tls_reports_total{via=\"mail\",result=\"sent\"}") >= 1.0);
+}

@@ -439,6 +439,12 @@ pub struct Delivery {
     /// STARTTLS towards `smarthosts` and MX hosts, and towards routes that set none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTls>,
+    /// TLS reports (RFC 8460) to the recipient domains that ask for them: each member counts,
+    /// per domain, the sessions that met or failed its MTA-STS or DANE policy (with
+    /// `tls.mode` `MtaSts` or `Dane`) and sends a daily report to the domain's `rua` (by mail
+    /// through the cluster, or by HTTPS). Each member reports for itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_reports: Option<TlsReports>,
     /// SMTP AUTH credentials for `smarthosts`: the name of a Secret of type
     /// kubernetes.io/basic-auth (keys `username` and `password`) in the cluster's namespace.
     /// Mounted into the members and read at each connection, so a changed password is used
@@ -590,6 +596,23 @@ pub struct DestinationLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub messages_per_minute: Option<i32>,
+}
+
+/// The sender of TLS reports.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsReports {
+    /// The organization the reports come from (their `organization-name`), e.g. the
+    /// company's name.
+    #[schemars(length(min = 1, max = 200))]
+    pub organization_name: String,
+    /// The From address of reports sent by mail (their envelope sender is empty, so that
+    /// nothing bounces back), e.g. `tlsrpt-noreply@example.com`.
+    pub from: MailAddress,
+    /// Where receivers can write about the reports (their `contact-info`), e.g.
+    /// `postmaster@example.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<MailAddress>,
 }
 
 /// STARTTLS towards next hops.
@@ -1111,6 +1134,14 @@ string_newtype!(
     254,
     "self.matches('^[-A-Za-z0-9._+=!#$%&*/?^{|}~]*@([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$')",
     "must be user@domain, or @domain to keep the local part"
+);
+string_newtype!(
+    /// A mail address, `user@domain`.
+    MailAddress,
+    "MailAddress",
+    254,
+    "self.matches('^[-A-Za-z0-9._+=!#$%&*/?^{|}~]+@([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\\\\.)*[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$')",
+    "must be an address like tlsrpt-noreply@example.com"
 );
 string_newtype!(
     /// A header field name, e.g. `Subject`.

@@ -265,6 +265,15 @@ async fn invalid_manifests_are_refused_naming_the_field() {
             &["spec.delivery", "MtaSts applies to delivery by MX"],
         ),
         (
+            "TLS reports from something that is not an address",
+            set(
+                base.clone(),
+                "/spec/delivery/tlsReports",
+                json!({"organizationName": "Example", "from": "tlsrpt at example.com"}),
+            ),
+            &["spec.delivery.tlsReports.from", "must be an address"],
+        ),
+        (
             "DKIM selector with a dot-less space",
             set(
                 base.clone(),

@@ -94,8 +94,8 @@ impl Config {
     /// limits, sender rewrites and Received header removal; the per-message limits
     /// `maxRecipients` and `maxErrors`; and where and how mail is delivered (`delivery`'s
     /// smarthosts, routes, sender routes, TLS, credentials, retry schedule, connect timeout,
-    /// HELO name, hop limit, MX port, delay warnings, destination limits, throttling and DKIM
-    /// signing). Two
+    /// HELO name, hop limit, MX port, delay warnings, destination limits, throttling, DKIM
+    /// signing and TLS reports). Two
     /// configs with the same restart view differ only in what a reload applies; a different
     /// restart view needs a restart (listener addresses, TLS files, queue, peers, session
     /// limits, DNS, delivery concurrency, ...).
@@ -130,6 +130,7 @@ impl Config {
             destination_limits: d.destination_limits,
             throttle_seconds: d.throttle_seconds,
             dkim: d.dkim,
+            tls_reports: d.tls_reports,
             ..c.delivery
         };
         c
@@ -226,6 +227,15 @@ pub struct RateLimit {
     /// /64, or a /48).
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: u8,
+}
+
+/// `local@domain` with a DNS name as domain and no spaces or angle brackets.
+fn is_mailbox(s: &str) -> bool {
+    s.rsplit_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && !local.contains(|c: char| c.is_whitespace() || c == '<' || c == '>')
+            && is_dns_name(domain)
+    })
 }
 
 /// Dot-separated labels of letters, digits and '-' (a DKIM domain or selector).
@@ -632,6 +642,12 @@ pub struct DeliveryConfig {
     /// domains (or a subdomain) is signed for it as it leaves.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dkim: Vec<DkimDomain>,
+    /// TLS reports (RFC 8460): each member counts, per recipient domain, the sessions that
+    /// met or failed its MTA-STS or DANE policy, and once per interval sends the domains that
+    /// ask for reports (a `_smtp._tls` TXT record) a report to their `rua`: by mail through the
+    /// cluster, or by HTTPS POST. Unset: no reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_reports: Option<TlsReports>,
     /// Most messages being delivered at once, over all destinations.
     pub max_deliveries: usize,
     /// Timeout for connecting, in seconds.
@@ -672,6 +688,7 @@ impl Default for DeliveryConfig {
             destination_limits: DestinationLimits::default(),
             throttle_seconds: 60,
             dkim: Vec::new(),
+            tls_reports: None,
             max_deliveries: 200,
             connect_timeout_seconds: 30,
             command_timeout_seconds: 300,
@@ -682,6 +699,28 @@ impl Default for DeliveryConfig {
             dns: DnsConfig::default(),
         }
     }
+}
+
+/// TLS reporting (RFC 8460).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsReports {
+    /// The `organization-name` of the reports, e.g. the company's name.
+    pub organization_name: String,
+    /// The `From` address of reports sent by mail (their envelope sender is empty, so that
+    /// nothing bounces back), e.g. `tlsrpt-noreply@example.com`.
+    pub from: String,
+    /// The `contact-info` of the reports: an address receivers can write to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<String>,
+    /// Seconds each report covers, aligned to UTC (default 86400: a day, as RFC 8460 asks;
+    /// shorter only for tests).
+    #[serde(default = "default_report_interval")]
+    pub interval_seconds: u64,
+}
+
+fn default_report_interval() -> u64 {
+    86_400
 }
 
 /// Default most Received headers before a message is treated as looping.
@@ -1197,6 +1236,26 @@ impl Config {
                 ));
             }
         }
+        if let Some(r) = &self.delivery.tls_reports {
+            if r.organization_name.trim().is_empty() {
+                return Err(invalid(
+                    "delivery.tlsReports.organizationName".into(),
+                    "must not be empty",
+                ));
+            }
+            if !is_mailbox(&r.from) {
+                return Err(invalid(
+                    "delivery.tlsReports.from".into(),
+                    "must be an address like tlsrpt-noreply@example.com",
+                ));
+            }
+            if r.interval_seconds < 5 {
+                return Err(invalid(
+                    "delivery.tlsReports.intervalSeconds".into(),
+                    "must be at least 5 (RFC 8460 reports cover a day: 86400)",
+                ));
+            }
+        }
         let d = &self.delivery;
         let hosts = |path: &str, list: &[Smarthost]| -> Result<(), ConfigError> {
             for (i, h) in list.iter().enumerate() {
@@ -1452,6 +1511,12 @@ mod tests {
         });
         policy.listeners[0].remove_received = true;
         policy.limits.max_recipients = 20;
+        policy.delivery.tls_reports = Some(TlsReports {
+            organization_name: "Example".into(),
+            from: "tlsrpt@example.com".into(),
+            contact: None,
+            interval_seconds: 86_400,
+        });
         policy.delivery.smarthosts.push(Smarthost {
             host: "mx.example".into(),
             port: 25,

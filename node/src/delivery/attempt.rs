@@ -25,6 +25,8 @@ use super::{Handle, backoff, now_ms};
 
 /// Directory of the queue volume where MTA-STS policies are kept across restarts.
 pub const MTA_STS_DIR: &str = "mta-sts";
+/// Directory of the queue volume where TLS report counts are kept.
+pub const TLS_REPORT_DIR: &str = "tls-rpt";
 
 /// Engine setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,8 @@ pub struct Engine {
     tls_verified: HashMap<Option<PathBuf>, Verified>,
     /// MTA-STS policies of recipient domains.
     sts: super::mta_sts::Policies,
+    /// TLS report counts (RFC 8460).
+    pub(crate) tls_reports: crate::tls_report::send::Reports,
     /// DKIM keys, read when first used and again when their files change.
     dkim: crate::dkim::Signer,
     /// OAuth2 tokens for SMTP AUTH to smarthosts.
@@ -148,6 +152,7 @@ impl Engine {
             tls_any,
             tls_verified,
             sts: super::mta_sts::Policies::new(Some(queue.root().join(MTA_STS_DIR))),
+            tls_reports: crate::tls_report::send::Reports::new(queue.root().join(TLS_REPORT_DIR)),
             abandon: tokio::sync::watch::Sender::new(false),
             cfg: RwLock::new(Arc::new(cfg)),
             queue,
@@ -533,43 +538,78 @@ impl Engine {
             original: msg,
             unique: &id,
         });
-        let now = now_ms();
-        let denv = Envelope {
-            version: ENVELOPE_VERSION,
-            id: id.clone(),
-            sender: String::new(),
-            recipients: vec![env.sender.clone()],
-            client: SocketAddr::from(([127, 0, 0, 1], 0)),
-            proxy: None,
-            helo: cfg.hostname.clone(),
-            auth_user: None,
-            listener: "dsn".into(),
-            tls: false,
-            smtputf8: false,
-            eight_bit: env.eight_bit,
-            received_at: now / 1000,
-            size: body.len() as u64,
-            attempts: 0,
-        };
-        match self.queue.enqueue(denv, Vec::new(), body).await {
+        match self
+            .enqueue_local(&id, "", std::slice::from_ref(&env.sender), body, "dsn")
+            .await
+        {
             Ok(()) => {
                 self.metrics
                     .dsn
                     .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
                     .inc();
                 tracing::info!(id = %env.id, dsn_id = %id, to = %env.sender, kind, rcpts = rcpts.len(), "DSN queued");
-                // A DSN has the null sender.
-                self.handle.queued(
-                    &id,
-                    route::Sender::default(),
-                    std::slice::from_ref(&env.sender),
-                    now,
-                );
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(id = %env.id, error = %e, "cannot queue DSN");
-                self.queue.discard(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queue a message this node made (a TLS report): durably, then handed to the scheduler.
+    /// Returns its queue id.
+    pub(crate) async fn queue_local(
+        &self,
+        sender: &str,
+        rcpts: &[String],
+        body: Vec<u8>,
+        listener: &str,
+    ) -> Result<String, QueueError> {
+        let id = self.queue.new_id();
+        self.enqueue_local(&id, sender, rcpts, body, listener)
+            .await
+            .map(|()| id)
+    }
+
+    /// Queue `body` as `id` from `sender` to `rcpts`, received on the pseudo listener
+    /// `listener`, and tell the scheduler; on failure nothing is left.
+    async fn enqueue_local(
+        &self,
+        id: &str,
+        sender: &str,
+        rcpts: &[String],
+        body: Vec<u8>,
+        listener: &str,
+    ) -> Result<(), QueueError> {
+        let cfg = self.cfg();
+        let now = now_ms();
+        let eight_bit = body.iter().any(|b| *b >= 0x80);
+        let env = Envelope {
+            version: ENVELOPE_VERSION,
+            id: id.to_owned(),
+            sender: sender.to_owned(),
+            recipients: rcpts.to_vec(),
+            client: SocketAddr::from(([127, 0, 0, 1], 0)),
+            proxy: None,
+            helo: cfg.hostname.clone(),
+            auth_user: None,
+            listener: listener.into(),
+            tls: false,
+            smtputf8: false,
+            eight_bit,
+            received_at: now / 1000,
+            size: body.len() as u64,
+            attempts: 0,
+        };
+        match self.queue.enqueue(env, Vec::new(), body).await {
+            Ok(()) => {
+                self.handle
+                    .queued(id, route::Sender::new(sender, None), rcpts, now);
+                Ok(())
+            }
+            Err(e) => {
+                self.queue.discard(id);
                 Err(e)
             }
         }
@@ -635,6 +675,15 @@ impl Engine {
                     .await;
                 if let Some(f) = &l.failure {
                     tracing::info!(id = %env.id, domain, error = %f, cached_policy = l.policy.is_some(), "MTA-STS policy not fetched");
+                    self.tls_report(
+                        Some(&crate::tls_report::no_policy(domain)),
+                        crate::tls_report::Outcome::Failure {
+                            result: f.result(),
+                            mx_host: None,
+                            ip: None,
+                            info: Some(f.to_string()),
+                        },
+                    );
                 }
                 l.policy
             }
@@ -649,6 +698,7 @@ impl Engine {
             },
         };
         let inputs = tls_policy::Inputs {
+            domain,
             dns: &self.dns,
             any: &self.tls_any,
             verified: &verified,
@@ -672,10 +722,19 @@ impl Engine {
             .await
             {
                 Ok(t) => Arc::new(t),
-                Err(why) => {
-                    tracing::warn!(id = %env.id, hop = %hop.host, reason = %why, "next hop not used: its TLS policy cannot be met");
+                Err(skip) => {
+                    tracing::warn!(id = %env.id, hop = %hop.host, reason = %skip.why, "next hop not used: its TLS policy cannot be met");
                     self.tls_policy_metric(policy_of(r.tls.mode, sts.as_deref()), "skipped");
-                    last = Some(format!("451 4.7.5 {why}"));
+                    self.tls_report(
+                        skip.report.as_deref(),
+                        crate::tls_report::Outcome::Failure {
+                            result: skip.result,
+                            mx_host: Some(hop.host.clone()),
+                            ip: None,
+                            info: Some(skip.why.clone()),
+                        },
+                    );
+                    last = Some(format!("451 4.7.5 {}", skip.why));
                     continue;
                 }
             };
@@ -927,7 +986,7 @@ impl Engine {
         let mut c = match opened {
             // Opportunistic TLS may go without TLS when the handshake fails (as Postfix's
             // `may` level does), on a new connection; required TLS never does.
-            Err(ClientError::Handshake(e))
+            Err(ClientError::Handshake(e, _))
                 if hop_tls.tls.as_ref().is_some_and(|(_, required)| !required) =>
             {
                 tracing::warn!(hop = %host, address = %addr, error = %e, "TLS handshake failed; opportunistic TLS: trying this next hop again without TLS");
@@ -935,9 +994,26 @@ impl Engine {
                 let plain = ConnectOptions { tls: None, ..opts };
                 client::unless_abandoned(&abandon, Connection::open(addr, host, &plain)).await?
             }
-            Err(e @ (ClientError::Handshake(_) | ClientError::Tls(_))) => {
+            Err(e @ (ClientError::Handshake(..) | ClientError::Tls(_))) => {
                 tls_metric("refused_without_tls");
                 self.tls_policy_metric(hop_tls.kind, "failed");
+                let result = match &e {
+                    // No TLSA record matches: DANE's validation failed.
+                    ClientError::Handshake(..) if hop_tls.kind == tls_policy::Kind::Dane => {
+                        mail_auth::report::tlsrpt::ResultType::ValidationFailure
+                    }
+                    ClientError::Handshake(_, f) => crate::tls_report::result_of(*f),
+                    _ => mail_auth::report::tlsrpt::ResultType::StartTlsNotSupported,
+                };
+                self.tls_report(
+                    hop_tls.report.as_deref(),
+                    crate::tls_report::Outcome::Failure {
+                        result,
+                        mx_host: Some(host.to_owned()),
+                        ip: Some(addr.ip()),
+                        info: Some(e.to_string()),
+                    },
+                );
                 tracing::warn!(hop = %host, address = %addr, policy = hop_tls.kind.label(), error = %e, "TLS policy not met; this next hop is not used");
                 return Err(e);
             }
@@ -949,16 +1025,43 @@ impl Engine {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take()
         });
+        let failure = |result, info: String| crate::tls_report::Outcome::Failure {
+            result,
+            mx_host: Some(host.to_owned()),
+            ip: Some(addr.ip()),
+            info: Some(info),
+        };
         match observed {
-            Some(why) => {
+            Some((why, f)) => {
                 tracing::warn!(hop = %host, address = %addr, reason = %why, "MTA-STS testing policy: this delivery would fail under enforce");
                 self.tls_policy_metric(hop_tls.kind, "failed");
+                self.tls_report(
+                    hop_tls.report.as_deref(),
+                    failure(crate::tls_report::result_of(f), why),
+                );
             }
-            None if hop_tls.kind == tls_policy::Kind::MtaStsTesting && !c.tls => {
-                tracing::warn!(hop = %host, address = %addr, "MTA-STS testing policy: no TLS with this next hop; it would fail under enforce");
-                self.tls_policy_metric(hop_tls.kind, "failed");
+            None if hop_tls.tls.is_some() && !c.tls => {
+                if hop_tls.kind == tls_policy::Kind::MtaStsTesting {
+                    tracing::warn!(hop = %host, address = %addr, "MTA-STS testing policy: no TLS with this next hop; it would fail under enforce");
+                    self.tls_policy_metric(hop_tls.kind, "failed");
+                } else {
+                    self.tls_policy_metric(hop_tls.kind, "ok");
+                }
+                self.tls_report(
+                    hop_tls.report.as_deref(),
+                    failure(
+                        mail_auth::report::tlsrpt::ResultType::StartTlsNotSupported,
+                        format!("{host} did not take STARTTLS"),
+                    ),
+                );
             }
-            None => self.tls_policy_metric(hop_tls.kind, "ok"),
+            None => {
+                self.tls_policy_metric(hop_tls.kind, "ok");
+                self.tls_report(
+                    hop_tls.report.as_deref(),
+                    crate::tls_report::Outcome::Success,
+                );
+            }
         }
         let o = c
             .send(
@@ -989,6 +1092,23 @@ impl Engine {
         let (recs, signed) = self.dns.mx_dnssec(domain).await?;
         *secure = Some(signed);
         Ok(recs)
+    }
+
+    /// Count a session for TLS reports, when they are on and the hop has a policy to report.
+    fn tls_report(
+        &self,
+        policy: Option<&mail_auth::report::tlsrpt::PolicyDetails>,
+        outcome: crate::tls_report::Outcome,
+    ) {
+        let cfg = self.cfg();
+        if let (Some(rc), Some(p)) = (&cfg.delivery.tls_reports, policy) {
+            self.tls_reports.record(rc.interval_seconds, p, outcome);
+        }
+    }
+
+    /// The resolver.
+    pub(crate) fn dns(&self) -> &Dns {
+        &self.dns
     }
 
     fn tls_policy_metric(&self, kind: tls_policy::Kind, result: &str) {

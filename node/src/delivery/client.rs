@@ -49,9 +49,10 @@ pub enum ClientError {
     /// TLS required but not offered or failed.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The next hop took STARTTLS but the TLS handshake failed.
+    /// The next hop took STARTTLS but the TLS handshake failed (the text, and why in the
+    /// terms of TLS reports).
     #[error("TLS handshake failed: {0}")]
-    Handshake(String),
+    Handshake(String, TlsFailure),
     /// The node is shutting down and gave up this attempt before the message was sent.
     #[error("given up before the message was sent: the node is shutting down")]
     Abandoned,
@@ -60,6 +61,48 @@ pub enum ClientError {
     /// deliver it twice, as with any MTA; RFC 1047).
     #[error("no answer after the message was sent (the next hop may have it): {0}")]
     AfterData(Box<ClientError>),
+}
+
+/// Why a TLS handshake failed, in the terms of TLS reports (RFC 8460 section 4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The certificate is not valid for the next hop's name.
+    HostMismatch,
+    /// The certificate has expired (or is not valid yet).
+    Expired,
+    /// The certificate does not chain to a trusted root.
+    NotTrusted,
+    /// Another certificate check failed (e.g. no TLSA record matches).
+    Validation,
+    /// The handshake failed for another reason (protocol, connection).
+    Other,
+}
+
+impl TlsFailure {
+    /// From the error of a TLS handshake.
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(r) => Self::of_rustls(r),
+            None => Self::Other,
+        }
+    }
+
+    /// From a rustls error.
+    pub fn of_rustls(e: &rustls::Error) -> Self {
+        use rustls::CertificateError as C;
+        match e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::NotValidForName | C::NotValidForNameContext { .. } => Self::HostMismatch,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => Self::Expired,
+                C::UnknownIssuer | C::BadSignature => Self::NotTrusted,
+                _ => Self::Validation,
+            },
+            _ => Self::Other,
+        }
+    }
 }
 
 /// Run `f` unless `abandon` turns true first, which ends it with [`ClientError::Abandoned`]
@@ -347,7 +390,18 @@ impl Connection {
         let stream = timeout(self.timeout, connector.connect(name, self.io))
             .await
             .map_err(|_| ClientError::Timeout("TLS handshake"))?
-            .map_err(|e| ClientError::Handshake(format!("with {}: {e}", self.host)))?;
+            .map_err(|e| {
+                let why = TlsFailure::of(&e);
+                let text = match e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .and_then(super::dane::mismatch)
+                {
+                    Some(m) => m.to_string(),
+                    None => e.to_string(),
+                };
+                ClientError::Handshake(format!("with {}: {text}", self.host), why)
+            })?;
         Ok(Connection {
             io: Box::new(stream),
             tls: true,

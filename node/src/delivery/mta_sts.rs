@@ -178,6 +178,16 @@ pub enum Failure {
 
 impl Failure {
     /// The RFC 8460 result type.
+    pub fn result(&self) -> mail_auth::report::tlsrpt::ResultType {
+        use mail_auth::report::tlsrpt::ResultType as R;
+        match self {
+            Failure::Fetch(_) => R::StsPolicyFetchError,
+            Failure::Webpki(_) => R::StsWebpkiInvalid,
+            Failure::Invalid(_) => R::StsPolicyInvalid,
+        }
+    }
+
+    /// The RFC 8460 result type's name.
     pub fn result_type(&self) -> &'static str {
         match self {
             Failure::Fetch(_) => "sts-policy-fetch-error",

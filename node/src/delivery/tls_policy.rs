@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::OutboundTlsMode;
 
+use mail_auth::report::tlsrpt::{PolicyDetails, ResultType};
+
+use super::client::TlsFailure;
 use super::dns::{Dns, DnsError, TlsaLookup};
 use super::mta_sts::{Mode, Policy};
 
@@ -42,8 +45,9 @@ impl Kind {
     }
 }
 
-/// The certificate check of a `testing` policy: its result, read once the connection is open.
-pub type Observed = Arc<Mutex<Option<String>>>;
+/// The certificate check of a `testing` policy: why it failed, read once the connection is
+/// open.
+pub type Observed = Arc<Mutex<Option<(String, TlsFailure)>>>;
 
 /// The TLS of one hop.
 #[derive(Clone)]
@@ -54,6 +58,9 @@ pub struct HopTls {
     pub tls: Option<(Arc<rustls::ClientConfig>, bool)>,
     /// For [`Kind::MtaStsTesting`]: where the certificate check's failure is written.
     pub observed: Option<Observed>,
+    /// The policy TLS reports count this hop's sessions under (delivery by MX under
+    /// `mta-sts` or `dane`).
+    pub report: Option<Arc<PolicyDetails>>,
 }
 
 impl std::fmt::Debug for HopTls {
@@ -88,12 +95,31 @@ impl Verified {
 /// What the decision needs: the resolver and the TLS client configurations.
 #[derive(Debug)]
 pub struct Inputs<'a> {
+    /// The recipient domain.
+    pub domain: &'a str,
     /// The resolver (TLSA lookups).
     pub dns: &'a Dns,
     /// Opportunistic TLS.
     pub any: &'a Arc<rustls::ClientConfig>,
     /// Verifying TLS (web PKI roots and the route's `caFile`).
     pub verified: &'a Verified,
+}
+
+/// Why a hop is not used.
+#[derive(Debug, Clone)]
+pub struct Skip {
+    /// For a person.
+    pub why: String,
+    /// In the terms of TLS reports.
+    pub result: ResultType,
+    /// The policy that was not met, for TLS reports (delivery by MX only).
+    pub report: Option<Arc<PolicyDetails>>,
+}
+
+/// A TLSA record in presentation form (`3 1 1 <hex>`), as TLS reports show it.
+fn tlsa_text(t: &super::dane::Tlsa) -> String {
+    let hex: String = t.data.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{} {} {} {hex}", t.usage, t.selector, t.matching)
 }
 
 /// The TLS of hop `host:port`, or why it is not to be used. `mx` is the domain's MX
@@ -106,55 +132,83 @@ pub async fn for_hop(
     host: &str,
     port: u16,
     i: &Inputs<'_>,
-) -> Result<HopTls, String> {
-    let plain = |kind, tls: Option<&Arc<rustls::ClientConfig>>, required| HopTls {
+) -> Result<HopTls, Skip> {
+    let plain = |kind, tls: Option<&Arc<rustls::ClientConfig>>, required, report| HopTls {
         kind,
         tls: tls.map(|c| (Arc::clone(c), required)),
         observed: None,
+        report,
     };
     match mode {
-        OutboundTlsMode::None => return Ok(plain(Kind::None, None, false)),
+        OutboundTlsMode::None => return Ok(plain(Kind::None, None, false, None)),
         OutboundTlsMode::Opportunistic => {
-            return Ok(plain(Kind::Opportunistic, Some(i.any), false));
+            return Ok(plain(Kind::Opportunistic, Some(i.any), false, None));
         }
         OutboundTlsMode::Required => {
-            return Ok(plain(Kind::Required, Some(&i.verified.config), true));
+            return Ok(plain(Kind::Required, Some(&i.verified.config), true, None));
         }
         OutboundTlsMode::MtaSts | OutboundTlsMode::Dane => {}
     }
+    // Reports are about recipient domains: delivery by MX only.
+    let report_of = |p: PolicyDetails| mx.is_some().then(|| Arc::new(p));
     // DANE applies to smarthosts, and to MX hosts found by a signed MX lookup.
     if mode == OutboundTlsMode::Dane
         && mx != Some(false)
         && host.parse::<std::net::IpAddr>().is_err()
     {
+        let tlsa_report =
+            |records: &[String]| report_of(crate::tls_report::tlsa_policy(i.domain, host, records));
         match i.dns.tlsa(host, port).await {
             Ok(TlsaLookup::Records(records)) => {
-                let c = super::dane::client_config(records, vec![host.to_owned()])
-                    .map_err(|e| format!("DANE TLS settings for {host}: {e}"))?;
+                let texts: Vec<String> = records.iter().map(tlsa_text).collect();
+                let c =
+                    super::dane::client_config(records, vec![host.to_owned()]).map_err(|e| {
+                        Skip {
+                            why: format!("DANE TLS settings for {host}: {e}"),
+                            result: ResultType::TlsaInvalid,
+                            report: tlsa_report(&texts),
+                        }
+                    })?;
                 return Ok(HopTls {
                     kind: Kind::Dane,
                     tls: Some((c, true)),
                     observed: None,
+                    report: tlsa_report(&texts),
                 });
             }
             Ok(TlsaLookup::None) => {}
             Err(e @ (DnsError::Bogus { .. } | DnsError::Temporary { .. })) => {
-                return Err(format!(
-                    "the TLSA records of {host} cannot be had ({e}); not used without DANE"
-                ));
+                return Err(Skip {
+                    why: format!(
+                        "the TLSA records of {host} cannot be had ({e}); not used without DANE"
+                    ),
+                    result: ResultType::DnssecInvalid,
+                    report: tlsa_report(&[]),
+                });
             }
-            Err(e) => return Err(format!("TLSA lookup for {host}: {e}")),
+            Err(e) => {
+                return Err(Skip {
+                    why: format!("TLSA lookup for {host}: {e}"),
+                    result: ResultType::DnssecInvalid,
+                    report: tlsa_report(&[]),
+                });
+            }
         }
     }
     match (mx, sts) {
         (Some(_), Some(p)) if p.mode == Mode::Enforce => {
+            let report = report_of(crate::tls_report::sts_policy(i.domain, p));
             if p.allows(host) {
-                Ok(plain(Kind::MtaSts, Some(&i.verified.config), true))
+                Ok(plain(Kind::MtaSts, Some(&i.verified.config), true, report))
             } else {
-                Err(format!(
-                    "{host} is not an MX host of the MTA-STS policy (mx: {})",
-                    p.mx.join(", ")
-                ))
+                Err(Skip {
+                    why: format!(
+                        "{host} is not an MX host of the MTA-STS policy (mx: {})",
+                        p.mx.join(", ")
+                    ),
+                    result: ResultType::ValidationFailure,
+                    report,
+                })
             }
         }
         (Some(_), Some(p)) if p.mode == Mode::Testing => {
@@ -164,14 +218,27 @@ pub async fn for_hop(
             } else {
                 Some(format!("{host} is not in the MTA-STS policy"))
             };
-            let c = observing(&i.verified.verifier, Arc::clone(&observed), note)?;
+            let c =
+                observing(&i.verified.verifier, Arc::clone(&observed), note).map_err(|why| {
+                    Skip {
+                        why,
+                        result: ResultType::ValidationFailure,
+                        report: None,
+                    }
+                })?;
             Ok(HopTls {
                 kind: Kind::MtaStsTesting,
                 tls: Some((c, false)),
                 observed: Some(observed),
+                report: report_of(crate::tls_report::sts_policy(i.domain, p)),
             })
         }
-        _ => Ok(plain(Kind::Opportunistic, Some(i.any), false)),
+        _ => Ok(plain(
+            Kind::Opportunistic,
+            Some(i.any),
+            false,
+            report_of(crate::tls_report::no_policy(i.domain)),
+        )),
     }
 }
 
@@ -212,8 +279,8 @@ impl rustls::client::danger::ServerCertVerifier for Observing {
             ocsp_response,
             now,
         ) {
-            Ok(_) => self.note.clone(),
-            Err(e) => Some(e.to_string()),
+            Ok(_) => self.note.clone().map(|n| (n, TlsFailure::Validation)),
+            Err(e) => Some((e.to_string(), TlsFailure::of_rustls(&e))),
         };
         *self
             .slot

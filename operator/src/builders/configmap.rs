@@ -302,6 +302,16 @@ pub fn node_config(
             retry,
             mx_port,
             dkim: dkim(spec)?,
+            tls_reports: spec
+                .delivery
+                .tls_reports
+                .as_ref()
+                .map(|r| node::TlsReports {
+                    organization_name: r.organization_name.clone(),
+                    from: r.from.to_string(),
+                    contact: r.contact.as_ref().map(ToString::to_string),
+                    interval_seconds: 86_400,
+                }),
             // Peer names are "self" too: a member never relays to a peer as a next hop.
             self_hostnames: vec![
                 names.peer_dns(),
@@ -781,6 +791,40 @@ mod tests {
             mounts
                 .iter()
                 .any(|m| m.name == "oauth2-0" && m.mount_path == "/etc/mailnode/oauth2/m365-oauth")
+        );
+    }
+
+    #[test]
+    fn tls_policies_and_reports_are_rendered_and_reloaded() {
+        let mut mc = sample();
+        mc.spec.delivery.smarthosts.clear();
+        mc.spec.delivery.tls = Some(crd::OutboundTls {
+            mode: crd::OutboundTlsMode::Dane,
+        });
+        mc.spec.delivery.tls_reports = Some(crd::TlsReports {
+            organization_name: "Example Inc.".into(),
+            from: "tlsrpt-noreply@example.com".into(),
+            contact: Some("postmaster@example.com".into()),
+        });
+        let with = render(&node_config(&mc, &[]).unwrap()).unwrap();
+        let c = node::Config::from_yaml(&with.yaml).unwrap();
+        assert_eq!(c.delivery.tls.mode, node::OutboundTlsMode::Dane);
+        let r = c.delivery.tls_reports.unwrap();
+        assert_eq!(
+            (r.from.as_str(), r.contact.as_deref(), r.interval_seconds),
+            (
+                "tlsrpt-noreply@example.com",
+                Some("postmaster@example.com"),
+                86_400
+            )
+        );
+        let mut plain = mc.clone();
+        plain.spec.delivery.tls = None;
+        plain.spec.delivery.tls_reports = None;
+        let without = render(&node_config(&plain, &[]).unwrap()).unwrap();
+        assert_eq!(
+            with.restart_hash, without.restart_hash,
+            "reloaded, not rolled"
         );
     }
 

@@ -200,16 +200,19 @@ pub fn ensure_optional_crds(cp: &ControlPlane) {
 
 /// Waits until a CRD is Established and its kind is served.
 pub fn wait_crd_established(cp: &ControlPlane, name: &str) {
+    // Polled rather than `kubectl wait`: a CRD read before the apiserver first writes its
+    // status has no conditions at all, which `kubectl wait` reports as an error.
     let crd = format!("crd/{name}");
-    kubectl(
-        cp,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
+    eventually(cp, "default", &format!("{name} is Established"), || {
+        cp.kubectl(&[
+            "get",
             crd.as_str(),
-        ],
-    );
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+        ])
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "True")
+        .unwrap_or(false)
+    });
     // Discovery lags Established by a moment.
     let resource = name.split_once('.').map(|(r, _)| r).unwrap_or(name);
     eventually(cp, "default", &format!("{name} is served"), || {
