@@ -7,7 +7,7 @@
 # Env: MAILCLUSTER_CACHE      every build cache (Go modules and builds, cargo registry and target
 #                             directories, cargo-fuzz) lives under it; default ~/.cache/mailcluster.
 #                             A fresh directory gives a cold run: MAILCLUSTER_CACHE=$(mktemp -d)
-#      MAILCLUSTER_FUZZ_SECONDS   seconds per fuzz target (default 20)
+#      MAILCLUSTER_FUZZ_SECONDS   seconds per fuzz target (default 15; the corpus under the cache grows run by run)
 #      MAILCLUSTER_TEST_THREADS   test threads per test binary (default 4)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -114,10 +114,13 @@ step "real pods: the operator and a MailCluster on kubelet nodes (tests/realpods
 # Debian's python3, which has pytest from set-up; no cache directory in the clone.
 /usr/bin/python3 -m pytest tests/realpods -v -s -p no:cacheprovider --durations=0
 
-step "fuzz the network-facing parsers (${MAILCLUSTER_FUZZ_SECONDS:=20}s per target)"
+step "fuzz the network-facing parsers (${MAILCLUSTER_FUZZ_SECONDS:=15}s per target)"
 fuzz_log=$(mktemp)
 for target in $(cd node && cargo "+$fuzz_toolchain" fuzz list); do
-  if ! fuzz run "$target" -- -max_total_time="$MAILCLUSTER_FUZZ_SECONDS" >"$fuzz_log" 2>&1; then
+  # The corpus is kept outside the clone, so each run starts where the last one stopped.
+  corpus=$MAILCLUSTER_CACHE/fuzz-corpus/$target
+  mkdir -p "$corpus"
+  if ! fuzz run "$target" "$corpus" -- -max_total_time="$MAILCLUSTER_FUZZ_SECONDS" >"$fuzz_log" 2>&1; then
     tail -n 60 "$fuzz_log"
     echo "fuzz target $target failed" >&2
     exit 1

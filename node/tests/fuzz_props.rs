@@ -1,5 +1,6 @@
 //! The fuzz targets of node/fuzz as bounded random tests on stable (proptest): the command
-//! parser, the DATA decoder, the PROXY header parser and the session never panic, and a byte
+//! parser, the DATA decoder, the PROXY header parser, the session and the outbound trust
+//! parsers (MTA-STS policies and records, TLS report records, DANE's DER walk) never panic, and a byte
 //! stream with DATA and BDAT content keeps the memory budget. Beside them, the writing and
 //! reading sides of the protocol checked as inverses (dot stuffing, replies).
 #![allow(clippy::unwrap_used)]
@@ -224,5 +225,23 @@ proptest! {
             input.extend_from_slice(b"\r\n");
         }
         mailnode::smtp::fuzzing::drive_stream(&input);
+    }
+
+    #[test]
+    fn outbound_trust_parsers_never_panic(
+        policy in "(version: STSv1|mode: (enforce|testing|none|x)|mx: [*.a-z0-9]{0,20}|max_age: [0-9-]{0,12}|[ -~]{0,30})(\r?\n(version: STSv1|mode: (enforce|testing|none)|mx: [*.a-z0-9]{0,20}|max_age: [0-9]{0,12}|[ -~]{0,30})){0,8}",
+        der in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        use mailnode::delivery::{dane, mta_sts};
+        if let Ok(p) = mta_sts::parse_policy(&policy, "id", 0) {
+            prop_assert!(p.max_age <= 31_557_600);
+            prop_assert!(p.mode == mta_sts::Mode::None || !p.mx.is_empty());
+        }
+        let txts = vec![policy.clone().into_bytes(), format!("v=STSv1; id={policy}").into_bytes()];
+        let _ = mta_sts::record_id(&txts);
+        let _ = mailnode::tls_report::send::report_uris(&[format!("v=TLSRPTv1; rua={policy}").into_bytes()]);
+        if let Some(spki) = dane::spki(&der) {
+            prop_assert!(spki.len() <= der.len());
+        }
     }
 }

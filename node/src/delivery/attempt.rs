@@ -724,7 +724,7 @@ impl Engine {
                 Ok(t) => Arc::new(t),
                 Err(skip) => {
                     tracing::warn!(id = %env.id, hop = %hop.host, reason = %skip.why, "next hop not used: its TLS policy cannot be met");
-                    self.tls_policy_metric(policy_of(r.tls.mode, sts.as_deref()), "skipped");
+                    self.tls_policy_metric(skip.kind, "skipped");
                     self.tls_report(
                         skip.report.as_deref(),
                         crate::tls_report::Outcome::Failure {
@@ -1139,15 +1139,6 @@ struct Candidate {
     host: String,
     addr: SocketAddr,
     tls: Arc<HopTls>,
-}
-
-/// The policy a skipped hop was held to, for the metric.
-fn policy_of(mode: OutboundTlsMode, sts: Option<&super::mta_sts::Policy>) -> tls_policy::Kind {
-    match (mode, sts) {
-        (OutboundTlsMode::Dane, None) => tls_policy::Kind::Dane,
-        (_, Some(_)) => tls_policy::Kind::MtaSts,
-        _ => tls_policy::Kind::Required,
-    }
 }
 
 /// SMTP AUTH credentials for a next hop, read at each connection (so a rotated Secret is used

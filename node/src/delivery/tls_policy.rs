@@ -108,6 +108,8 @@ pub struct Inputs<'a> {
 /// Why a hop is not used.
 #[derive(Debug, Clone)]
 pub struct Skip {
+    /// The policy that was not met.
+    pub kind: Kind,
     /// For a person.
     pub why: String,
     /// In the terms of TLS reports.
@@ -164,6 +166,7 @@ pub async fn for_hop(
                 let c =
                     super::dane::client_config(records, vec![host.to_owned()]).map_err(|e| {
                         Skip {
+                            kind: Kind::Dane,
                             why: format!("DANE TLS settings for {host}: {e}"),
                             result: ResultType::TlsaInvalid,
                             report: tlsa_report(&texts),
@@ -179,6 +182,7 @@ pub async fn for_hop(
             Ok(TlsaLookup::None) => {}
             Err(e @ (DnsError::Bogus { .. } | DnsError::Temporary { .. })) => {
                 return Err(Skip {
+                    kind: Kind::Dane,
                     why: format!(
                         "the TLSA records of {host} cannot be had ({e}); not used without DANE"
                     ),
@@ -188,6 +192,7 @@ pub async fn for_hop(
             }
             Err(e) => {
                 return Err(Skip {
+                    kind: Kind::Dane,
                     why: format!("TLSA lookup for {host}: {e}"),
                     result: ResultType::DnssecInvalid,
                     report: tlsa_report(&[]),
@@ -202,6 +207,7 @@ pub async fn for_hop(
                 Ok(plain(Kind::MtaSts, Some(&i.verified.config), true, report))
             } else {
                 Err(Skip {
+                    kind: Kind::MtaSts,
                     why: format!(
                         "{host} is not an MX host of the MTA-STS policy (mx: {})",
                         p.mx.join(", ")
@@ -221,6 +227,7 @@ pub async fn for_hop(
             let c =
                 observing(&i.verified.verifier, Arc::clone(&observed), note).map_err(|why| {
                     Skip {
+                        kind: Kind::MtaStsTesting,
                         why,
                         result: ResultType::ValidationFailure,
                         report: None,

@@ -122,7 +122,7 @@ impl Reports {
 }
 
 /// Where a domain wants its reports: the `rua` of its one `v=TLSRPTv1` record.
-fn rua(txts: &[Vec<u8>]) -> Vec<ReportUri> {
+pub fn report_uris(txts: &[Vec<u8>]) -> Vec<ReportUri> {
     let recs: Vec<&Vec<u8>> = txts
         .iter()
         .filter(|t| t.starts_with(b"v=TLSRPTv1"))
@@ -149,7 +149,7 @@ async fn send_domain(engine: &Engine, rc: &TlsReports, agg: &Aggregate, domain: 
             return;
         }
     };
-    let targets = rua(&txts);
+    let targets = report_uris(&txts);
     if targets.is_empty() {
         return;
     }
@@ -316,7 +316,7 @@ mod tests {
     fn reads_the_report_record() {
         let r = |s: &[&str]| s.iter().map(|x| x.as_bytes().to_vec()).collect::<Vec<_>>();
         assert_eq!(
-            rua(&r(&[
+            report_uris(&r(&[
                 "v=spf1 -all",
                 "v=TLSRPTv1; rua=mailto:tls@example.com,https://r.example/tlsrpt"
             ])),
@@ -326,13 +326,13 @@ mod tests {
             ]
         );
         assert!(
-            rua(&r(&[
+            report_uris(&r(&[
                 "v=TLSRPTv1; rua=mailto:a@b",
                 "v=TLSRPTv1; rua=mailto:c@d"
             ]))
             .is_empty()
         );
-        assert!(rua(&r(&[])).is_empty());
+        assert!(report_uris(&r(&[])).is_empty());
     }
 
     #[test]
