@@ -106,11 +106,6 @@ fn concurrent_auth(node: &Node, src: &str, n: usize, rounds: usize, users: &str)
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[test]
 fn concurrent_wrong_auth_over_tls_stays_within_the_password_check_memory() {
     // Failures are not slowed down here: this is about memory, not the failure delay.
@@ -136,23 +131,22 @@ fn concurrent_wrong_auth_over_tls_stays_within_the_password_check_memory() {
 }
 
 #[test]
-fn unknown_users_take_as_long_as_known_ones() {
+fn unknown_users_cost_a_password_check_like_known_ones() {
+    // Timing is measured by `cargo bench -p mailnode --bench auth_verify`, not here: this checks
+    // that an unknown user goes through the same password check (on the checker threads, against
+    // a hash of the users' own kind, which `auth::tests` checks) as a known user with a wrong
+    // password, so that the answer's timing does not tell which users exist.
     let node = auth_node("authFailuresBeforeDelay: 1000");
-    // One session, the two users in turn, so that both see the same machine load.
-    let times = concurrent_auth(&node, "127.0.0.6", 1, 40, "alice,mallory");
-    let known: Vec<f64> = times.iter().step_by(2).copied().collect();
-    let unknown: Vec<f64> = times.iter().skip(1).step_by(2).copied().collect();
-    // Each unknown-user attempt against the known-user attempt just before it: other tests
-    // running beside this one change the machine's load, but hardly within one pair.
-    let ratios: Vec<f64> = known.iter().zip(&unknown).map(|(k, u)| u / k).collect();
-    let (k, u, r) = (median(known), median(unknown), median(ratios));
-    eprintln!(
-        "median AUTH time: known user {k:.1} ms, unknown user {u:.1} ms; median ratio {r:.2}"
+    concurrent_auth(&node, "127.0.0.6", 1, 3, "mallory");
+    assert_eq!(
+        node.metric("mailnode_auth_checks_total{result=\"failed\"}"),
+        3.0,
+        "each unknown-user AUTH ran a password check"
     );
-    // Before, an unknown user cost a bcrypt check of half the time of the users' argon2id.
-    assert!(
-        r > 0.7 && r < 1.45,
-        "unknown/known median ratio {r:.2} (known {k:.1} ms, unknown {u:.1} ms)"
+    concurrent_auth(&node, "127.0.0.6", 1, 3, "alice");
+    assert_eq!(
+        node.metric("mailnode_auth_checks_total{result=\"failed\"}"),
+        6.0
     );
 }
 
