@@ -89,6 +89,8 @@ pub async fn status_report(node: &Arc<Node>) -> StatusReport {
             .peers
             .as_ref()
             .map_or(0, |p| p.failed_transfers.load(Ordering::Relaxed)),
+        rate_peers_heard: node.peer_counts.members_heard(std::time::Instant::now()) as i64,
+        rate_peer_keys: node.peer_counts.live_keys(std::time::Instant::now()) as i64,
     }
 }
 

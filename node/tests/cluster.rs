@@ -568,11 +568,16 @@ fn a_rate_limit_holds_for_the_cluster_within_ten_percent_and_falls_back_per_memb
     for s in &mut sessions {
         s.cmd("QUIT");
     }
+    // `/status` tells whom a member hears and how many keys its peers count.
+    let st = c.nodes[0].status();
+    assert_eq!(st["ratePeersHeard"], 2, "{st}");
+    assert_eq!(st["ratePeerKeys"], 1, "one client: {st}");
     // With its peers gone silent, a member counts for itself: member 1 alone has what it
     // took left of the limit, not the cluster's.
     c.nodes[1].kill9();
     c.nodes[2].kill9();
     std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(c.nodes[0].status()["ratePeersHeard"], 0);
     let (mut s, _) = Client::connect("127.0.0.9", c.nodes[0].addr(0));
     assert!(s.cmd("EHLO burst.test").starts_with("250"));
     let alone = (0..100).filter(|_| mail_accepted(&mut s)).count();

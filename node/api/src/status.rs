@@ -63,6 +63,13 @@ pub struct StatusReport {
     pub peers_reachable: i64,
     /// Messages whose hand-off to a peer failed (kept, or sent to another peer).
     pub failed_peer_transfers: u64,
+    /// Cluster-wide rate limits: the peers whose counts arrived within the last 3 s. Fewer
+    /// than the peers reachable means the silent ones are left out and each side counts for
+    /// itself (a cluster may then take up to a limit per member).
+    pub rate_peers_heard: i64,
+    /// Cluster-wide rate limits: the keys (client, sender, user, ...) with counts from peers
+    /// in a window not over yet.
+    pub rate_peer_keys: i64,
 }
 
 impl StatusReport {

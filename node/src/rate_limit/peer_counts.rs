@@ -169,6 +169,22 @@ impl PeerCounts {
         sum
     }
 
+    /// Keys of limits with a count from a member heard from within [`PEER_SILENT`] whose
+    /// window is not over at `now`.
+    pub fn live_keys(&self, now: Instant) -> usize {
+        let t = self.lock();
+        let alive = |m: &String| {
+            t.heard
+                .get(m)
+                .is_some_and(|h| now.saturating_duration_since(*h) < PEER_SILENT)
+        };
+        t.counts
+            .values()
+            .flat_map(HashMap::values)
+            .filter(|by_member| by_member.iter().any(|(m, c)| alive(m) && c.until > now))
+            .count()
+    }
+
     /// Members heard from within [`PEER_SILENT`].
     pub fn members_heard(&self, now: Instant) -> usize {
         self.lock()
@@ -253,6 +269,7 @@ mod tests {
         let later = t + Duration::from_millis(2500);
         assert_eq!(p.sum(&scope("apps", "r"), "user x", later).messages, 5);
         assert_eq!(p.members_heard(later), 2);
+        assert_eq!(p.live_keys(later), 2, "user x (a), user y (b)");
         // a is silent for 3 s: its count no longer holds, unless it reports again.
         let silent = t + PEER_SILENT;
         assert_eq!(p.sum(&scope("apps", "r"), "user x", silent).messages, 0);
