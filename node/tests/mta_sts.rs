@@ -563,3 +563,33 @@ fn tls_reports_reach_the_domain_by_mail_and_https() {
     assert!(node.metric("mailnode_tls_reports_total{via=\"https\",result=\"sent\"}") >= 1.0);
     assert!(node.metric("mailnode_tls_reports_total{via=\"mail\",result=\"sent\"}") >= 1.0);
 }
+
+#[test]
+fn a_policy_in_use_is_renewed_before_it_expires() {
+    let Some(bed) = Bed::new(48, policy("enforce", &["mx1.sts.test"], 6)) else {
+        return;
+    };
+    let mx1 = bed.mx(10, "mx1.sts.test", 10, Hop::Tls, None);
+    let node = Node::start(&bed.yaml("mta-sts", 600), 1);
+    submit_one_to(&node, "n1@t", RCPT);
+    assert!(
+        wait_until(WAIT, || mx1.tls_messages() == 1),
+        "{}",
+        node.log()
+    );
+    let server = bed.policy.as_ref().unwrap();
+    assert_eq!(server.requests().len(), 1);
+    // Past half of max_age, with the TXT id unchanged, the next lookup fetches it again.
+    server.set(policy("enforce", &["mx1.sts.test"], 86400));
+    std::thread::sleep(Duration::from_millis(3100));
+    submit_one_to(&node, "n2@t", RCPT);
+    assert!(
+        wait_until(WAIT, || mx1.tls_messages() == 2),
+        "{}",
+        node.log()
+    );
+    assert_eq!(server.requests().len(), 2, "{}", node.log());
+    let kept = node.queue_dir().join("mta-sts").join("sts.test.json");
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(kept).unwrap()).unwrap();
+    assert_eq!(kept["max_age"], 86400);
+}

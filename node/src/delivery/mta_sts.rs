@@ -5,8 +5,9 @@
 //!
 //! The policy text parser and the MX pattern match are pure. [`Policies`] fetches and
 //! caches: a policy is used until `max_age` after it was fetched; it is fetched again when
-//! the TXT record's `id` changes; a failed fetch keeps the cached policy and is not repeated
-//! for [`FETCH_RETRY`] unless the `id` changes again. Policies are kept in a directory of the queue volume too, so a restart
+//! the TXT record's `id` changes, or once half its `max_age` has passed (renewed before it
+//! expires); a failed fetch keeps the cached policy and is not repeated for [`FETCH_RETRY`]
+//! unless the `id` changes again. Policies are kept in a directory of the queue volume too, so a restart
 //! does not forget them (a downgrade that strips the TXT record then changes nothing).
 
 use std::collections::HashMap;
@@ -63,6 +64,15 @@ impl Policy {
         now < self
             .fetched_at
             .saturating_add(i64::try_from(self.max_age).unwrap_or(i64::MAX))
+    }
+
+    /// Whether the policy is to be fetched again at `now` (Unix seconds) although its TXT
+    /// `id` did not change: once half its `max_age` has passed, so that a policy in use is
+    /// renewed long before it expires (RFC 8461 section 10.2), while a failed fetch keeps it.
+    pub fn refresh_due(&self, now: i64) -> bool {
+        now >= self
+            .fetched_at
+            .saturating_add(i64::try_from(self.max_age / 2).unwrap_or(i64::MAX))
     }
 
     /// Whether `host` (an MX host name) is one of the policy's.
@@ -317,7 +327,10 @@ impl Policies {
             // No (valid) record: a cached policy still holds until it expires.
             return current(&e);
         };
-        if e.policy.as_ref().is_some_and(|p| p.id == id) {
+        if e.policy
+            .as_ref()
+            .is_some_and(|p| p.id == id && !p.refresh_due(now))
+        {
             e.failure = None;
             return current(&e);
         }
@@ -393,6 +406,7 @@ mod tests {
         assert_eq!(p.mx, ["mail.example.com", "*.mx.example.net"]);
         assert_eq!(p.max_age, 604_800);
         assert!(p.fresh(1000 + 604_799) && !p.fresh(1000 + 604_800));
+        assert!(!p.refresh_due(1000 + 302_399) && p.refresh_due(1000 + 302_400));
         assert_eq!(p.text.len(), 5);
         // LF only, unknown keys, extra spaces.
         let p = parse_policy(
