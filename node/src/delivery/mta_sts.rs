@@ -26,6 +26,8 @@ const MAX_POLICY: usize = 64 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a failed fetch, the domain's policy is not fetched again for this long.
 pub const FETCH_RETRY: Duration = Duration::from_secs(300);
+/// Most recipient domains remembered in memory (their policies stay on disk).
+const MAX_DOMAINS: usize = 50_000;
 /// The longest `max_age` allowed (RFC 8461 section 3.2).
 const MAX_AGE_LIMIT: u64 = 31_557_600;
 
@@ -272,6 +274,16 @@ impl Policies {
             .domains
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= MAX_DOMAINS && !m.contains_key(domain) {
+            // Forget the domains without a policy that no lookup holds now; those with one
+            // are read back from disk when needed.
+            m.retain(|_, e| {
+                Arc::strong_count(e) > 1 || e.try_lock().map_or(true, |e| e.policy.is_some())
+            });
+            if m.len() >= MAX_DOMAINS {
+                m.retain(|_, e| Arc::strong_count(e) > 1);
+            }
+        }
         Arc::clone(m.entry(domain.to_owned()).or_default())
     }
 
@@ -476,6 +488,20 @@ mod tests {
         assert_eq!(record_id(&r(&["v=STSv1; id=1", "v=STSv1; id=2"])), None);
         assert_eq!(record_id(&r(&["v=STSv1;"])), None);
         assert_eq!(record_id(&r(&[])), None);
+    }
+
+    #[test]
+    fn remembered_domains_are_bounded() {
+        let p = Policies::new(None);
+        let held = p.entry("held.example");
+        for i in 0..MAX_DOMAINS + 5 {
+            let _ = p.entry(&format!("d{i}.example"));
+        }
+        let m = p.domains.lock().unwrap();
+        assert!(m.len() <= MAX_DOMAINS, "{}", m.len());
+        // An entry a lookup holds is never dropped under it.
+        assert!(m.contains_key("held.example"));
+        drop(held);
     }
 
     #[test]
