@@ -484,8 +484,10 @@ fn next_reconcile(st: &MailClusterStatus, spec_valid: bool, settings: &Settings)
         // Job status changes are not watched.
         Duration::from_secs(10)
     } else if spec_valid && !ready {
-        // Watches on the StatefulSet and pods bring changes sooner; this is a safety net.
-        Duration::from_secs(30)
+        // Watches on the StatefulSet and pods bring changes sooner; this is a safety net. A
+        // member's own report (a peer reachable again, a config loaded) is only seen by asking
+        // it, so not later than the member refresh.
+        Duration::from_secs(30).min(settings.member_refresh)
     } else {
         settings.member_refresh.min(settings.resync)
     }
@@ -915,6 +917,15 @@ mod tests {
         };
         assert_eq!(next(true, &[], true), Duration::from_secs(60));
         assert_eq!(next(false, &[], true), Duration::from_secs(30));
+        let quick = Settings {
+            member_refresh: Duration::from_secs(5),
+            ..settings.clone()
+        };
+        assert_eq!(
+            next_reconcile(&status_with(false, &[]), true, &quick),
+            Duration::from_secs(5),
+            "not ready: asked again at the member refresh when that is sooner"
+        );
         assert_eq!(
             next(false, &[], false),
             Duration::from_secs(60),

@@ -43,6 +43,9 @@ dns_ip=10.96.0.10
 nodes=(n1 n2)
 clients=(c1:101 c2:102 lb:60 sink:50)
 mark="mailcluster-realpods"
+# The operator reads every member's /status this often (the chart's default is 15 s): the tests
+# wait for the member table to show a reloaded configuration, a queue or a lost member.
+member_refresh_seconds=5
 # Pod network namespaces (cni-*) that existed before the cluster: not ours to remove.
 netns_before=${state}.netns-before
 # Kernel settings that kubelet or the network set-up may change; put back as they were.
@@ -206,7 +209,32 @@ net_up() {
     in_ns "$n" ip route add "$service_cidr" dev eth0
     in_ns "$n" sysctl -q -w net.ipv4.ip_forward=1
   done
-  for c in "${clients[@]}"; do add_host "${c%%:*}" "$net.${c#*:}"; done
+  for c in "${clients[@]}"; do
+    add_host "${c%%:*}" "$net.${c#*:}"
+    keep_connections "${c%%:*}"
+  done
+}
+
+# A cloud balancer tracks connections: one it sent to a node stays with that node until it
+# closes, also once the node fails its health check (its kube-proxy goes on serving the
+# connection, through a terminating endpoint if need be). The equal-cost routes that cloud.py
+# changes would instead move an open connection to the other node, which does not know it: it
+# hangs, the client waiting for a reply until its timeout and a terminating member waiting for
+# the next command until its 30 s shutdown grace is over (so each roll of the only member on a
+# node took 30 s longer). So each client namespace notes which node answered a connection to a
+# balancer address (the node's MAC address on the reply) and routes the connection's later
+# packets there; only new connections follow cloud.py's routes.
+keep_connections() { # NS (the nodes' namespaces exist)
+  local n mark mac
+  for n in "${nodes[@]}"; do
+    mark=$((100 + $(node_index "$n")))
+    mac=$(in_ns "$n" cat /sys/class/net/eth0/address)
+    in_ns "$1" iptables -t mangle -A PREROUTING -s "$lb_pool" -m mac --mac-source "$mac" \
+      -j CONNMARK --set-mark "$mark"
+    in_ns "$1" ip route add "$lb_pool" via "$(node_ip "$n")" dev eth0 table "$mark"
+    in_ns "$1" ip rule add fwmark "$mark" lookup "$mark"
+  done
+  in_ns "$1" iptables -t mangle -A OUTPUT -d "$lb_pool" -j CONNMARK --restore-mark
 }
 
 # --- images ----------------------------------------------------------------------------------------
@@ -258,7 +286,7 @@ controlplane_up() {
     --kubeconfig="$state/admin.kubeconfig" --leader-elect=false --controllers='*' \
     --service-account-private-key-file="$state/pki/sa.key" --root-ca-file="$state/pki/ca.crt" \
     --use-service-account-credentials=true --secure-port=0 --bind-address="$host_ip" \
-    --node-monitor-grace-period=20s --v=1
+    --node-monitor-grace-period=10s --node-monitor-period=1s --v=1
   start_proc kube-scheduler - "$bin/kube-scheduler" \
     --kubeconfig="$state/admin.kubeconfig" --leader-elect=false --secure-port=0 \
     --bind-address="$host_ip" --pod-max-in-unschedulable-pods-duration=5s --v=1
@@ -337,7 +365,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 1Mi, nodefs.available: 1%, imagefs.available: 1%}
 serializeImagePulls: false
-nodeStatusUpdateFrequency: 4s
+# A lost node is noticed within the controller manager's node-monitor grace period (10 s,
+# checked every second), five of these status updates.
+nodeStatusUpdateFrequency: 2s
 shutdownGracePeriod: 0s
 # Pods are synced (and a changed ConfigMap reaches their volume) every 15 s instead of every
 # minute, so the config reload test does not wait a minute for it.
@@ -359,7 +389,7 @@ conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeou
 EOF
 }
 
-node_up() { # NODE: containerd, images, kubelet, kube-proxy
+node_up() { # NODE [again]: containerd, images (not again: they are in its store), kubelet, kube-proxy
   local n=$1 d=$state/$1 h
   # kubelet's cgroupRoot must exist in every hierarchy; a v1 cpuset needs its CPUs and memory
   # nodes before it can hold a process.
@@ -374,7 +404,7 @@ node_up() { # NODE: containerd, images, kubelet, kube-proxy
   start_proc "containerd-$n" "$n" containerd --config "$d/containerd.toml"
   wait_for "containerd on $n" 30 ctr --address "$d/containerd.sock" version
   local img
-  for img in "$state"/images/*.tar; do
+  [ "${2:-}" = again ] || for img in "$state"/images/*.tar; do
     ctr --address "$d/containerd.sock" -n k8s.io images import "$img" >/dev/null
   done
   start_proc "kubelet-$n" "$n" "$bin/kubelet" --config="$d/kubelet.yaml" \
@@ -511,11 +541,18 @@ EOF
 install() {
   kctl apply --server-side -f "$root/tests/integration/tests/fixtures/dnsendpoints.externaldns.k8s.io.yaml" >/dev/null
   log "installing the operator with its Helm chart"
+  # --wait waits for the operators' readiness, probed every second here (the chart's default
+  # period of 5 s would add seconds). A leader lost with its node is replaced by the standby
+  # within 8 s (a 6 s lease, tried every 2 s; the chart's default lease is 15 s), before the
+  # node is noticed lost (10 s).
   HOME=$state "$bin/helm" --kubeconfig "$state/admin.kubeconfig" upgrade --install mailcluster \
     "$root/charts/mailcluster-operator" --namespace mailcluster-system --create-namespace \
     --set image.tag="${MAILCLUSTER_IMAGE_TAG:-e2e}" --set image.pullPolicy=Never \
+    --set readinessProbe.initialDelaySeconds=0 --set readinessProbe.periodSeconds=1 \
+    --set leaderElection.leaseSeconds=6 \
     --set nodeImage="ghcr.io/mailcluster/mailnode:${MAILCLUSTER_IMAGE_TAG:-e2e}" \
     --set replicaCount=2 --set 'logLevel=info\,mailcluster_operator=debug' \
+    --set memberRefreshSeconds="$member_refresh_seconds" \
     --wait --timeout 180s >/dev/null
   mkdir -p "$state/sink"
   stop_proc sink
@@ -586,17 +623,24 @@ up() {
   ip netns list | awk '{print $1}' | grep '^cni-' >"$netns_before" || true
   bin=$(controlplane_bin)
   save_sysctls
-  log "images"
-  build_images "$bin"
-  log "PKI and network"
+  log "images, PKI, network and control plane"
+  # The images are built while the control plane starts: each takes seconds.
+  build_images "$bin" &
+  local images=$!
   make_pki
   net_up
-  log "control plane"
   controlplane_up "$bin"
+  wait "$images"
   local n
   for n in "${nodes[@]}"; do node_configs "$n"; done
   log "nodes ${nodes[*]}"
-  for n in "${nodes[@]}"; do node_up "$n"; done
+  # Side by side: starting containerd and importing the images take seconds per node.
+  local pids=() p
+  for n in "${nodes[@]}"; do
+    node_up "$n" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
   start_proc cloud - python3 "$here/cloud.py" --kubeconfig "$state/admin.kubeconfig" \
     --kubectl "$bin/kubectl" --pool "$lb_pool" --volumes "$state/volumes" \
     --netns "$(for c in "${clients[@]}"; do printf '%s-%s ' "$prefix" "${c%%:*}"; done)" \
@@ -698,7 +742,7 @@ case "${1:-}" in
   stop-node) bin=$(controlplane_bin); node_down "${2:?node (n1, n2)}" ;;
   start-node)
     bin=$(controlplane_bin)
-    node_up "${2:?node (n1, n2)}"
+    node_up "${2:?node (n1, n2)}" again
     # kubelet sets its kernel settings before its node is Ready: put them back after.
     wait_for "node $(node_name "$2") Ready" 120 kctl wait --for=condition=Ready "node/$(node_name "$2")" --timeout=2s
     restore_sysctls

@@ -60,6 +60,16 @@ class Cluster:
     def get(self, *args):
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
+    def watch(self, *args):
+        """`kubectl get ARGS --watch`: one JSON event a line ({"type": ..., "object": ...}) on
+        the process's stdout until it is stopped (at teardown at the latest)."""
+        p = subprocess.Popen([os.path.join(self.bin, "kubectl"), "--kubeconfig", self.kubeconfig, "get",
+                              *args, "--watch", "--output-watch-events", "-o", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                             text=True, start_new_session=True)
+        self.procs.append(("kubectl-watch", p))
+        return p
+
     def apply(self, manifest):
         return self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=e2e",
                             "-f", "-", stdin=manifest)
@@ -156,9 +166,6 @@ class Cluster:
         svc = self.get("-n", namespace, "service", service)
         ingress = svc.get("status", {}).get("loadBalancer", {}).get("ingress") or []
         return ingress[0]["ip"] if ingress else None
-
-    def pods(self, namespace, selector):
-        return self.get("-n", namespace, "pods", "-l", selector)["items"]
 
     # --- diagnostics --------------------------------------------------------------------------
     def diagnostics(self, namespace=None):

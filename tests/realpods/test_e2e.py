@@ -7,9 +7,12 @@ The tests run in file order on one cluster and one MailCluster; later ones chang
 update, scale-down, a node lost), and the last one tears the cluster down and checks that
 nothing is left.
 """
+import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -22,11 +25,12 @@ HOSTNAME = "smtp.e2e.test"
 # The version mailnode reports: the workspace's.
 with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "Cargo.toml")) as _f:
     VERSION = next(line.split('"')[1] for line in _f if line.startswith("version = "))
-# The member table is refreshed from every member's /status at least this often.
-MEMBER_REFRESH_SECONDS = 15
+# The member table is refreshed from every member's /status at least this often (the
+# operator's --member-refresh-seconds, which cluster.sh install sets).
+MEMBER_REFRESH_SECONDS = 5
 
 
-def manifest(cluster, replicas=3, retry_first="5s", image=None, max_sessions=None, also_allowed=()):
+def manifest(cluster, replicas=3, retry_first="2s", image=None, max_sessions=None, also_allowed=()):
     image_line = f"\n  image: {image}" if image else ""
     limits_line = f"\n  limits: {{maxSessions: {max_sessions}}}" if max_sessions else ""
     sources = ", ".join(f"{ip}/32" for ip in (cluster.allowed_ip, *also_allowed))
@@ -49,7 +53,9 @@ spec:
   delivery:
     smarthosts:
       - {{host: "{cluster.sink_ip}", port: {SINK_PORT}, priority: 10}}
-    retry: {{first: {retry_first}, max: 10s, lifetime: 1h}}
+    # Short retry delays: mail queued while the sink refuses goes out soon after it accepts
+    # again (the tests change `first` to make a configuration change).
+    retry: {{first: {retry_first}, max: 5s, lifetime: 1h}}
   storage: {{size: 64Mi}}
   dns:
     ttl: 60
@@ -88,7 +94,7 @@ def ready(cluster, replicas):
 
 def wait_ready(cluster, replicas, timeout=300):
     cluster.wait(f"MailCluster {NAME} Ready with {replicas} members", timeout,
-                 lambda: ready(cluster, replicas), interval=2, diagnose=NS)
+                 lambda: ready(cluster, replicas), interval=1, diagnose=NS)
 
 
 def wait_delivered(cluster, journal, prefix, timeout=240, exactly_once=False):
@@ -100,8 +106,9 @@ def wait_delivered(cluster, journal, prefix, timeout=240, exactly_once=False):
         missing = sent - set(got)
         return got if not missing else None
 
+    # The sink's journal is a local file: cheap to read often.
     got = cluster.wait(f"{len(sent)} '{prefix}' messages at the sink", timeout, all_there,
-                       interval=2, diagnose=NS)
+                       interval=0.5, diagnose=NS)
     # A message whose answer the client never saw (connection lost after the final dot) may
     # have been accepted: it may arrive, once. Nothing else may.
     unknown = {r["sha256"] for r in cluster.journal(journal, "failed")}
@@ -111,6 +118,15 @@ def wait_delivered(cluster, journal, prefix, timeout=240, exactly_once=False):
         dups = {h: n for h, n in got.items() if n > 1}
         assert not dups, f"{len(dups)} '{prefix}' messages were delivered more than once"
     return got
+
+
+def wait_accepting(cluster, journal, what, count=200, timeout=60):
+    """Waits until a background sender's journal shows `count` more accepted messages: load
+    flows at that point (about a second's worth at the senders' rate here). Instead of a fixed
+    sleep: the step starts once it holds, and fails if it never does."""
+    start = len(cluster.journal(journal))
+    cluster.wait(f"{count} more messages accepted {what}", timeout,
+                 lambda: len(cluster.journal(journal)) >= start + count, interval=0.2, diagnose=NS)
 
 
 def member_pod(cluster, ordinal):
@@ -265,14 +281,15 @@ def test_kill9_and_pod_delete_under_load_lose_nothing(relay):
     journal = os.path.join(relay.work, "load.jsonl")
     restarts = member_pod(relay, 0)["status"]["containerStatuses"][0]["restartCount"]
     sender = relay.send_background("load", "c1", address, 25, 1000000, "load", 8, journal)
-    time.sleep(3)
+    wait_accepting(relay, journal, "before the kill")
     log("kill -9 of relay-0's mailnode through containerd")
     kill9(relay, member_pod(relay, 0))
+    # relay-0 restarts and is ready again in about 3 s here: relay-1 is deleted about then.
     time.sleep(3)
     log("deleting pod relay-1")
     relay.kubectl("-n", NS, "delete", "pod", f"{NAME}-1", "--wait=false")
     wait_ready(relay, 3)
-    time.sleep(3)
+    wait_accepting(relay, journal, "with every member back")
     relay.stop_sender(sender)
     accepted = len(relay.journal(journal))
     failed = len(relay.journal(journal, "failed"))
@@ -284,6 +301,44 @@ def test_kill9_and_pod_delete_under_load_lose_nothing(relay):
     assert member_pod(relay, 0)["status"]["containerStatuses"][0]["restartCount"] > restarts
 
 
+class MostDown:
+    """Watches the members' pods and keeps the largest number of the `replicas` members that
+    were down at once (not ready, or not there): every change of a pod is seen, not samples."""
+
+    def __init__(self, cluster, replicas):
+        self.replicas = replicas
+        self.ready = {}  # member pod -> its Ready condition
+        self.most = 0
+        self.started = threading.Event()  # the watch has listed every member
+        self.proc = cluster.watch("-n", NS, "pods", "-l", f"app.kubernetes.io/instance={NAME}")
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+        assert self.started.wait(30), "the watch on the members' pods did not list them"
+
+    def read(self):
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            pod = event["object"]
+            name = pod["metadata"]["name"]
+            if not re.fullmatch(rf"{NAME}-\d+", name):
+                continue
+            if event["type"] == "DELETED":
+                self.ready.pop(name, None)
+            else:
+                self.ready[name] = any(c["type"] == "Ready" and c["status"] == "True"
+                                       for c in pod["status"].get("conditions", []))
+            if len(self.ready) >= self.replicas:
+                self.started.set()
+            if self.started.is_set():
+                self.most = max(self.most, self.replicas - sum(self.ready.values()))
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+        self.reader.join(10)
+        return self.most
+
+
 def rollout(relay, change, prefix):
     """Applies `change` under load; checks one member at a time and that nothing is lost."""
     address = lb(relay, "relay")
@@ -291,24 +346,17 @@ def rollout(relay, change, prefix):
     sts = relay.get("-n", NS, "statefulset", NAME)
     assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
     sender = relay.send_background(prefix, "c1", address, 25, 100000, prefix, 4, journal)
-    time.sleep(2)
+    wait_accepting(relay, journal, "before the change")
+    down = MostDown(relay, 3)
     change()
-    most_unready = 0
-    deadline = time.time() + 420
-    while True:
-        pods = relay.pods(NS, "app.kubernetes.io/instance=" + NAME)
-        members = [p for p in pods if re.fullmatch(rf"{NAME}-\d+", p["metadata"]["name"])]
-        unready = sum(1 for p in members if not any(
-            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])))
-        most_unready = max(most_unready, unready + max(0, 3 - len(members)))
-        if ready(relay, 3):
-            break
-        assert time.time() < deadline, relay.diagnostics(NS)
-        time.sleep(0.5)
-    wait_ready(relay, 3)
-    time.sleep(3)
+    # Not Ready from the change on (the MailCluster's observed generation lags) until every
+    # member runs the new template and reports the new configuration.
+    wait_ready(relay, 3, timeout=420)
+    most_unready = down.stop()
+    wait_accepting(relay, journal, "after the rollout")
     relay.stop_sender(sender)
     assert most_unready <= 1, f"{most_unready} members were down at once"
+    assert most_unready == 1, "the watch on the members' pods saw none of them restart"
     accepted = len(relay.journal(journal))
     failed = len(relay.journal(journal, "failed"))
     log(f"{prefix}: {accepted} accepted, {failed} failed (4xx or connection) during the rollout: "
@@ -326,7 +374,7 @@ def test_relay_policy_change_is_reloaded_without_restarting_members(relay):
     out = relay.send("c2", address, 25, 2, "reload-denied")
     assert out.returncode == 3 and "550" in out.stdout, out.stdout
     old_hash = mailcluster(relay)["status"]["configHash"]
-    relay.apply(manifest(relay, retry_first="4s", also_allowed=[relay.denied_ip]))
+    relay.apply(manifest(relay, retry_first="3s", also_allowed=[relay.denied_ip]))
     relay.wait("the new configuration rendered", 60,
                lambda: mailcluster(relay)["status"].get("configHash") not in (None, old_hash), diagnose=NS)
     t0 = time.time()
@@ -346,7 +394,7 @@ def test_relay_policy_change_is_reloaded_without_restarting_members(relay):
 def test_rolling_update_of_config_then_image_under_load(relay):
     before = mailcluster(relay)["status"]["configHash"]
     # A change members cannot reload (the session limit sizes the listeners): a rollout.
-    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", max_sessions=500)), "roll-config")
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="4s", max_sessions=500)), "roll-config")
     status = mailcluster(relay)["status"]
     assert status["configHash"] != before
     assert all(m["configHash"].startswith(status["configHash"]) for m in status["members"]), status["members"]
@@ -355,7 +403,7 @@ def test_rolling_update_of_config_then_image_under_load(relay):
     for node in ("n1", "n2"):
         relay.run("ctr", "--address", os.path.join(STATE, node, "containerd.sock"), "-n", "k8s.io",
                   "images", "tag", "--force", f"ghcr.io/mailcluster/mailnode:{TAG}", new)
-    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="6s", max_sessions=500, image=new)),
+    rollout(relay, lambda: relay.apply(manifest(relay, retry_first="4s", max_sessions=500, image=new)),
             "roll-image")
     status = mailcluster(relay)["status"]
     assert {m["image"] for m in status["members"]} == {new}, status["members"]
@@ -404,13 +452,15 @@ def test_node_lost_keeps_accepting_and_its_queue_is_delivered_when_back(relay):
         assert out.returncode == 0, out.stdout
         log("stopping node 2 (kubelet, kube-proxy, containerd and its containers)")
         subprocess.run(["bash", CLUSTER_SH, "stop-node", "n2"], check=True, timeout=120)
-        # The balancer stops sending to node 2 once its endpoints are not ready; until then a
-        # client sees failed connections and retries, as it would behind a cloud balancer.
-        journal2 = os.path.join(relay.work, "during.jsonl")
-        relay.wait("mail accepted through the load balancer with node 2 down", 120, lambda: relay.send(
-            "c1", address, 25, 5, "during", journal=journal2, timeout=10).returncode == 0, interval=3, diagnose=NS)
     finally:
+        # Node 2's containers are dead now: its queue stays where it is whatever the sink does,
+        # so the sink accepts again (mail accepted from here on goes out at once).
         relay.sink_paused(False)
+    # The balancer stops sending to node 2 once its endpoints are not ready; until then a
+    # client sees failed connections and retries, as it would behind a cloud balancer.
+    journal2 = os.path.join(relay.work, "during.jsonl")
+    relay.wait("mail accepted through the load balancer with node 2 down", 120, lambda: relay.send(
+        "c1", address, 25, 5, "during", journal=journal2, timeout=10).returncode == 0, interval=1, diagnose=NS)
     wait_delivered(relay, journal2, "during")
     # The member table says so within its refresh time (the operator's standby replica leads
     # if the leader was on node 2).
