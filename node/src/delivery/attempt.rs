@@ -81,7 +81,9 @@ pub struct Engine {
     turn: AtomicUsize,
     seed: AtomicU64,
     tls_any: Arc<rustls::ClientConfig>,
-    tls_verified: HashMap<Option<PathBuf>, Verified>,
+    /// Verifying TLS per `caFile`, made once each (those of the config at start, and any a
+    /// reload adds, when first used).
+    tls_verified: std::sync::Mutex<HashMap<Option<PathBuf>, Verified>>,
     /// MTA-STS policies of recipient domains.
     sts: super::mta_sts::Policies,
     /// TLS report counts (RFC 8460).
@@ -120,17 +122,24 @@ impl Engine {
         let dns = Dns::new(&d.dns)?;
         let tls_any = tls_config(false, None).map_err(EngineError::Tls)?;
         let mut tls_verified = HashMap::new();
-        let cas = std::iter::once(d.tls.ca_file.clone()).chain(
-            d.routes
-                .iter()
-                .filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())),
-        );
+        let cas = std::iter::once(d.tls.ca_file.clone())
+            .chain(
+                d.routes
+                    .iter()
+                    .filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())),
+            )
+            .chain(
+                d.sender_routes
+                    .iter()
+                    .filter_map(|r| r.tls.as_ref().map(|t| t.ca_file.clone())),
+            );
         for ca in cas {
             if let std::collections::hash_map::Entry::Vacant(v) = tls_verified.entry(ca) {
                 let c = Verified::new(v.key().as_deref()).map_err(EngineError::Tls)?;
                 v.insert(c);
             }
         }
+        let tls_verified = std::sync::Mutex::new(tls_verified);
         let host = machine_hostname();
         let selfset = SelfSet::from_config(&cfg, host.as_deref());
         let pool = Pool::new(
@@ -689,13 +698,9 @@ impl Engine {
             }
             _ => None,
         };
-        let verified = match self.tls_verified.get(&r.tls.ca_file) {
-            Some(v) => v.clone(),
-            // A caFile a reload added: made for this attempt.
-            None => match Verified::new(r.tls.ca_file.as_deref()) {
-                Ok(v) => v,
-                Err(e) => return all(Res::Deferred(format!("451 4.7.5 TLS settings: {e}"))),
-            },
+        let verified = match self.verified(&r.tls.ca_file) {
+            Ok(v) => v,
+            Err(e) => return all(Res::Deferred(format!("451 4.7.5 TLS settings: {e}"))),
         };
         let inputs = tls_policy::Inputs {
             domain,
@@ -1104,6 +1109,20 @@ impl Engine {
         if let (Some(rc), Some(p)) = (&cfg.delivery.tls_reports, policy) {
             self.tls_reports.record(rc.interval_seconds, p, outcome);
         }
+    }
+
+    /// Verifying TLS trusting `ca` (and the web PKI roots), made when first asked for.
+    fn verified(&self, ca: &Option<PathBuf>) -> Result<Verified, String> {
+        let mut m = self
+            .tls_verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = m.get(ca) {
+            return Ok(v.clone());
+        }
+        let v = Verified::new(ca.as_deref())?;
+        m.insert(ca.clone(), v.clone());
+        Ok(v)
     }
 
     /// The resolver.

@@ -463,24 +463,14 @@ pub fn run_ok(cmd: &mut Command, context: &str) -> String {
 /// to the smarthost at 127.0.0.1:`port`, retrying every second; `delivery` adds lines to the
 /// `delivery` block (each indented by two spaces).
 pub fn relay_to(port: u16, delivery: &str) -> String {
-    format!(
-        r#"
-hostname: relay.test.example
-listeners:
-  - name: apps
-    address: 127.0.0.1:{{port0}}
-    relay: {{allowedSources: [127.0.0.0/8]}}
-queue: {{path: "{{dir}}/queue", fsync: false, minFreeBytes: 0, minFreePercent: 0}}
-admin: {{address: "127.0.0.1:{{admin}}"}}
-delivery:
-  smarthosts: [{{host: 127.0.0.1, port: {port}}}]
-  retry: {{firstSeconds: 1, maxSeconds: 1}}
-{delivery}"#
-    )
+    relay_by_mx(&format!(
+        "  smarthosts: [{{host: 127.0.0.1, port: {port}}}]\n  retry: {{firstSeconds: 1, maxSeconds: 1}}\n{delivery}"
+    ))
 }
 
-/// A node config with one listener `apps` on `{port0}` that relays for loopback and delivers
-/// by MX; `delivery` adds lines to the `delivery` block (each indented by two spaces).
+/// A node config with one listener `apps` on `{port0}` that relays for loopback; `delivery`
+/// is the `delivery` block's lines (each indented by two spaces): by MX unless they name
+/// smarthosts.
 pub fn relay_by_mx(delivery: &str) -> String {
     format!(
         r#"
